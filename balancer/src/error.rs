@@ -1,0 +1,30 @@
+//! Why a call could not be placed on an endpoint, and how that reaches the caller.
+
+use std::time::Duration;
+
+use tonic::Status;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The resolver could not be built (e.g. an unreadable /etc/resolv.conf).
+    #[error("DNS resolver: {0}")]
+    Resolver(String),
+    /// No endpoint became ready within the connect timeout and the call had no deadline.
+    #[error("no ready endpoint for {target} after {waited:?}: {tried}")]
+    NoEndpoint { target: String, waited: Duration, tried: String },
+    /// The call's own deadline passed while it waited for an endpoint.
+    #[error("deadline exceeded waiting for a ready endpoint for {target}: {tried}")]
+    Deadline { target: String, tried: String },
+    /// The endpoint failed the call before sending response headers.
+    #[error("upstream {addr} failed: {source}")]
+    Upstream { addr: std::net::SocketAddr, source: hyper::Error },
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        match e {
+            Error::Deadline { .. } => Status::deadline_exceeded(e.to_string()),
+            _ => Status::unavailable(e.to_string()),
+        }
+    }
+}

@@ -1,0 +1,41 @@
+//! Local-first round-robin balancing for gRPC over every address of a DNS name, the
+//! way a Kubernetes headless Service returns every pod IP.
+//!
+//! # Layout
+//! - [`pick`] (pure): the endpoint set and the local-first round-robin picker.
+//! - [`backoff`] (pure): the reconnect delay; [`rng`] is the randomness it takes.
+//! - [`discover`]: DNS lookups of the target and local-target names (the only DNS IO).
+//! - `pool`: one HTTP/2 connection per endpoint and the discovery loop.
+//! - [`replay`]: a request body that can be sent again while uncommitted.
+//! - [`channel`]: [`Balancer`], the `tower::Service` used by the proxy and by clients.
+//! - [`code`], [`duration`], [`probe`], [`signal`], [`telemetry`]: small shared helpers
+//!   for the binaries.
+//!
+//! # As a tonic channel
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use balancer::{Balancer, Settings};
+//! let mut settings = Settings::new("server:50051".parse()?);
+//! settings.local_target = Some("node-a.server:50051".parse()?);
+//! let channel: Balancer<tonic::body::Body> = Balancer::new(settings)?;
+//! // proto::hello_service_client::HelloServiceClient::new(channel)
+//! # Ok(()) }
+//! ```
+
+pub mod backoff;
+pub mod channel;
+pub mod code;
+pub mod discover;
+pub mod duration;
+pub mod error;
+pub mod pick;
+mod pool;
+pub mod probe;
+pub mod replay;
+pub mod rng;
+pub mod signal;
+pub mod telemetry;
+
+pub use channel::{Balancer, Settings};
+pub use discover::HostPort;
+pub use error::Error;

@@ -1,0 +1,295 @@
+//! The IO around the pure picker: one long-lived HTTP/2 connection per endpoint, kept
+//! up with keepalive pings and a jittered backoff, and the discovery loop that feeds
+//! membership in. Connection tasks hold only a `Weak` to the pool, so dropping the last
+//! [`crate::Balancer`] stops everything.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex, MutexGuard, Weak},
+    time::Duration,
+};
+
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::{
+    net::TcpStream,
+    sync::{Notify, watch},
+    task::AbortHandle,
+    time::Instant,
+};
+use tracing::{debug, info, warn};
+
+use crate::{
+    backoff::Backoff,
+    discover::{Discovery, Lookup},
+    pick::{EndpointSet, Resolved, Tier},
+    rng::SplitMix64,
+};
+
+/// Pings every second and gives up after one more: a silent peer is noticed within 2 s.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(1);
+
+pub(crate) struct Pool<B> {
+    pub(crate) target: String,
+    pub(crate) connect_timeout: Duration,
+    state: Mutex<State<B>>,
+    /// Bumped whenever an endpoint comes or goes, for calls waiting for one.
+    changed: watch::Sender<()>,
+    /// Number of ready endpoints, for health reporting.
+    ready: watch::Sender<usize>,
+    /// Asks discovery to resolve now.
+    refresh: Arc<Notify>,
+}
+
+struct State<B> {
+    set: EndpointSet,
+    conns: HashMap<SocketAddr, Conn<B>>,
+    /// The last DNS failure, for error messages; cleared by the next answer.
+    dns_error: Option<String>,
+    /// Discovery has answered at least once.
+    resolved_once: bool,
+}
+
+struct Conn<B> {
+    send: Option<SendRequest<B>>,
+    last_error: Option<String>,
+    task: AbortHandle,
+}
+
+impl<B> Drop for State<B> {
+    fn drop(&mut self) {
+        for conn in self.conns.values() {
+            conn.task.abort();
+        }
+    }
+}
+
+impl<B> Pool<B>
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    /// Starts discovery; connections open as endpoints appear.
+    pub(crate) fn spawn(discovery: Discovery, interval: Duration, connect_timeout: Duration) -> Arc<Self> {
+        let pool = Arc::new(Pool {
+            target: discovery.target().to_string(),
+            connect_timeout,
+            state: Mutex::new(State {
+                set: EndpointSet::default(),
+                conns: HashMap::new(),
+                dns_error: None,
+                resolved_once: false,
+            }),
+            changed: watch::Sender::new(()),
+            ready: watch::Sender::new(0),
+            refresh: Arc::new(Notify::new()),
+        });
+        tokio::spawn(discover(Arc::downgrade(&pool), pool.refresh.clone(), discovery, interval));
+        pool
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State<B>> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Picks a ready endpoint now, if any: local first, untried first.
+    pub(crate) fn pick(&self, tried: &[SocketAddr]) -> Option<(SocketAddr, Tier, SendRequest<B>)> {
+        let mut st = self.lock();
+        let (addr, tier) = st.set.pick(tried)?;
+        let send = st.conns.get(&addr)?.send.clone()?;
+        Some((addr, tier, send))
+    }
+
+    /// Waits until an endpoint is ready or `until` passes.
+    pub(crate) async fn wait_pick(
+        &self,
+        tried: &[SocketAddr],
+        until: Instant,
+    ) -> Option<(SocketAddr, Tier, SendRequest<B>)> {
+        if let Some(p) = self.pick(tried) {
+            return Some(p);
+        }
+        let mut changed = self.changed.subscribe();
+        loop {
+            if let Some(p) = self.pick(tried) {
+                return Some(p);
+            }
+            tokio::time::timeout_at(until, changed.changed()).await.ok()?.ok()?;
+        }
+    }
+
+    /// The call on `addr` failed before it was processed: stop sending there.
+    pub(crate) fn mark_failed(&self, addr: SocketAddr, why: &str) {
+        let mut st = self.lock();
+        if let Some(conn) = st.conns.get_mut(&addr) {
+            conn.send = None;
+            conn.last_error = Some(why.to_owned());
+        }
+        st.set.set_ready(addr, false);
+        self.publish(&st);
+        self.refresh.notify_one();
+    }
+
+    pub(crate) fn ready_count(&self) -> watch::Receiver<usize> {
+        self.ready.subscribe()
+    }
+
+    /// What the pool knows, for an error message: each endpoint and why it is not ready.
+    pub(crate) fn describe(&self) -> String {
+        let st = self.lock();
+        let mut parts = Vec::new();
+        if let Some(e) = &st.dns_error {
+            parts.push(e.clone());
+        } else if st.set.is_empty() {
+            parts.push(if st.resolved_once { "the name has no addresses" } else { "not resolved yet" }.to_owned());
+        }
+        for (addr, local) in st.set.addrs() {
+            let place = if local { "local" } else { "remote" };
+            let why = st.conns.get(&addr).and_then(|c| c.last_error.as_deref()).unwrap_or("connecting");
+            parts.push(format!("{addr} ({place}): {why}"));
+        }
+        parts.join("; ")
+    }
+
+    fn apply(self: &Arc<Self>, lookup: Lookup) {
+        let mut st = self.lock();
+        let resolved = match lookup {
+            Lookup::Found(r) => r,
+            Lookup::Failed(e) => {
+                if st.dns_error.as_ref() != Some(&e) {
+                    warn!(target = %self.target, error = %e, "DNS lookup failed; keeping known endpoints");
+                }
+                st.dns_error = Some(e);
+                return;
+            }
+        };
+        st.dns_error = None;
+        if !st.resolved_once && resolved.all.is_empty() {
+            warn!(target = %self.target, "Target has no addresses yet");
+        }
+        st.resolved_once = true;
+        let changes = st.set.apply(&resolved);
+        for addr in changes.removed {
+            info!(%addr, "Removing endpoint");
+            if let Some(conn) = st.conns.remove(&addr) {
+                conn.task.abort(); // in-flight calls keep their streams
+            }
+        }
+        for addr in changes.added {
+            let local = resolved.local.contains(&addr);
+            info!(%addr, local, "Adding endpoint");
+            let task = tokio::spawn(connect_loop(Arc::downgrade(self), addr)).abort_handle();
+            st.conns.insert(addr, Conn { send: None, last_error: None, task });
+        }
+        log_locality(&st.set, &resolved);
+        self.publish(&st);
+    }
+
+    fn set_conn(&self, addr: SocketAddr, send: Option<SendRequest<B>>, why: Option<String>) {
+        let mut st = self.lock();
+        let Some(conn) = st.conns.get_mut(&addr) else { return };
+        let ready = send.is_some();
+        conn.send = send;
+        if why.is_some() || ready {
+            conn.last_error = why;
+        }
+        st.set.set_ready(addr, ready);
+        self.publish(&st);
+    }
+
+    fn publish(&self, st: &State<B>) {
+        self.ready.send_if_modified(|n| std::mem::replace(n, st.set.ready_count()) != *n);
+        self.changed.send_replace(());
+    }
+}
+
+fn log_locality(set: &EndpointSet, resolved: &Resolved) {
+    debug!(endpoints = set.len(), local = resolved.local.len(), "Membership updated");
+}
+
+async fn discover<B>(pool: Weak<Pool<B>>, refresh: Arc<Notify>, discovery: Discovery, interval: Duration)
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    loop {
+        let lookup = discovery.lookup().await;
+        let Some(p) = pool.upgrade() else { return };
+        p.apply(lookup);
+        drop(p);
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            () = refresh.notified() => {}
+        }
+    }
+}
+
+/// Keeps one connection to `addr` up for as long as the endpoint is known.
+async fn connect_loop<B>(pool: Weak<Pool<B>>, addr: SocketAddr)
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut backoff = Backoff::default();
+    let mut rng = SplitMix64::from_entropy();
+    loop {
+        let Some(connect_timeout) = pool.upgrade().map(|p| p.connect_timeout) else { return };
+        match connect(addr, connect_timeout).await {
+            Ok((send, conn)) => {
+                backoff.reset();
+                let (done_tx, done) = tokio::sync::oneshot::channel();
+                // The driver outlives this task so in-flight streams finish on removal.
+                tokio::spawn(async move {
+                    let _ = done_tx.send(conn.await);
+                });
+                let Some(p) = pool.upgrade() else { return };
+                debug!(%addr, "Connected");
+                p.set_conn(addr, Some(send), None);
+                drop(p);
+                let why = match done.await {
+                    Ok(Ok(())) => "connection closed (GOAWAY)".to_owned(),
+                    Ok(Err(e)) => format!("connection lost: {e}"),
+                    Err(_) => "connection task ended".to_owned(),
+                };
+                debug!(%addr, %why, "Disconnected");
+                let Some(p) = pool.upgrade() else { return };
+                p.set_conn(addr, None, Some(why));
+                p.refresh.notify_one();
+            }
+            Err(why) => {
+                debug!(%addr, %why, "Connect failed");
+                let Some(p) = pool.upgrade() else { return };
+                p.set_conn(addr, None, Some(why));
+                p.refresh.notify_one();
+            }
+        }
+        tokio::time::sleep(backoff.next_delay(&mut rng)).await;
+    }
+}
+
+type Connection<B> = hyper::client::conn::http2::Connection<TokioIo<TcpStream>, B, TokioExecutor>;
+
+async fn connect<B>(addr: SocketAddr, timeout: Duration) -> Result<(SendRequest<B>, Connection<B>), String>
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let tcp = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(tcp)) => tcp,
+        Ok(Err(e)) => return Err(format!("connect: {e}")),
+        Err(_) => return Err(format!("connect: timed out after {timeout:?}")),
+    };
+    let _ = tcp.set_nodelay(true);
+    hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
+        .initial_stream_window_size(1 << 20)
+        .initial_connection_window_size(4 << 20)
+        .handshake(TokioIo::new(tcp))
+        .await
+        .map_err(|e| format!("HTTP/2 handshake: {e}"))
+}

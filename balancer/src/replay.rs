@@ -1,0 +1,230 @@
+//! A request body that can be sent again: the frames the first attempt reads are kept
+//! (up to a limit) so a call the endpoint never processed can be replayed on another.
+//!
+//! One attempt reads at a time. Once the response headers arrive the call is committed
+//! ([`ReplayBody::commit`]) and the buffer is freed; once the body outgrows the limit,
+//! it can no longer be replayed ([`ReplayBody::is_replayable`]).
+
+use std::{
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll, ready},
+};
+
+use bytes::Bytes;
+use http::HeaderMap;
+use http_body::{Body, Frame};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+pub struct ReplayBody<B> {
+    shared: Arc<Mutex<Shared<B>>>,
+    /// Data frames this attempt has yielded.
+    pos: usize,
+    /// This attempt has yielded the trailers (or the end).
+    finished: bool,
+}
+
+struct Shared<B> {
+    source: B,
+    /// Data frames `offset..offset + chunks.len()` of the stream.
+    chunks: Vec<Bytes>,
+    /// Frames dropped from the buffer (after a commit or an overflow).
+    offset: usize,
+    buffered: usize,
+    limit: usize,
+    /// Buffering stopped: committed, over the limit, or the source failed.
+    replay_lost: bool,
+    source_done: bool,
+    trailers: Option<HeaderMap>,
+}
+
+impl<B> ReplayBody<B> {
+    pub fn new(source: B, limit: usize) -> Self {
+        let shared = Shared {
+            source,
+            chunks: Vec::new(),
+            offset: 0,
+            buffered: 0,
+            limit,
+            replay_lost: false,
+            source_done: false,
+            trailers: None,
+        };
+        ReplayBody { shared: Arc::new(Mutex::new(shared)), pos: 0, finished: false }
+    }
+
+    /// A fresh reader from the start, for the next attempt.
+    pub fn replay(&self) -> Self {
+        ReplayBody { shared: self.shared.clone(), pos: 0, finished: false }
+    }
+
+    /// Whether another attempt could still send the whole body.
+    pub fn is_replayable(&self) -> bool {
+        !self.lock().replay_lost
+    }
+
+    /// The call is committed to one attempt: stop buffering and free the buffer.
+    pub fn commit(&self) {
+        self.lock().drop_buffer();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared<B>> {
+        // A panic while holding this lock leaves only plain data behind.
+        self.shared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl<B> Shared<B> {
+    fn drop_buffer(&mut self) {
+        self.replay_lost = true;
+        self.offset += self.chunks.len();
+        self.chunks = Vec::new();
+        self.buffered = 0;
+    }
+
+    fn keep(&mut self, data: &Bytes) {
+        if self.replay_lost {
+            self.offset += 1;
+        } else if self.buffered + data.len() > self.limit {
+            self.drop_buffer();
+            self.offset += 1;
+        } else {
+            self.buffered += data.len();
+            self.chunks.push(data.clone());
+        }
+    }
+}
+
+impl<B> Body for ReplayBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if this.finished {
+            return Poll::Ready(None);
+        }
+        let mut s = this.shared.lock().unwrap_or_else(|e| e.into_inner());
+        let end = s.offset + s.chunks.len();
+        if this.pos < s.offset {
+            return Poll::Ready(Some(Err("request body already sent to another attempt".into())));
+        }
+        if this.pos < end {
+            let chunk = s.chunks[this.pos - s.offset].clone();
+            this.pos += 1;
+            return Poll::Ready(Some(Ok(Frame::data(chunk))));
+        }
+        if s.source_done {
+            this.finished = true;
+            return Poll::Ready(s.trailers.clone().map(|t| Ok(Frame::trailers(t))));
+        }
+        match ready!(Pin::new(&mut s.source).poll_frame(cx)) {
+            Some(Ok(frame)) => {
+                let frame = match frame.into_data() {
+                    Ok(data) => {
+                        s.keep(&data);
+                        this.pos += 1;
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    Err(frame) => frame,
+                };
+                if let Some(t) = frame.trailers_ref() {
+                    s.trailers = Some(t.clone());
+                    s.source_done = true;
+                    this.finished = true;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(e)) => {
+                s.drop_buffer();
+                Poll::Ready(Some(Err(e.into())))
+            }
+            None => {
+                s.source_done = true;
+                this.finished = true;
+                Poll::Ready(None)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        if self.finished {
+            return true;
+        }
+        let s = self.lock();
+        let drained = self.pos >= s.offset + s.chunks.len();
+        drained && ((s.source_done && s.trailers.is_none()) || (!s.source_done && s.source.is_end_stream()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+
+    use super::*;
+    use http_body_util::BodyExt;
+
+    /// A body that yields the given frames, one per poll.
+    struct Frames(VecDeque<Frame<Bytes>>);
+
+    impl Body for Frames {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            Poll::Ready(self.0.pop_front().map(Ok))
+        }
+    }
+
+    fn source(chunks: &[&'static str], trailer: bool) -> Frames {
+        let mut frames: VecDeque<_> = chunks.iter().map(|c| Frame::data(Bytes::from_static(c.as_bytes()))).collect();
+        if trailer {
+            let mut t = HeaderMap::new();
+            t.insert("x-end", "1".parse().unwrap());
+            frames.push_back(Frame::trailers(t));
+        }
+        Frames(frames)
+    }
+
+    async fn read_all(b: ReplayBody<Frames>) -> Result<(Vec<u8>, Option<HeaderMap>), BoxError> {
+        let collected = b.collect().await?;
+        let trailers = collected.trailers().cloned();
+        Ok((collected.to_bytes().to_vec(), trailers))
+    }
+
+    #[tokio::test]
+    async fn replays_data_and_trailers() {
+        let body = ReplayBody::new(source(&["ab", "cd"], true), 1024);
+        let first = read_all(body.replay()).await.unwrap();
+        assert_eq!(first.0, b"abcd");
+        assert!(body.is_replayable());
+        let second = read_all(body.replay()).await.unwrap();
+        assert_eq!(second, first);
+        assert_eq!(second.1.unwrap()["x-end"], "1");
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_is_sent_once_and_never_replayed() {
+        let body = ReplayBody::new(source(&["abc", "def", "ghi"], false), 5);
+        assert_eq!(read_all(body.replay()).await.unwrap().0, b"abcdefghi");
+        assert!(!body.is_replayable());
+        assert!(read_all(body.replay()).await.is_err(), "a replay must fail, not send a truncated body");
+    }
+
+    #[tokio::test]
+    async fn commit_frees_the_buffer_and_forbids_replay() {
+        let body = ReplayBody::new(source(&["ab", "cd"], false), 1024);
+        let mut first = body.replay();
+        let f = first.frame().await.unwrap().unwrap();
+        assert_eq!(f.into_data().unwrap(), "ab");
+        body.commit();
+        assert!(!body.is_replayable());
+        let f = first.frame().await.unwrap().unwrap();
+        assert_eq!(f.into_data().unwrap(), "cd", "the committed attempt keeps streaming");
+        assert!(first.frame().await.is_none());
+    }
+}
