@@ -1,1 +1,126 @@
-//! placeholder
+//! The proxy: accepts gRPC over h2c and forwards every call, of any method and
+//! streaming kind, to a replica picked by [`balancer::Balancer`], without decoding
+//! protobuf. It answers `grpc.health.v1.Health` itself: SERVING while at least one
+//! replica is ready.
+//!
+//! # Layout
+//! - [`config`]: flags and env vars.
+//! - [`run`]: the accept loop, per-request routing, and graceful shutdown.
+
+pub mod config;
+
+use std::{convert::Infallible, future::Future, sync::Arc};
+
+use anyhow::Context;
+use balancer::Balancer;
+use http::{Request, Response};
+use http_body_util::Either;
+use hyper::body::Incoming;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::graceful::GracefulShutdown,
+};
+use tokio::net::TcpListener;
+use tonic::body::Body as TonicBody;
+use tonic_health::{
+    ServingStatus,
+    pb::health_server::HealthServer,
+    server::{HealthReporter, HealthService},
+};
+use tower::Service;
+use tracing::{debug, info, warn};
+
+use config::ServeArgs;
+
+type ProxyBody = Either<Incoming, TonicBody>;
+type Health = HealthServer<HealthService>;
+
+const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";
+
+struct App {
+    balancer: Balancer<Incoming>,
+    health: Health,
+}
+
+impl App {
+    async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        if req.uri().path().starts_with(HEALTH_PREFIX) {
+            let mut health = self.health.clone();
+            return match health.call(req).await {
+                Ok(resp) => resp.map(Either::Right),
+                Err(never) => match never {},
+            };
+        }
+        match self.balancer.send(req).await {
+            Ok(resp) => resp.map(Either::Left),
+            Err(status) => status.into_http().map(Either::Right),
+        }
+    }
+}
+
+/// Serves until `shutdown` resolves, then sends GOAWAY to clients and gives open calls
+/// `--drain-timeout` to finish.
+pub async fn run(args: ServeArgs, listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let balancer = Balancer::new(args.settings()).context("starting the balancer")?;
+    let reporter = HealthReporter::new();
+    let health = HealthServer::new(HealthService::from_health_reporter(reporter.clone()));
+    reporter.set_service_status("", ServingStatus::NotServing).await;
+    tokio::spawn(report_health(reporter, balancer.ready_endpoints()));
+    info!(
+        listen = %listener.local_addr()?,
+        target = %args.target,
+        local_target = ?args.local_target.as_ref().map(ToString::to_string),
+        "Proxying gRPC"
+    );
+    let app = Arc::new(App { balancer, health });
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    warn!(error = %e, "Accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let app = app.clone();
+        let svc = hyper::service::service_fn(move |req| {
+            let app = app.clone();
+            async move { Ok::<_, Infallible>(app.handle(req).await) }
+        });
+        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(std::time::Duration::from_secs(10))
+            .initial_stream_window_size(1 << 20)
+            .initial_connection_window_size(4 << 20)
+            .serve_connection(TokioIo::new(tcp), svc);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(%peer, error = %e, "Client connection ended with an error");
+            }
+        });
+    }
+    info!(drain_timeout_ms = args.drain_timeout.as_millis() as u64, "Draining");
+    if tokio::time::timeout(args.drain_timeout, graceful.shutdown()).await.is_err() {
+        warn!("Drain deadline passed; closing with calls in flight");
+    }
+    Ok(())
+}
+
+async fn report_health(reporter: HealthReporter, mut ready: tokio::sync::watch::Receiver<usize>) {
+    loop {
+        let n = *ready.borrow_and_update();
+        let status = if n > 0 { ServingStatus::Serving } else { ServingStatus::NotServing };
+        reporter.set_service_status("", status).await;
+        if ready.changed().await.is_err() {
+            return;
+        }
+    }
+}

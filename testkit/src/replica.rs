@@ -1,0 +1,112 @@
+//! A greeter replica on its own thread and runtime, so a test can kill it outright
+//! (every connection drops, like `kill -9`) or stop it gracefully (SIGTERM's drain).
+
+use std::{net::SocketAddr, thread::JoinHandle, time::Duration};
+
+use server::Config;
+use tokio::sync::oneshot;
+
+pub struct Replica {
+    pub addr: SocketAddr,
+    pub name: String,
+    stop: Option<oneshot::Sender<()>>,
+    kill: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Settings for [`Replica::start_with`].
+#[derive(Debug, Clone)]
+pub struct Faults {
+    pub fail_rate: f64,
+    pub fail_code: tonic::Code,
+    pub delay: Duration,
+    pub drain_timeout: Duration,
+}
+
+impl Default for Faults {
+    fn default() -> Self {
+        Faults {
+            fail_rate: 0.0,
+            fail_code: tonic::Code::Unavailable,
+            delay: Duration::ZERO,
+            drain_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Replica {
+    pub fn start(addr: SocketAddr, name: &str, node: &str) -> Replica {
+        Self::start_with(addr, name, node, Faults::default())
+    }
+
+    /// Starts serving on `addr` and returns once the listener is bound.
+    pub fn start_with(addr: SocketAddr, name: &str, node: &str, faults: Faults) -> Replica {
+        let cfg = Config {
+            name: name.to_owned(),
+            node: node.to_owned(),
+            drain_timeout: faults.drain_timeout,
+            fail_rate: faults.fail_rate,
+            fail_code: faults.fail_code,
+            delay: faults.delay,
+        };
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let (kill_tx, kill_rx) = oneshot::channel::<()>();
+        let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let listener = match tokio::net::TcpListener::bind(addr).await {
+                    Ok(l) => l,
+                    Err(e) => return bound_tx.send(Err(e.to_string())).unwrap(),
+                };
+                bound_tx.send(Ok(())).unwrap();
+                let shutdown = async {
+                    let _ = stop_rx.await;
+                };
+                tokio::select! {
+                    res = server::run(cfg, listener, shutdown) => res.expect("replica failed"),
+                    _ = kill_rx => {}
+                }
+            });
+            // Dropping the runtime here drops every connection task with it.
+        });
+        bound_rx.recv().unwrap().unwrap_or_else(|e| panic!("binding replica {addr}: {e}"));
+        Replica { addr, name: name.to_owned(), stop: Some(stop_tx), kill: Some(kill_tx), thread: Some(thread) }
+    }
+
+    /// Signals a graceful drain, like SIGTERM, without waiting for it to finish.
+    pub fn begin_stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Drains like SIGTERM and waits for the replica to exit.
+    pub fn stop(mut self) {
+        self.begin_stop();
+        self.join();
+    }
+
+    /// Drops every connection at once, like `kill -9`.
+    pub fn kill(mut self) {
+        if let Some(kill) = self.kill.take() {
+            let _ = kill.send(());
+        }
+        self.join();
+    }
+
+    fn join(&mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        if let Some(kill) = self.kill.take() {
+            let _ = kill.send(());
+        }
+        self.join();
+    }
+}
