@@ -39,6 +39,8 @@ pub struct Settings {
     pub connect_timeout: Duration,
     /// Request bytes kept per call so it can be replayed elsewhere.
     pub replay_limit: usize,
+    /// Largest request message accepted; larger ones fail with RESOURCE_EXHAUSTED.
+    pub max_message: u32,
 }
 
 impl Settings {
@@ -50,6 +52,7 @@ impl Settings {
             resolve_interval: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(5),
             replay_limit: 1 << 20,
+            max_message: 4 << 20,
         }
     }
 }
@@ -60,12 +63,18 @@ const MAX_REPLAYS: usize = 5;
 /// Balances requests over every address of a DNS name. Cheap to clone.
 pub struct Balancer<B> {
     pool: Arc<Pool<ReplayBody<B>>>,
-    replay_limit: usize,
+    limits: Limits,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    replay: usize,
+    message: u32,
 }
 
 impl<B> Clone for Balancer<B> {
     fn clone(&self) -> Self {
-        Balancer { pool: self.pool.clone(), replay_limit: self.replay_limit }
+        Balancer { pool: self.pool.clone(), limits: self.limits }
     }
 }
 
@@ -78,7 +87,7 @@ where
     pub fn new(s: Settings) -> Result<Self, Error> {
         let discovery = Discovery::new(s.target, s.local_target, s.dns_server)?;
         let pool = Pool::spawn(discovery, s.resolve_interval, s.connect_timeout);
-        Ok(Balancer { pool, replay_limit: s.replay_limit })
+        Ok(Balancer { pool, limits: Limits { replay: s.replay_limit, message: s.max_message } })
     }
 
     /// The number of ready endpoints, updated as it changes.
@@ -89,8 +98,8 @@ where
     /// Sends `req` to an endpoint and returns its response headers; the body streams.
     pub fn send(&self, req: Request<B>) -> impl Future<Output = Result<Response<Incoming>, Status>> + Send + 'static {
         let pool = self.pool.clone();
-        let limit = self.replay_limit;
-        async move { forward(&pool, req, limit).await.map_err(Status::from) }
+        let limits = self.limits;
+        async move { forward(&pool, req, limits).await.map_err(Status::from) }
     }
 }
 
@@ -113,7 +122,7 @@ impl Head {
     }
 }
 
-async fn forward<B>(pool: &Pool<ReplayBody<B>>, req: Request<B>, limit: usize) -> Result<Response<Incoming>, Error>
+async fn forward<B>(pool: &Pool<ReplayBody<B>>, req: Request<B>, limits: Limits) -> Result<Response<Incoming>, Error>
 where
     B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
@@ -122,8 +131,9 @@ where
     let deadline = grpc_timeout(req.headers()).map(|t| started + t);
     let until = deadline.unwrap_or(started + pool.connect_timeout);
     let (parts, body) = req.into_parts();
-    let head = Head { method: parts.method, uri: parts.uri, version: parts.version, headers: parts.headers };
-    let body = ReplayBody::new(body, limit);
+    let uri = absolute(parts.uri, &pool.authority);
+    let head = Head { method: parts.method, uri, version: parts.version, headers: parts.headers };
+    let body = ReplayBody::new(body, limits.replay, limits.message);
     let mut tried: Vec<SocketAddr> = Vec::new();
     loop {
         let Some((addr, tier, mut send)) = pool.wait_pick(&tried, until).await else {
@@ -143,6 +153,9 @@ where
             Err(mut e) => {
                 let unsent = e.take_message().is_some();
                 let err = e.into_error();
+                if let Some(too_large) = body.too_large() {
+                    return Err(Error::TooLarge(too_large));
+                }
                 let replay = (unsent || unprocessed(&err)) && body.is_replayable();
                 if !replay || tried.len() + 1 >= MAX_REPLAYS || Instant::now() >= until {
                     return Err(Error::Upstream { addr, source: err });
@@ -153,6 +166,18 @@ where
             }
         }
     }
+}
+
+/// HTTP/2 needs a scheme and an authority; tonic clients built on a bare service send
+/// only the path.
+fn absolute(uri: Uri, authority: &http::uri::Authority) -> Uri {
+    if uri.scheme().is_some() && uri.authority().is_some() {
+        return uri;
+    }
+    let mut parts = uri.into_parts();
+    parts.scheme.get_or_insert(http::uri::Scheme::HTTP);
+    parts.authority.get_or_insert_with(|| authority.clone());
+    Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"))
 }
 
 /// Whether the endpoint certainly did not process the call: the stream was refused,

@@ -33,9 +33,7 @@ impl FromStr for HostPort {
         if let Ok(addr) = s.parse::<SocketAddr>() {
             return Ok(HostPort { host: addr.ip().to_string(), port: addr.port() });
         }
-        let (host, port) = s
-            .rsplit_once(':')
-            .ok_or_else(|| format!("expected HOST:PORT, got {s:?}"))?;
+        let (host, port) = s.rsplit_once(':').ok_or_else(|| format!("expected HOST:PORT, got {s:?}"))?;
         let port = port.parse().map_err(|_| format!("bad port in {s:?}"))?;
         let valid = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_';
         if host.is_empty() || !host.chars().all(valid) {

@@ -15,6 +15,9 @@ pub enum Error {
     /// The call's own deadline passed while it waited for an endpoint.
     #[error("deadline exceeded waiting for a ready endpoint for {target}: {tried}")]
     Deadline { target: String, tried: String },
+    /// A request message was larger than allowed.
+    #[error(transparent)]
+    TooLarge(#[from] crate::frame::TooLarge),
     /// The endpoint failed the call before sending response headers.
     #[error("upstream {addr} failed: {source}")]
     Upstream { addr: std::net::SocketAddr, source: hyper::Error },
@@ -24,6 +27,7 @@ impl From<Error> for Status {
     fn from(e: Error) -> Status {
         match e {
             Error::Deadline { .. } => Status::deadline_exceeded(e.to_string()),
+            Error::TooLarge(_) => Status::resource_exhausted(e.to_string()),
             _ => Status::unavailable(e.to_string()),
         }
     }

@@ -6,7 +6,8 @@
 //! - [`backoff`] (pure): the reconnect delay; [`rng`] is the randomness it takes.
 //! - [`discover`]: DNS lookups of the target and local-target names (the only DNS IO).
 //! - `pool`: one HTTP/2 connection per endpoint and the discovery loop.
-//! - [`replay`]: a request body that can be sent again while uncommitted.
+//! - [`replay`]: a request body that can be sent again while uncommitted; [`frame`]
+//!   (pure) spots oversized messages in it.
 //! - [`channel`]: [`Balancer`], the `tower::Service` used by the proxy and by clients.
 //! - [`code`], [`duration`], [`probe`], [`signal`], [`telemetry`]: small shared helpers
 //!   for the binaries.
@@ -28,6 +29,7 @@ pub mod code;
 pub mod discover;
 pub mod duration;
 pub mod error;
+pub mod frame;
 pub mod pick;
 mod pool;
 pub mod probe;

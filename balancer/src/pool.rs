@@ -33,6 +33,8 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(1);
 
 pub(crate) struct Pool<B> {
     pub(crate) target: String,
+    /// The target as an HTTP authority, for requests that come without one.
+    pub(crate) authority: http::uri::Authority,
     pub(crate) connect_timeout: Duration,
     state: Mutex<State<B>>,
     /// Bumped whenever an endpoint comes or goes, for calls waiting for one.
@@ -73,8 +75,10 @@ where
 {
     /// Starts discovery; connections open as endpoints appear.
     pub(crate) fn spawn(discovery: Discovery, interval: Duration, connect_timeout: Duration) -> Arc<Self> {
+        let target = discovery.target().to_string();
         let pool = Arc::new(Pool {
-            target: discovery.target().to_string(),
+            authority: target.parse().unwrap_or_else(|_| http::uri::Authority::from_static("localhost")),
+            target,
             connect_timeout,
             state: Mutex::new(State {
                 set: EndpointSet::default(),

@@ -4,6 +4,9 @@
 //! One attempt reads at a time. Once the response headers arrive the call is committed
 //! ([`ReplayBody::commit`]) and the buffer is freed; once the body outgrows the limit,
 //! it can no longer be replayed ([`ReplayBody::is_replayable`]).
+//!
+//! It also watches the gRPC length prefixes going by and fails the body when a message
+//! is larger than allowed ([`ReplayBody::too_large`]).
 
 use std::{
     pin::Pin,
@@ -14,6 +17,8 @@ use std::{
 use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame};
+
+use crate::frame::{FrameScan, TooLarge};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -37,10 +42,13 @@ struct Shared<B> {
     replay_lost: bool,
     source_done: bool,
     trailers: Option<HeaderMap>,
+    frames: FrameScan,
+    too_large: Option<TooLarge>,
 }
 
 impl<B> ReplayBody<B> {
-    pub fn new(source: B, limit: usize) -> Self {
+    /// Keeps up to `limit` bytes for replays and refuses messages over `max_message`.
+    pub fn new(source: B, limit: usize, max_message: u32) -> Self {
         let shared = Shared {
             source,
             chunks: Vec::new(),
@@ -50,6 +58,8 @@ impl<B> ReplayBody<B> {
             replay_lost: false,
             source_done: false,
             trailers: None,
+            frames: FrameScan::new(max_message),
+            too_large: None,
         };
         ReplayBody { shared: Arc::new(Mutex::new(shared)), pos: 0, finished: false }
     }
@@ -62,6 +72,11 @@ impl<B> ReplayBody<B> {
     /// Whether another attempt could still send the whole body.
     pub fn is_replayable(&self) -> bool {
         !self.lock().replay_lost
+    }
+
+    /// The oversized message that failed the body, if any.
+    pub fn too_large(&self) -> Option<TooLarge> {
+        self.lock().too_large
     }
 
     /// The call is committed to one attempt: stop buffering and free the buffer.
@@ -127,6 +142,11 @@ where
             Some(Ok(frame)) => {
                 let frame = match frame.into_data() {
                     Ok(data) => {
+                        if let Err(e) = s.frames.feed(&data) {
+                            s.too_large = Some(e);
+                            s.drop_buffer();
+                            return Poll::Ready(Some(Err(e.into())));
+                        }
                         s.keep(&data);
                         this.pos += 1;
                         return Poll::Ready(Some(Ok(Frame::data(data))));
@@ -175,7 +195,10 @@ mod tests {
     impl Body for Frames {
         type Data = Bytes;
         type Error = std::convert::Infallible;
-        fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
             Poll::Ready(self.0.pop_front().map(Ok))
         }
     }
@@ -198,7 +221,7 @@ mod tests {
 
     #[tokio::test]
     async fn replays_data_and_trailers() {
-        let body = ReplayBody::new(source(&["ab", "cd"], true), 1024);
+        let body = ReplayBody::new(source(&["ab", "cd"], true), 1024, u32::MAX);
         let first = read_all(body.replay()).await.unwrap();
         assert_eq!(first.0, b"abcd");
         assert!(body.is_replayable());
@@ -209,7 +232,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_over_the_limit_is_sent_once_and_never_replayed() {
-        let body = ReplayBody::new(source(&["abc", "def", "ghi"], false), 5);
+        let body = ReplayBody::new(source(&["abc", "def", "ghi"], false), 5, u32::MAX);
         assert_eq!(read_all(body.replay()).await.unwrap().0, b"abcdefghi");
         assert!(!body.is_replayable());
         assert!(read_all(body.replay()).await.is_err(), "a replay must fail, not send a truncated body");
@@ -217,7 +240,7 @@ mod tests {
 
     #[tokio::test]
     async fn commit_frees_the_buffer_and_forbids_replay() {
-        let body = ReplayBody::new(source(&["ab", "cd"], false), 1024);
+        let body = ReplayBody::new(source(&["ab", "cd"], false), 1024, u32::MAX);
         let mut first = body.replay();
         let f = first.frame().await.unwrap().unwrap();
         assert_eq!(f.into_data().unwrap(), "ab");

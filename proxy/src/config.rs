@@ -51,6 +51,9 @@ pub struct ServeArgs {
     /// on another; larger requests are sent once.
     #[arg(long, env = "PROXY_REPLAY_BUFFER", default_value_t = 1 << 20)]
     pub replay_buffer: usize,
+    /// Largest request message, in bytes; larger ones fail with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "PROXY_MAX_MESSAGE_SIZE", default_value_t = 4 << 20)]
+    pub max_message_size: u32,
     /// Runtime worker threads [default: one per CPU].
     #[arg(long, env = "PROXY_THREADS")]
     pub threads: Option<usize>,
@@ -68,6 +71,7 @@ impl ServeArgs {
             resolve_interval: self.resolve_interval,
             connect_timeout: self.connect_timeout,
             replay_limit: self.replay_buffer,
+            max_message: self.max_message_size,
         }
     }
 }

@@ -14,7 +14,10 @@ use std::{future::Future, sync::Arc};
 use anyhow::Context;
 use proto::hello_service_server::HelloServiceServer;
 use tokio::{net::TcpListener, sync::watch};
-use tonic::transport::{Server, server::TcpIncoming};
+use tonic::{
+    service::Routes,
+    transport::{Server, server::TcpIncoming},
+};
 use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
@@ -24,10 +27,16 @@ use greeter::Greeter;
 /// Serves until `shutdown` resolves, then drains: health turns NOT_SERVING, HTTP/2
 /// GOAWAY goes out, unbounded streams end with UNAVAILABLE, and other calls get
 /// `drain_timeout` to finish before the connections are closed.
-pub async fn run(
+pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    run_with_routes(cfg, listener, shutdown, Routes::default()).await
+}
+
+/// [`run`], also serving `extra` services (tests add streaming kinds HelloService lacks).
+pub async fn run_with_routes(
     cfg: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
+    extra: Routes,
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     info!(
@@ -56,14 +65,14 @@ pub async fn run(
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let serve = Server::builder()
+    let routes = extra
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(HelloServiceServer::new(greeter))
-        .serve_with_incoming_shutdown(incoming, async {
-            let _ = stop_rx.await;
-        });
+        .add_service(HelloServiceServer::new(greeter));
+    let serve = Server::builder().add_routes(routes).serve_with_incoming_shutdown(incoming, async {
+        let _ = stop_rx.await;
+    });
     tokio::pin!(serve);
 
     tokio::select! {

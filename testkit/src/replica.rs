@@ -1,10 +1,13 @@
 //! A greeter replica on its own thread and runtime, so a test can kill it outright
 //! (every connection drops, like `kill -9`) or stop it gracefully (SIGTERM's drain).
+//! Besides HelloService it serves `echo.Echo` for client and bidi streaming.
 
 use std::{net::SocketAddr, thread::JoinHandle, time::Duration};
 
 use server::Config;
 use tokio::sync::oneshot;
+
+use crate::echo::{EchoService, pb::echo_server::EchoServer};
 
 pub struct Replica {
     pub addr: SocketAddr,
@@ -63,8 +66,10 @@ impl Replica {
                 let shutdown = async {
                     let _ = stop_rx.await;
                 };
+                let echo = EchoServer::new(EchoService { name: cfg.name.clone() });
+                let routes = tonic::service::Routes::new(echo);
                 tokio::select! {
-                    res = server::run(cfg, listener, shutdown) => res.expect("replica failed"),
+                    res = server::run_with_routes(cfg, listener, shutdown, routes) => res.expect("replica failed"),
                     _ = kill_rx => {}
                 }
             });

@@ -1,0 +1,205 @@
+//! A small cluster for the proxy's tests: replicas on 127.a.b.x:50051, a real DNS
+//! server publishing them, and the proxy in-process, all on real sockets.
+#![allow(dead_code)]
+
+use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
+
+use clap::Parser;
+use proto::{HelloRequest, hello_service_client::HelloServiceClient};
+use testkit::{Dns, Replica, Subnet, replica::Faults};
+use tokio::{sync::oneshot, task::JoinHandle, time::Instant};
+use tonic::transport::Channel;
+
+pub const TARGET: &str = "server.test";
+pub const LOCAL: &str = "node-a.server.test";
+
+struct Member {
+    host: u8,
+    node: String,
+    in_dns: bool,
+    faults: Faults,
+    replica: Option<Replica>,
+}
+
+pub struct Cluster {
+    pub net: Subnet,
+    pub dns: Dns,
+    members: BTreeMap<String, Member>,
+    pub proxy: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Cluster {
+    /// Replicas named in `layout` with their node; the proxy runs on node-a.
+    pub async fn start(layout: &[(&str, &str)], proxy_args: &[&str]) -> Cluster {
+        Self::start_with(layout, proxy_args, |_| Faults::default()).await
+    }
+
+    pub async fn start_with(layout: &[(&str, &str)], proxy_args: &[&str], faults: impl Fn(&str) -> Faults) -> Cluster {
+        testkit::init_logging();
+        let net = Subnet::random();
+        let dns = Dns::start(net.ip(250)).await;
+        let mut c = Cluster { net, dns, members: BTreeMap::new(), proxy: net.addr(200), stop: None, task: None };
+        for (name, node) in layout {
+            c.add_with(name, node, faults(name));
+        }
+        c.start_proxy(proxy_args).await;
+        c
+    }
+
+    async fn start_proxy(&mut self, extra: &[&str]) {
+        let listener = tokio::net::TcpListener::bind((self.net.ip(200), 0)).await.unwrap();
+        self.proxy = listener.local_addr().unwrap();
+        let target = format!("{TARGET}:50051");
+        let local = format!("{LOCAL}:50051");
+        let dns = self.dns.addr().to_string();
+        let mut argv = vec!["proxy", "--target", &target, "--local-target", &local, "--dns-server", &dns];
+        argv.extend_from_slice(&["--resolve-interval", "250ms"]);
+        argv.extend_from_slice(extra);
+        let args = proxy::config::Args::try_parse_from(argv).unwrap().serve;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let shutdown = async {
+            let _ = stopped.await;
+        };
+        self.task = Some(tokio::spawn(proxy::run(args, listener, shutdown)));
+        self.stop = Some(stop);
+    }
+
+    /// Starts a replica and publishes it in DNS.
+    pub fn add(&mut self, name: &str, node: &str) {
+        self.add_with(name, node, Faults::default());
+    }
+
+    pub fn add_with(&mut self, name: &str, node: &str, faults: Faults) {
+        let host = self.members.len() as u8 + 1;
+        let replica = Replica::start_with(self.net.addr(host), name, node, faults.clone());
+        let m = Member { host, node: node.to_owned(), in_dns: true, faults, replica: Some(replica) };
+        self.members.insert(name.to_owned(), m);
+        self.publish();
+    }
+
+    /// Writes every replica that is in DNS under TARGET, and node-a's under LOCAL.
+    pub fn publish(&self) {
+        let ips = |node: Option<&str>| -> Vec<_> {
+            self.members
+                .values()
+                .filter(|m| m.in_dns && node.is_none_or(|n| m.node == n))
+                .map(|m| self.net.ip(m.host))
+                .collect()
+        };
+        self.dns.set(TARGET, &ips(None));
+        self.dns.set(LOCAL, &ips(Some("node-a")));
+    }
+
+    pub fn set_in_dns(&mut self, name: &str, in_dns: bool) {
+        self.members.get_mut(name).unwrap().in_dns = in_dns;
+        self.publish();
+    }
+
+    pub fn addr_of(&self, name: &str) -> SocketAddr {
+        self.net.addr(self.members[name].host)
+    }
+
+    /// Drops every connection of `name` at once, like `kill -9`.
+    pub fn kill(&mut self, name: &str) {
+        self.members.get_mut(name).unwrap().replica.take().unwrap().kill();
+    }
+
+    /// Starts `name` again on its old address.
+    pub fn restart(&mut self, name: &str) {
+        let m = self.members.get_mut(name).unwrap();
+        m.replica = Some(Replica::start_with(self.net.addr(m.host), name, &m.node, m.faults.clone()));
+    }
+
+    /// Begins a graceful drain of `name` (SIGTERM) and returns at once.
+    pub fn begin_stop(&mut self, name: &str) -> Replica {
+        let mut r = self.members.get_mut(name).unwrap().replica.take().unwrap();
+        r.begin_stop();
+        r
+    }
+
+    pub async fn client(&self) -> HelloServiceClient<Channel> {
+        HelloServiceClient::new(self.channel().await)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.proxy)).unwrap().connect().await.unwrap()
+    }
+
+    /// Calls until every replica in `names` has answered once, or panics after 5 s.
+    pub async fn wait_for(&self, names: &[&str]) {
+        let mut client = self.client().await;
+        let until = Instant::now() + Duration::from_secs(5);
+        let mut seen = std::collections::BTreeSet::new();
+        while !names.iter().all(|n| seen.contains(*n)) {
+            assert!(Instant::now() < until, "replicas {names:?} not all reached; saw {seen:?}");
+            if let Ok(r) = client.say_hello(hello()).await {
+                seen.insert(r.into_inner().server);
+            } else {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+pub fn hello() -> HelloRequest {
+    HelloRequest { name: "test".into() }
+}
+
+/// Calls per replica over `n` sequential calls, and the failures.
+pub async fn tally(
+    client: &mut HelloServiceClient<Channel>,
+    n: usize,
+) -> (BTreeMap<String, usize>, Vec<tonic::Status>) {
+    let mut counts = BTreeMap::new();
+    let mut failures = Vec::new();
+    for _ in 0..n {
+        match client.say_hello(hello()).await {
+            Ok(r) => *counts.entry(r.into_inner().server).or_default() += 1,
+            Err(s) => failures.push(s),
+        }
+    }
+    (counts, failures)
+}
+
+/// One gRPC call over a bare HTTP/2 connection, with no client-side deadline logic:
+/// returns the response headers merged with the trailers.
+pub async fn raw_call(proxy: SocketAddr, path: &str, headers: &[(&str, &str)], body: bytes::Bytes) -> http::HeaderMap {
+    use http_body_util::{BodyExt, Full};
+    let tcp = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut req = http::Request::post(format!("http://{proxy}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = send.send_request(req.body(Full::new(body)).unwrap()).await.unwrap();
+    let (parts, body) = resp.into_parts();
+    let mut all = parts.headers;
+    if let Some(trailers) = body.collect().await.unwrap().trailers() {
+        all.extend(trailers.clone());
+    }
+    all
+}
+
+/// A gRPC length-prefixed frame around `msg`.
+pub fn frame(msg: &[u8]) -> bytes::Bytes {
+    let mut b = vec![0u8];
+    b.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    b.extend_from_slice(msg);
+    b.into()
+}
