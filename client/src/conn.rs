@@ -1,0 +1,121 @@
+//! How the client reaches the replicas: through the proxy (a plain tonic channel) or
+//! directly, balancing with the `balancer` library like the proxy does.
+
+use std::{net::SocketAddr, time::Duration};
+
+use anyhow::{Context, bail};
+use balancer::{Balancer, HostPort, Settings, discover::Discovery, duration};
+use clap::Args;
+use proto::{HelloRequest, HelloResponse, HelloStreamRequest, hello_service_client::HelloServiceClient};
+use tokio::sync::watch;
+use tonic::{Request, Status, Streaming, transport::Channel};
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+
+#[derive(Debug, Clone, Args)]
+pub struct ConnArgs {
+    /// The proxy to call, HOST:PORT.
+    #[arg(long, global = true, env = "CLIENT_PROXY", default_value = "localhost:50050")]
+    pub proxy: HostPort,
+    /// Balance by itself over every address of this HOST:PORT instead of using the proxy.
+    #[arg(long, global = true, env = "CLIENT_TARGET")]
+    pub target: Option<HostPort>,
+    /// With --target: HOST:PORT whose addresses are this node's replicas.
+    #[arg(long, global = true, env = "CLIENT_LOCAL_TARGET", requires = "target")]
+    pub local_target: Option<HostPort>,
+    /// DNS server IP:PORT [default: the system resolver configuration].
+    #[arg(long, global = true, env = "CLIENT_DNS_SERVER")]
+    pub dns_server: Option<SocketAddr>,
+    /// Deadline of each call.
+    #[arg(long, global = true, env = "CLIENT_TIMEOUT", default_value = "5s", value_parser = duration::parse)]
+    pub timeout: Duration,
+}
+
+#[derive(Clone)]
+enum Inner {
+    Proxy { hello: HelloServiceClient<Channel>, health: HealthClient<Channel> },
+    Direct { hello: HelloServiceClient<Balancer<tonic::body::Body>>, ready: watch::Receiver<usize> },
+}
+
+/// A connection to HelloService, through the proxy or direct. Cheap to clone.
+#[derive(Clone)]
+pub struct Conn {
+    inner: Inner,
+    describe: String,
+    timeout: Duration,
+}
+
+impl Conn {
+    pub async fn open(a: &ConnArgs) -> anyhow::Result<Conn> {
+        if let Some(target) = &a.target {
+            let mut s = Settings::new(target.clone());
+            s.local_target = a.local_target.clone();
+            s.dns_server = a.dns_server;
+            s.connect_timeout = a.timeout;
+            let describe = match &a.local_target {
+                Some(local) => format!("{target} (local: {local}, client-side balancing)"),
+                None => format!("{target} (client-side balancing)"),
+            };
+            let balancer = Balancer::new(s).context("starting the balancer")?;
+            let inner = Inner::Direct { ready: balancer.ready_endpoints(), hello: HelloServiceClient::new(balancer) };
+            return Ok(Conn { inner, describe, timeout: a.timeout });
+        }
+        // Resolved with hickory, not libc: the static binaries have no NSS.
+        let addr = resolve(&a.proxy, a.dns_server).await?;
+        let channel =
+            Channel::from_shared(format!("http://{addr}"))?.connect_timeout(a.timeout).tcp_nodelay(true).connect_lazy();
+        let inner =
+            Inner::Proxy { hello: HelloServiceClient::new(channel.clone()), health: HealthClient::new(channel) };
+        Ok(Conn { inner, describe: format!("proxy {} ({addr})", a.proxy), timeout: a.timeout })
+    }
+
+    /// What this connects to, for messages.
+    pub fn describe(&self) -> &str {
+        &self.describe
+    }
+
+    pub async fn hello(&self, name: &str) -> Result<HelloResponse, Status> {
+        let mut req = Request::new(HelloRequest { name: name.to_owned() });
+        req.set_timeout(self.timeout);
+        let resp = match self.inner.clone() {
+            Inner::Proxy { mut hello, .. } => hello.say_hello(req).await?,
+            Inner::Direct { mut hello, .. } => hello.say_hello(req).await?,
+        };
+        Ok(resp.into_inner())
+    }
+
+    /// Opens a stream; no deadline, since it may run for as long as the caller wants.
+    pub async fn stream(&self, req: HelloStreamRequest) -> Result<Streaming<HelloResponse>, Status> {
+        let resp = match self.inner.clone() {
+            Inner::Proxy { mut hello, .. } => hello.say_hello_stream(req).await?,
+            Inner::Direct { mut hello, .. } => hello.say_hello_stream(req).await?,
+        };
+        Ok(resp.into_inner())
+    }
+
+    /// Whether calls can be placed now: the proxy's health, or a ready replica.
+    pub async fn ready(&self) -> bool {
+        match self.inner.clone() {
+            Inner::Proxy { mut health, .. } => {
+                let mut req = Request::new(HealthCheckRequest { service: String::new() });
+                req.set_timeout(Duration::from_secs(1));
+                matches!(health.check(req).await, Ok(r) if r.get_ref().status() == ServingStatus::Serving)
+            }
+            Inner::Direct { ready, .. } => *ready.borrow() > 0,
+        }
+    }
+}
+
+async fn resolve(hp: &HostPort, dns: Option<SocketAddr>) -> anyhow::Result<SocketAddr> {
+    let discovery = Discovery::new(hp.clone(), None, dns)?;
+    match discovery.lookup().await {
+        balancer::discover::Lookup::Found(r) => {
+            let mut all = r.all;
+            all.sort_by_key(|a| a.is_ipv6());
+            match all.first() {
+                Some(addr) => Ok(*addr),
+                None => bail!("--proxy {hp}: the name does not resolve"),
+            }
+        }
+        balancer::discover::Lookup::Failed(e) => bail!("--proxy {hp}: {e}"),
+    }
+}
