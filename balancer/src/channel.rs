@@ -13,7 +13,6 @@ use std::{
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, Uri, Version};
-use hyper::body::Incoming;
 use tokio::{sync::watch, time::Instant};
 use tonic::Status;
 use tracing::debug;
@@ -23,6 +22,7 @@ use crate::{
     error::Error,
     pool::Pool,
     replay::{BoxError, ReplayBody},
+    response::UpstreamBody,
 };
 
 /// How a [`Balancer`] finds and reaches its endpoints.
@@ -96,7 +96,10 @@ where
     }
 
     /// Sends `req` to an endpoint and returns its response headers; the body streams.
-    pub fn send(&self, req: Request<B>) -> impl Future<Output = Result<Response<Incoming>, Status>> + Send + 'static {
+    pub fn send(
+        &self,
+        req: Request<B>,
+    ) -> impl Future<Output = Result<Response<UpstreamBody>, Status>> + Send + 'static {
         let pool = self.pool.clone();
         let limits = self.limits;
         async move { forward(&pool, req, limits).await.map_err(Status::from) }
@@ -122,7 +125,11 @@ impl Head {
     }
 }
 
-async fn forward<B>(pool: &Pool<ReplayBody<B>>, req: Request<B>, limits: Limits) -> Result<Response<Incoming>, Error>
+async fn forward<B>(
+    pool: &Pool<ReplayBody<B>>,
+    req: Request<B>,
+    limits: Limits,
+) -> Result<Response<UpstreamBody>, Error>
 where
     B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
@@ -148,7 +155,7 @@ where
         match send.try_send_request(head.request(body.replay())).await {
             Ok(resp) => {
                 body.commit();
-                return Ok(resp);
+                return Ok(resp.map(|b| UpstreamBody::new(b, addr)));
             }
             Err(mut e) => {
                 let unsent = e.take_message().is_some();
@@ -220,9 +227,9 @@ where
     B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
-    type Response = Response<Incoming>;
+    type Response = Response<UpstreamBody>;
     type Error = Status;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Incoming>, Status>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<UpstreamBody>, Status>> + Send>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Status>> {
         // Calls wait for an endpoint themselves, bounded by their deadline.

@@ -1,8 +1,8 @@
-//! Human durations for flags: `1s`, `250ms`, `1.5s`, `2m`.
+//! Human durations for flags: `1s`, `250ms`, `1.5s`, `2m`, `1h`.
 
 use std::time::Duration;
 
-/// Parses a non-negative duration with a unit: `ms`, `s` or `m`.
+/// Parses a non-negative duration with a unit: `ms`, `s`, `m` or `h`.
 pub fn parse(s: &str) -> Result<Duration, String> {
     let err = || format!("expected a duration like 1s, 250ms or 1.5s, got {s:?}");
     let split = s.find(|c: char| c.is_ascii_alphabetic()).ok_or_else(err)?;
@@ -12,6 +12,7 @@ pub fn parse(s: &str) -> Result<Duration, String> {
         "ms" => n / 1000.0,
         "s" => n,
         "m" => n * 60.0,
+        "h" => n * 3600.0,
         _ => return Err(err()),
     };
     Duration::try_from_secs_f64(secs).map_err(|_| err())
@@ -27,7 +28,8 @@ mod tests {
         assert_eq!(parse("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse("1.5s"), Ok(Duration::from_millis(1500)));
         assert_eq!(parse("2m"), Ok(Duration::from_secs(120)));
-        for bad in ["", "1", "s", "-1s", "1h", "1 sec", "abc"] {
+        assert_eq!(parse("1h"), Ok(Duration::from_secs(3600)));
+        for bad in ["", "1", "s", "-1s", "1d", "1 sec", "abc"] {
             assert!(parse(bad).is_err(), "{bad:?}");
         }
     }

@@ -8,6 +8,7 @@
 //! - `pool`: one HTTP/2 connection per endpoint and the discovery loop.
 //! - [`replay`]: a request body that can be sent again while uncommitted; [`frame`]
 //!   (pure) spots oversized messages in it.
+//! - [`response`]: the response body; a lost endpoint becomes UNAVAILABLE trailers.
 //! - [`channel`]: [`Balancer`], the `tower::Service` used by the proxy and by clients.
 //! - [`code`], [`duration`], [`probe`], [`signal`], [`telemetry`]: small shared helpers
 //!   for the binaries.
@@ -34,6 +35,7 @@ pub mod pick;
 mod pool;
 pub mod probe;
 pub mod replay;
+pub mod response;
 pub mod rng;
 pub mod signal;
 pub mod telemetry;

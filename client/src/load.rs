@@ -90,9 +90,15 @@ pub async fn run(conn: Conn, a: LoadArgs) -> anyhow::Result<ExitCode> {
     let permits = Arc::new(Semaphore::new(a.concurrency as usize));
     let started = Instant::now();
     let progress = (!a.quiet).then(|| tokio::spawn(progress(stats.clone(), started, a.duration)));
+    // SIGINT/SIGTERM end the run early with a full summary, for scripts that stop it.
+    let interrupted = balancer::signal::terminate();
+    tokio::pin!(interrupted);
     for i in 0..total {
         let scheduled = started + period.mul_f64(i as f64);
-        tokio::time::sleep_until(scheduled).await;
+        tokio::select! {
+            () = tokio::time::sleep_until(scheduled) => {}
+            () = &mut interrupted => break,
+        }
         let permit = permits.clone().acquire_owned().await?;
         let (conn, stats, phase, name) = (conn.clone(), stats.clone(), phase.clone(), a.name.clone());
         tokio::spawn(async move {

@@ -72,7 +72,7 @@ pub async fn run(conn: Conn, a: StreamArgs) -> anyhow::Result<ExitCode> {
     tokio::select! {
         res = follow(&conn, &a, &mut t) => res?,
         () = stop => {}
-        _ = tokio::signal::ctrl_c() => {}
+        () = balancer::signal::terminate() => {}
     }
     report(&t);
     Ok(if t.gaps == 0 && t.duplicates == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })

@@ -12,7 +12,7 @@ pub mod config;
 use std::{convert::Infallible, future::Future, sync::Arc};
 
 use anyhow::Context;
-use balancer::Balancer;
+use balancer::{Balancer, response::UpstreamBody};
 use http::{Request, Response};
 use http_body_util::Either;
 use hyper::body::Incoming;
@@ -32,7 +32,7 @@ use tracing::{debug, info, warn};
 
 use config::ServeArgs;
 
-type ProxyBody = Either<Incoming, TonicBody>;
+type ProxyBody = Either<UpstreamBody, TonicBody>;
 type Health = HealthServer<HealthService>;
 
 const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";

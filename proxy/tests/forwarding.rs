@@ -183,3 +183,23 @@ async fn an_unresolvable_target_keeps_the_proxy_up_and_not_serving() {
     assert!(err.message().contains("server.test:50051"), "{}", err.message());
     assert!(err.message().contains("no addresses"), "{}", err.message());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_whose_replica_dies_ends_with_unavailable_naming_it() {
+    let mut c = Cluster::start(&[("s1", "node-a")], &[]).await;
+    c.wait_for(&["s1"]).await;
+    let req = HelloStreamRequest { name: "s".into(), count: 0, interval_ms: 5, resume_after: 0 };
+    let mut stream = c.client().await.say_hello_stream(req).await.unwrap().into_inner();
+    assert_eq!(stream.next().await.unwrap().unwrap().seq, 1);
+    let addr = c.addr_of("s1");
+    c.kill("s1");
+    let status = loop {
+        match stream.next().await {
+            Some(Ok(_)) => continue,
+            Some(Err(status)) => break status,
+            None => panic!("stream ended without a status"),
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains(&addr.to_string()), "{status:?}");
+}

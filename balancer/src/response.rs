@@ -1,0 +1,59 @@
+//! The response body handed back to callers: the endpoint's body, except that losing
+//! the endpoint mid-response ends it with an UNAVAILABLE status in trailers instead of
+//! an HTTP/2 reset, so gRPC clients see a retryable status naming the endpoint.
+
+use std::{
+    net::SocketAddr,
+    pin::Pin,
+    task::{Context, Poll, ready},
+};
+
+use bytes::Bytes;
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tonic::Status;
+
+use crate::replay::BoxError;
+
+pub struct UpstreamBody {
+    inner: Incoming,
+    addr: SocketAddr,
+    /// The trailers were synthesized; the body is over.
+    done: bool,
+}
+
+impl UpstreamBody {
+    pub(crate) fn new(inner: Incoming, addr: SocketAddr) -> Self {
+        UpstreamBody { inner, addr, done: false }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        match ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
+            Some(Err(e)) => {
+                self.done = true;
+                let status = Status::unavailable(format!("upstream {} lost mid-response: {e}", self.addr));
+                let mut trailers = HeaderMap::new();
+                status.add_header(&mut trailers).map_err(|e| Box::new(e) as BoxError)?;
+                Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+            }
+            other => Poll::Ready(other.map(|r| r.map_err(Into::into))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,240 @@
+#!/usr/bin/env bash
+# The sandbox's moving parts, called by Taskfile.yml: preflight checks, image builds,
+# health waits, and the scenarios (rolling update, failover, scale). Works with both
+# `docker compose` (v2) and `docker-compose` (v1).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export COMPOSE_PROJECT_NAME=${COMPOSE_PROJECT_NAME:-lbsandbox}
+PROXY_PORT=${PROXY_PORT:-50050}
+CLIENT=${CLIENT:-dist/client}
+TARGET_TRIPLE=x86_64-unknown-linux-gnu
+BINS=(server proxy client)
+
+die() { echo "$*" >&2; exit 1; }
+say() { printf '\n== %s\n' "$*"; }
+
+dc() {
+  if docker compose version >/dev/null 2>&1; then
+    docker compose "$@"
+  elif command -v docker-compose >/dev/null 2>&1; then
+    docker-compose "$@"
+  else
+    die "error: neither 'docker compose' nor 'docker-compose' is installed"
+  fi
+}
+
+need_docker() {
+  docker info >/dev/null 2>&1 || die "error: Docker is not running or not reachable (docker info failed)"
+}
+
+# The port must be free, or already ours.
+need_port() {
+  local port=$1 ours
+  ours=$(docker ps -q --filter "label=com.docker.compose.project=$COMPOSE_PROJECT_NAME" --filter "publish=$port")
+  if [ -z "$ours" ] && (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    die "error: port $port is taken by another process (set PROXY_PORT to use another)"
+  fi
+}
+
+build() {
+  echo "building static binaries (cargo, $TARGET_TRIPLE)..."
+  RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked --target "$TARGET_TRIPLE" --bins \
+    || die "error: the build failed (cargo build), see above"
+  mkdir -p dist
+  for bin in "${BINS[@]}"; do
+    cp "target/$TARGET_TRIPLE/release/$bin" "dist/$bin"
+  done
+  local log
+  log=$(mktemp)
+  for bin in "${BINS[@]}"; do
+    if ! docker build -q --build-arg "BIN=$bin" -t "lb-sandbox/$bin:latest" . >"$log" 2>&1; then
+      cat "$log" >&2
+      rm -f "$log"
+      die "error: docker build of lb-sandbox/$bin failed"
+    fi
+  done
+  rm -f "$log"
+  docker images --format '{{.Repository}}:{{.Tag}}  {{.Size}}' 'lb-sandbox/*'
+}
+
+# Waits until every running container of the services given (default: all) is healthy.
+wait_healthy() {
+  local deadline=$((SECONDS + ${WAIT_SECONDS:-60})) ids id status pending
+  while :; do
+    ids=$(dc ps -q "$@")
+    pending=""
+    for id in $ids; do
+      status=$(docker inspect -f '{{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}}' "$id")
+      [ "$status" = healthy ] || pending="$pending $(docker inspect -f '{{.Name}}' "$id" | tr -d /)=$status"
+    done
+    [ -z "$pending" ] && [ -n "$ids" ] && return 0
+    [ $SECONDS -ge $deadline ] && die "error: not healthy after ${WAIT_SECONDS:-60}s:$pending"
+    sleep 0.2
+  done
+}
+
+up() {
+  need_docker
+  need_port "$PROXY_PORT"
+  need_port "${PROXY_B_PORT:-50060}"
+  local started=$SECONDS
+  dc up -d --remove-orphans
+  wait_healthy
+  echo "sandbox healthy in $((SECONDS - started))s:"
+  replicas | sed 's/^/  replica /'
+  cat <<MSG
+
+Call it:
+  grpcurl -plaintext -d '{"name":"World"}' localhost:$PROXY_PORT hello.HelloService/SayHello
+  task verify-lb
+  task simulate-rolling-update
+MSG
+}
+
+# Every running replica as NAME@NODE (the name replies carry is the hostname).
+replicas() {
+  local ids
+  ids=$(docker ps -q --filter "label=com.docker.compose.project=$COMPOSE_PROJECT_NAME" --filter "ancestor=lb-sandbox/server:latest")
+  [ -n "$ids" ] || return 0
+  docker inspect -f '{{.Config.Hostname}}@{{index .Config.Labels "sandbox.node"}}' $ids | sort
+}
+
+expect_flag() {
+  replicas | paste -sd, -
+}
+
+verify_lb() {
+  "$CLIENT" --proxy "localhost:$PROXY_PORT" verify-lb --calls "${CALLS:-300}" --local-node node-a --expect "$(expect_flag)" "$@"
+}
+
+verify_lb_direct() {
+  dc run --rm --no-deps client --target server:50051 --local-target node-a.server:50051 \
+    verify-lb --calls "${CALLS:-300}" --local-node node-a --expect "$(expect_flag)" "$@"
+}
+
+container_ip() {
+  docker inspect -f '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}' "$(dc ps -q "$1")"
+}
+
+# Runs load and a stream in the background until the scenario calls stop_traffic.
+start_traffic() {
+  WORK=$(mktemp -d)
+  echo "steady" >"$WORK/phase"
+  "$CLIENT" --proxy "localhost:$PROXY_PORT" load --rate "${RATE:-200}" --duration 1h --concurrency 64 \
+    --phases "$WORK/phase" --quiet --allow-failures >"$WORK/load.out" 2>"$WORK/load.err" &
+  LOAD_PID=$!
+  "$CLIENT" --proxy "localhost:$PROXY_PORT" stream --interval-ms 50 --quiet >"$WORK/stream.out" 2>"$WORK/stream.err" &
+  STREAM_PID=$!
+  trap 'kill $LOAD_PID $STREAM_PID 2>/dev/null || true' EXIT
+}
+
+phase() {
+  echo "$*" >"$WORK/phase"
+  printf '  %-28s %s\n' "$*" "$(date +%T)"
+}
+
+stop_traffic() {
+  kill -INT "$LOAD_PID" "$STREAM_PID"
+  local load_rc=0 stream_rc=0
+  wait "$LOAD_PID" || load_rc=$?
+  wait "$STREAM_PID" || stream_rc=$?
+  trap - EXIT
+  say "load through the proxy (${RATE:-200} calls/s)"
+  cat "$WORK/load.out"
+  say "stream (re-opened with resume_after after each break)"
+  cat "$WORK/stream.out"
+  grep -v '^$' "$WORK/stream.err" | sed 's/^/  /' || true
+  local failed
+  failed=$(sed -n 's/^  ok [0-9]*, failed \([0-9]*\)$/\1/p' "$WORK/load.out")
+  rm -rf "$WORK"
+  if [ "${failed:-1}" != 0 ] || [ "$load_rc" != 0 ] || [ "$stream_rc" != 0 ]; then
+    die "FAILED: ${failed:-?} failed calls (load exit $load_rc), stream exit $stream_rc"
+  fi
+  echo
+  echo "PASSED: 0 failed calls, stream with 0 gaps and 0 duplicates"
+}
+
+rolling_update() {
+  need_docker
+  wait_healthy proxy
+  say "rolling update under load: SIGTERM each replica, start it again; recreate server2 (new IP)"
+  start_traffic
+  sleep 3
+  for s in server1 server2 server3; do
+    phase "stop $s"
+    dc stop -t 15 "$s" >/dev/null 2>&1
+    phase "$s down"
+    sleep 3
+    phase "start $s"
+    dc start "$s" >/dev/null 2>&1
+    wait_healthy "$s"
+    sleep 2
+  done
+  local before after
+  before=$(container_ip server2)
+  phase "recreate server2"
+  dc up -d --no-deps --force-recreate server2 >/dev/null 2>&1
+  wait_healthy server2
+  after=$(container_ip server2)
+  sleep 2
+  phase "steady again"
+  sleep 3
+  echo "  server2 IP: $before -> $after"
+  stop_traffic
+}
+
+failover() {
+  need_docker
+  wait_healthy proxy
+  say "failover: stop both node-a replicas, calls move to node-b, then come back"
+  start_traffic
+  sleep 3
+  phase "kill server1+server2"
+  dc kill -s SIGKILL server1 server2 >/dev/null 2>&1
+  sleep 4
+  phase "start server1+server2"
+  dc start server1 server2 >/dev/null 2>&1
+  wait_healthy server1 server2
+  sleep 3
+  phase "back on node-a"
+  sleep 3
+  stop_traffic
+}
+
+scale() {
+  need_docker
+  local n=${REPLICAS:-2}
+  say "scale: $n extra replica(s) on node-a"
+  dc --profile scale up -d --no-recreate --scale "server-extra=$n" server-extra >/dev/null 2>&1
+  [ "$n" -gt 0 ] && wait_healthy server-extra
+  local t0=$SECONDS
+  sleep 1
+  echo "replicas now:"; replicas | sed 's/^/  /'
+  echo "calls 1 s after they became healthy:"
+  verify_lb "$@"
+  echo "(scale back with: task scale REPLICAS=0)"
+  : "$t0"
+}
+
+lint_docker() {
+  local image=${LINT_IMAGE:-rust:1}
+  if ! docker image inspect "$image" >/dev/null 2>&1; then
+    echo "lint:docker: no local image $image with cargo (no registry to pull from); run 'task lint' instead"
+    return 0
+  fi
+  docker run --rm -v "$PWD:/src" -w /src "$image" \
+    sh -c 'cargo fmt --all -- --check && cargo clippy --all-targets -- -D warnings'
+}
+
+down() {
+  if ! docker info >/dev/null 2>&1; then
+    echo "Docker is not running; nothing to stop"
+    return 0
+  fi
+  dc --profile scale --profile tools down --remove-orphans --volumes --timeout 15
+}
+
+cmd=${1:?usage: sandbox.sh COMMAND}
+shift
+"$cmd" "$@"
