@@ -171,10 +171,17 @@ rolling_update() {
     wait_healthy "$s"
     sleep 2
   done
-  local before after
+  local before after holder=${COMPOSE_PROJECT_NAME}_ipholder
   before=$(container_ip server2)
   phase "recreate server2"
-  dc up -d --no-deps --force-recreate server2 >/dev/null 2>&1
+  dc stop -t 15 server2 >/dev/null 2>&1
+  dc rm -f server2 >/dev/null 2>&1
+  # Docker would hand the freed IP straight back; hold it so server2 moves, as a
+  # rescheduled pod would. The holder has no alias, so no DNS name finds it.
+  docker run -d --rm --name "$holder" --network "${COMPOSE_PROJECT_NAME}_cluster" \
+    --label "com.docker.compose.project=$COMPOSE_PROJECT_NAME" lb-sandbox/server:latest --name ipholder >/dev/null
+  dc up -d --no-deps server2 >/dev/null 2>&1
+  docker rm -f "$holder" >/dev/null
   wait_healthy server2
   after=$(container_ip server2)
   sleep 2
