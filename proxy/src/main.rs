@@ -1,4 +1,9 @@
 use anyhow::Context;
+
+// glibc malloc showed up at ~6% of the proxy's CPU per call; mimalloc halves that.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::Parser;
 use proxy::config::{Args, Command};
 

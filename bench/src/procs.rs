@@ -1,0 +1,81 @@
+//! Child processes pinned to a CPU, and their CPU time and memory from /proc.
+
+use std::{
+    path::Path,
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context, bail};
+
+pub struct Child(std::process::Child);
+
+impl Child {
+    /// Starts `bin args...` on CPU `cpu` (through taskset).
+    pub fn spawn(bin: &Path, cpu: usize, args: &[&str]) -> anyhow::Result<Child> {
+        if !bin.exists() {
+            bail!("{} not found: build it with `cargo build --release --bins`", bin.display());
+        }
+        let child = Command::new("taskset")
+            .arg("-c")
+            .arg(cpu.to_string())
+            .arg(bin)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {} under taskset", bin.display()))?;
+        let mut child = Child(child);
+        std::thread::sleep(std::time::Duration::from_millis(200)); // let it bind or fail
+        if let Some(status) = child.0.try_wait()? {
+            bail!("{} exited at start ({status}); is its port taken?", bin.display());
+        }
+        Ok(child)
+    }
+
+    fn proc_file(&self, name: &str) -> anyhow::Result<String> {
+        let path = format!("/proc/{}/{name}", self.0.id());
+        std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))
+    }
+
+    /// utime + stime, in microseconds.
+    pub fn cpu_us(&self) -> anyhow::Result<u64> {
+        let stat = self.proc_file("stat")?;
+        // Fields after the command name, which is in parentheses and may hold spaces.
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).context("parsing /proc/PID/stat")?;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+        Ok(ticks * 1_000_000 / clock_ticks())
+    }
+
+    /// Resident set size, in KiB.
+    pub fn rss_kib(&self) -> anyhow::Result<u64> {
+        let status = self.proc_file("status")?;
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).context("no VmRSS")?;
+        Ok(line.split_whitespace().nth(1).context("VmRSS value")?.parse()?)
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn clock_ticks() -> u64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100)
+}
+
+/// Pins this process to `cpu`.
+pub fn pin_self(cpu: usize) {
+    let _ = Command::new("taskset")
+        .args(["-a", "-p", "-c", &cpu.to_string(), &std::process::id().to_string()])
+        .stdout(Stdio::null())
+        .status();
+}
