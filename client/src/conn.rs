@@ -119,3 +119,18 @@ async fn resolve(hp: &HostPort, dns: Option<SocketAddr>) -> anyhow::Result<Socke
         balancer::discover::Lookup::Failed(e) => bail!("--proxy {hp}: {e}"),
     }
 }
+
+/// One line for a failed call: the code, the message, and the root cause if any.
+pub fn explain(s: &Status) -> String {
+    let mut line = format!("{}: {}", balancer::code::code_name(s.code()), s.message());
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(s);
+    let mut root = None;
+    while let Some(c) = cause {
+        root = Some(c);
+        cause = c.source();
+    }
+    if let Some(root) = root {
+        line += &format!(" ({root})");
+    }
+    line
+}

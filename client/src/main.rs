@@ -8,7 +8,6 @@ mod report;
 mod stream;
 mod verify;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 /// Calls hello.HelloService through the proxy (default) or directly with client-side
@@ -62,7 +61,10 @@ async fn run(args: Args) -> anyhow::Result<std::process::ExitCode> {
     let conn = conn::Conn::open(&args.conn).await?;
     match args.command {
         Command::Hello { name } => {
-            let r = conn.hello(&name).await.with_context(|| format!("calling {}", conn.describe()))?;
+            let r = conn
+                .hello(&name)
+                .await
+                .map_err(|s| anyhow::anyhow!("calling {}: {}", conn.describe(), conn::explain(&s)))?;
             println!("{}", r.message);
             println!("  server={} node={} address={}", r.server, r.node, r.address);
             Ok(std::process::ExitCode::SUCCESS)

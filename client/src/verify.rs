@@ -3,7 +3,6 @@
 
 use std::{collections::BTreeMap, process::ExitCode};
 
-use anyhow::Context;
 use clap::Args;
 
 use crate::{
@@ -46,8 +45,9 @@ fn parse_replica(s: &str) -> Result<Replica, String> {
 pub async fn run(conn: Conn, a: VerifyArgs) -> anyhow::Result<ExitCode> {
     let mut counts: BTreeMap<Replica, u64> = a.expect.iter().map(|r| (r.clone(), 0)).collect();
     for i in 1..=a.calls {
-        let r =
-            conn.hello(&a.name).await.with_context(|| format!("call {i} of {} via {}", a.calls, conn.describe()))?;
+        let r = conn.hello(&a.name).await.map_err(|s| {
+            anyhow::anyhow!("call {i} of {} via {}: {}", a.calls, conn.describe(), crate::conn::explain(&s))
+        })?;
         if a.full {
             println!("{i:>4}  {}  [server={} node={} address={}]", r.message, r.server, r.node, r.address);
         }
