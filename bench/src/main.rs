@@ -48,12 +48,14 @@ struct Sample {
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     procs::pin_self(0);
-    let server = Child::spawn(&a.bin_dir.join("server"), 0, &["--listen", "127.0.0.1:50151", "--name", "bench"])?;
+    let server =
+        Child::spawn(&a.bin_dir.join("server"), 0, &["--listen", "127.0.0.1:50151", "--name", "bench"]).await?;
     let proxy = Child::spawn(
         &a.bin_dir.join("proxy"),
         1,
         &["--listen", "127.0.0.1:50150", "--target", "127.0.0.1:50151", "--threads", "1"],
-    )?;
+    )
+    .await?;
     let direct = connect("127.0.0.1:50151").await?;
     let proxied = connect("127.0.0.1:50150").await?;
     warm(&direct).await?;
@@ -186,5 +188,9 @@ fn report(rounds: &[(Sample, Sample)], idle_rss: u64, busy_rss: u64) {
         med(&|s| s.proxy_us_per_call, 1),
         ratio(&|r| r.1.proxy_us_per_call, &|r| r.0.server_us_per_call)
     );
-    println!("proxy resident memory        idle {:.1} MB, after load {:.1} MB", idle_rss as f64 / 1024.0, busy_rss as f64 / 1024.0);
+    println!(
+        "proxy resident memory        idle {:.1} MB, after load {:.1} MB",
+        idle_rss as f64 / 1024.0,
+        busy_rss as f64 / 1024.0
+    );
 }

@@ -11,7 +11,7 @@ pub struct Child(std::process::Child);
 
 impl Child {
     /// Starts `bin args...` on CPU `cpu` (through taskset).
-    pub fn spawn(bin: &Path, cpu: usize, args: &[&str]) -> anyhow::Result<Child> {
+    pub async fn spawn(bin: &Path, cpu: usize, args: &[&str]) -> anyhow::Result<Child> {
         if !bin.exists() {
             bail!("{} not found: build it with `cargo build --release --bins`", bin.display());
         }
@@ -25,7 +25,7 @@ impl Child {
             .spawn()
             .with_context(|| format!("starting {} under taskset", bin.display()))?;
         let mut child = Child(child);
-        std::thread::sleep(std::time::Duration::from_millis(200)); // let it bind or fail
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await; // let it bind or fail
         if let Some(status) = child.0.try_wait()? {
             bail!("{} exited at start ({status}); is its port taken?", bin.display());
         }
