@@ -23,12 +23,19 @@ pub enum Error {
     Upstream { addr: std::net::SocketAddr, source: hyper::Error },
 }
 
+impl Error {
+    /// The status code a caller sees for this error.
+    pub fn code(&self) -> tonic::Code {
+        match self {
+            Error::Deadline { .. } => tonic::Code::DeadlineExceeded,
+            Error::TooLarge(_) => tonic::Code::ResourceExhausted,
+            _ => tonic::Code::Unavailable,
+        }
+    }
+}
+
 impl From<Error> for Status {
     fn from(e: Error) -> Status {
-        match e {
-            Error::Deadline { .. } => Status::deadline_exceeded(e.to_string()),
-            Error::TooLarge(_) => Status::resource_exhausted(e.to_string()),
-            _ => Status::unavailable(e.to_string()),
-        }
+        Status::new(e.code(), e.to_string())
     }
 }

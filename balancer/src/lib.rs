@@ -9,6 +9,8 @@
 //! - [`replay`]: a request body that can be sent again while uncommitted; [`frame`]
 //!   (pure) spots oversized messages in it.
 //! - [`response`]: the response body; a lost endpoint becomes UNAVAILABLE trailers.
+//! - [`retry`] (pure): service config, retry and hedging policies, the throttle.
+//! - `call`: one call's path: wait, send, replay, retry or hedge; [`counters`] counts it.
 //! - [`channel`]: [`Balancer`], the `tower::Service` used by the proxy and by clients.
 //! - [`code`], [`duration`], [`probe`], [`signal`], [`telemetry`]: small shared helpers
 //!   for the binaries.
@@ -25,8 +27,10 @@
 //! ```
 
 pub mod backoff;
+mod call;
 pub mod channel;
 pub mod code;
+pub mod counters;
 pub mod discover;
 pub mod duration;
 pub mod error;
@@ -36,10 +40,12 @@ mod pool;
 pub mod probe;
 pub mod replay;
 pub mod response;
+pub mod retry;
 pub mod rng;
 pub mod signal;
 pub mod telemetry;
 
+pub use call::grpc_timeout;
 pub use channel::{Balancer, Settings};
 pub use discover::HostPort;
 pub use error::Error;

@@ -1,7 +1,8 @@
 //! A request body that can be sent again: the frames the first attempt reads are kept
 //! (up to a limit) so a call the endpoint never processed can be replayed on another.
 //!
-//! One attempt reads at a time. Once the response headers arrive the call is committed
+//! Several attempts may read at once (hedging): the one that reaches the end of the
+//! buffer pulls from the source and wakes the others. Once the call is committed
 //! ([`ReplayBody::commit`]) and the buffer is freed; once the body outgrows the limit,
 //! it can no longer be replayed ([`ReplayBody::is_replayable`]).
 //!
@@ -10,8 +11,11 @@
 
 use std::{
     pin::Pin,
-    sync::{Arc, Mutex},
-    task::{Context, Poll, ready},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    task::{Context, Poll, Waker},
 };
 
 use bytes::Bytes;
@@ -38,28 +42,66 @@ struct Shared<B> {
     offset: usize,
     buffered: usize,
     limit: usize,
+    /// Bytes buffered by every call together, against `budget_limit`.
+    budget: Budget,
     /// Buffering stopped: committed, over the limit, or the source failed.
     replay_lost: bool,
     source_done: bool,
     trailers: Option<HeaderMap>,
     frames: FrameScan,
     too_large: Option<TooLarge>,
+    /// Readers waiting for the source while another reader polls it.
+    waiters: Vec<Waker>,
+}
+
+/// The replay buffer shared by all calls of a balancer (16 MiB by default).
+#[derive(Debug, Clone)]
+pub struct Budget {
+    used: Arc<AtomicUsize>,
+    limit: usize,
+}
+
+impl Budget {
+    pub fn new(limit: usize) -> Self {
+        Budget { used: Arc::new(AtomicUsize::new(0)), limit }
+    }
+
+    /// Bytes buffered now, by every call.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    fn take(&self, n: usize) -> bool {
+        let before = self.used.fetch_add(n, Ordering::Relaxed);
+        if before + n > self.limit {
+            self.used.fetch_sub(n, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    fn give(&self, n: usize) {
+        self.used.fetch_sub(n, Ordering::Relaxed);
+    }
 }
 
 impl<B> ReplayBody<B> {
-    /// Keeps up to `limit` bytes for replays and refuses messages over `max_message`.
-    pub fn new(source: B, limit: usize, max_message: u32) -> Self {
+    /// Keeps up to `limit` bytes (within `budget`) for replays and refuses messages over
+    /// `max_message`.
+    pub fn new(source: B, limit: usize, max_message: u32, budget: Budget) -> Self {
         let shared = Shared {
             source,
             chunks: Vec::new(),
             offset: 0,
             buffered: 0,
             limit,
+            budget,
             replay_lost: false,
             source_done: false,
             trailers: None,
             frames: FrameScan::new(max_message),
             too_large: None,
+            waiters: Vec::new(),
         };
         ReplayBody { shared: Arc::new(Mutex::new(shared)), pos: 0, finished: false }
     }
@@ -95,19 +137,31 @@ impl<B> Shared<B> {
         self.replay_lost = true;
         self.offset += self.chunks.len();
         self.chunks = Vec::new();
-        self.buffered = 0;
+        self.budget.give(std::mem::take(&mut self.buffered));
     }
 
     fn keep(&mut self, data: &Bytes) {
         if self.replay_lost {
             self.offset += 1;
-        } else if self.buffered + data.len() > self.limit {
+        } else if self.buffered + data.len() > self.limit || !self.budget.take(data.len()) {
             self.drop_buffer();
             self.offset += 1;
         } else {
             self.buffered += data.len();
             self.chunks.push(data.clone());
         }
+    }
+
+    fn wake_waiters(&mut self) {
+        for w in self.waiters.drain(..) {
+            w.wake();
+        }
+    }
+}
+
+impl<B> Drop for Shared<B> {
+    fn drop(&mut self) {
+        self.budget.give(self.buffered);
     }
 }
 
@@ -138,7 +192,15 @@ where
             this.finished = true;
             return Poll::Ready(s.trailers.clone().map(|t| Ok(Frame::trailers(t))));
         }
-        match ready!(Pin::new(&mut s.source).poll_frame(cx)) {
+        let polled = Pin::new(&mut s.source).poll_frame(cx);
+        let Poll::Ready(polled) = polled else {
+            if !s.waiters.iter().any(|w| w.will_wake(cx.waker())) {
+                s.waiters.push(cx.waker().clone());
+            }
+            return Poll::Pending;
+        };
+        s.wake_waiters();
+        match polled {
             Some(Ok(frame)) => {
                 let frame = match frame.into_data() {
                     Ok(data) => {
@@ -221,7 +283,7 @@ mod tests {
 
     #[tokio::test]
     async fn replays_data_and_trailers() {
-        let body = ReplayBody::new(source(&["ab", "cd"], true), 1024, u32::MAX);
+        let body = ReplayBody::new(source(&["ab", "cd"], true), 1024, u32::MAX, Budget::new(1 << 20));
         let first = read_all(body.replay()).await.unwrap();
         assert_eq!(first.0, b"abcd");
         assert!(body.is_replayable());
@@ -232,15 +294,29 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_over_the_limit_is_sent_once_and_never_replayed() {
-        let body = ReplayBody::new(source(&["abc", "def", "ghi"], false), 5, u32::MAX);
+        let body = ReplayBody::new(source(&["abc", "def", "ghi"], false), 5, u32::MAX, Budget::new(1 << 20));
         assert_eq!(read_all(body.replay()).await.unwrap().0, b"abcdefghi");
         assert!(!body.is_replayable());
         assert!(read_all(body.replay()).await.is_err(), "a replay must fail, not send a truncated body");
     }
 
     #[tokio::test]
+    async fn the_shared_budget_bounds_all_calls_together() {
+        let budget = Budget::new(6);
+        let a = ReplayBody::new(source(&["abcd"], false), 1024, u32::MAX, budget.clone());
+        let b = ReplayBody::new(source(&["efgh"], false), 1024, u32::MAX, budget.clone());
+        read_all(a.replay()).await.unwrap();
+        read_all(b.replay()).await.unwrap();
+        assert!(a.is_replayable());
+        assert!(!b.is_replayable(), "4 + 4 bytes exceed the budget of 6");
+        assert_eq!(budget.used(), 4);
+        drop(a);
+        assert_eq!(budget.used(), 0, "a finished call gives its bytes back");
+    }
+
+    #[tokio::test]
     async fn commit_frees_the_buffer_and_forbids_replay() {
-        let body = ReplayBody::new(source(&["ab", "cd"], false), 1024, u32::MAX);
+        let body = ReplayBody::new(source(&["ab", "cd"], false), 1024, u32::MAX, Budget::new(1 << 20));
         let mut first = body.replay();
         let f = first.frame().await.unwrap().unwrap();
         assert_eq!(f.into_data().unwrap(), "ab");

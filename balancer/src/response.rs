@@ -19,13 +19,23 @@ use crate::replay::BoxError;
 pub struct UpstreamBody {
     inner: Incoming,
     addr: SocketAddr,
+    /// A frame read ahead to learn the call's status, yielded first.
+    first: Option<Frame<Bytes>>,
     /// The trailers were synthesized; the body is over.
     done: bool,
 }
 
 impl UpstreamBody {
     pub(crate) fn new(inner: Incoming, addr: SocketAddr) -> Self {
-        UpstreamBody { inner, addr, done: false }
+        UpstreamBody { inner, addr, first: None, done: false }
+    }
+
+    /// Reads the first frame: data, the trailers, or `None` at the end.
+    pub(crate) async fn peek(&mut self) -> Option<&Frame<Bytes>> {
+        if self.first.is_none() && !self.done {
+            self.first = std::future::poll_fn(|cx| Pin::new(&mut *self).poll_frame(cx)).await.and_then(Result::ok);
+        }
+        self.first.as_ref()
     }
 }
 
@@ -34,6 +44,9 @@ impl Body for UpstreamBody {
     type Error = BoxError;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(first) = self.first.take() {
+            return Poll::Ready(Some(Ok(first)));
+        }
         if self.done {
             return Poll::Ready(None);
         }
@@ -50,7 +63,7 @@ impl Body for UpstreamBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done || self.inner.is_end_stream()
+        self.first.is_none() && (self.done || self.inner.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {

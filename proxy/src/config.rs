@@ -1,8 +1,8 @@
 //! Command-line flags of the proxy; every flag also reads an env var.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use balancer::{HostPort, Settings, duration};
+use balancer::{HostPort, Settings, duration, retry::ServiceConfig};
 use clap::{Args as ClapArgs, Parser, Subcommand};
 
 /// A gRPC proxy that spreads calls round-robin over the replicas on its node and fails
@@ -51,6 +51,16 @@ pub struct ServeArgs {
     /// on another; larger requests are sent once.
     #[arg(long, env = "PROXY_REPLAY_BUFFER", default_value_t = 1 << 20)]
     pub replay_buffer: usize,
+    /// Request bytes kept for replays and retries by all calls together.
+    #[arg(long, env = "PROXY_REPLAY_BUFFER_TOTAL", default_value_t = 16 << 20)]
+    pub replay_buffer_total: usize,
+    /// A gRPC service config (JSON): per-method timeout, waitForReady, retryPolicy or
+    /// hedgingPolicy, and retryThrottling, as in gRFC A6.
+    #[arg(long, env = "PROXY_SERVICE_CONFIG")]
+    pub service_config: Option<PathBuf>,
+    /// Upper bound on any policy's maxAttempts.
+    #[arg(long, env = "PROXY_MAX_ATTEMPTS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(2..))]
+    pub max_attempts: u32,
     /// Largest request message, in bytes; larger ones fail with RESOURCE_EXHAUSTED.
     #[arg(long, env = "PROXY_MAX_MESSAGE_SIZE", default_value_t = 4 << 20)]
     pub max_message_size: u32,
@@ -63,21 +73,52 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
-    pub fn settings(&self) -> Settings {
-        Settings {
+    /// The balancer's settings; reads and validates `--service-config`.
+    pub fn settings(&self) -> anyhow::Result<Settings> {
+        let service_config = match &self.service_config {
+            Some(path) => {
+                let json = std::fs::read_to_string(path)
+                    .map_err(|e| anyhow::anyhow!("--service-config {}: {e}", path.display()))?;
+                ServiceConfig::parse(&json, self.max_attempts)
+                    .map_err(|e| anyhow::anyhow!("--service-config {}: {e}", path.display()))?
+            }
+            None => ServiceConfig::default(),
+        };
+        Ok(Settings {
             target: self.target.clone(),
             local_target: self.local_target.clone(),
             dns_server: self.dns_server,
             resolve_interval: self.resolve_interval,
             connect_timeout: self.connect_timeout,
             replay_limit: self.replay_buffer,
+            replay_total: self.replay_buffer_total,
             max_message: self.max_message_size,
-        }
+            service_config,
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_invalid_service_config_names_the_file_path_and_rule() {
+        let dir = std::env::temp_dir().join(format!("proxy-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("bad.json");
+        std::fs::write(&file, r#"{"methodConfig":[{"name":[{}],"hedgingPolicy":{"maxAttempts":1}}]}"#).unwrap();
+        let args = parse(&["--service-config", file.to_str().unwrap()]).unwrap().serve;
+        let err = args.settings().unwrap_err().to_string();
+        assert_eq!(
+            err,
+            format!(
+                "--service-config {}: methodConfig[0].hedgingPolicy.maxAttempts: must be an integer of at least 2, got 1",
+                file.display()
+            )
+        );
+        let missing = parse(&["--service-config", "/nonexistent/x.json"]).unwrap().serve;
+        assert!(missing.settings().unwrap_err().to_string().starts_with("--service-config /nonexistent/x.json: "));
+    }
+
     use super::*;
 
     fn parse(args: &[&str]) -> Result<Args, String> {

@@ -61,7 +61,7 @@ impl App {
 /// Serves until `shutdown` resolves, then sends GOAWAY to clients and gives open calls
 /// `--drain-timeout` to finish.
 pub async fn run(args: ServeArgs, listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let balancer = Balancer::new(args.settings()).context("starting the balancer")?;
+    let balancer = Balancer::new(args.settings()?).context("starting the balancer")?;
     let reporter = HealthReporter::new();
     let health = HealthServer::new(HealthService::from_health_reporter(reporter.clone()));
     reporter.set_service_status("", ServingStatus::NotServing).await;

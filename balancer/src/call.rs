@@ -1,0 +1,472 @@
+//! One call through the balancer: wait for an endpoint (local first), replay attempts
+//! the endpoint never processed, and apply the method's retry or hedging policy
+//! (gRFC A6) from the service config. The decisions are the pure ones in
+//! [`crate::retry`]; this module does the waiting and sending.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use futures_util::{StreamExt, stream::FuturesUnordered};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, Version};
+use hyper::{body::Incoming, client::conn::http2::SendRequest};
+use tokio::time::Instant;
+use tonic::Code;
+use tracing::debug;
+
+use crate::{
+    code::code_name,
+    counters::{CallStats, Counters},
+    error::Error,
+    pool::Pool,
+    replay::{BoxError, Budget, ReplayBody},
+    response::UpstreamBody,
+    retry::{
+        HedgingPolicy, Pushback, RetryPolicy, ServiceConfig, Throttle, Verdict,
+        policy::{RetryState, StopReason},
+    },
+    rng::SplitMix64,
+};
+
+/// Transparent replays of unprocessed attempts, at most, per call.
+const MAX_REPLAYS: u64 = 5;
+
+/// Everything calls share: the pool, the limits, the policies and their state.
+pub(crate) struct Shared<B> {
+    pub pool: Arc<Pool<ReplayBody<B>>>,
+    pub replay_limit: usize,
+    pub max_message: u32,
+    pub budget: Budget,
+    pub config: ServiceConfig,
+    pub throttle: Option<Mutex<Throttle>>,
+    pub counters: Counters,
+    pub rng: Mutex<SplitMix64>,
+}
+
+/// The parts of a request needed to send it again.
+struct Head {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+}
+
+impl Head {
+    fn request<T>(&self, body: T, previous_attempts: u64) -> Request<T> {
+        let mut req = Request::new(body);
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers.clone();
+        if previous_attempts > 0 {
+            req.headers_mut().insert("grpc-previous-rpc-attempts", HeaderValue::from(previous_attempts));
+        }
+        req
+    }
+}
+
+/// How an attempt ended.
+enum Outcome {
+    /// Response headers (and, when peeking, a first message) arrived: the call is
+    /// committed to this attempt.
+    Committed(Response<UpstreamBody>),
+    /// The attempt ended with a status and no message: retryable if the policy says so.
+    Status { code: Code, pushback: Pushback, resp: Response<UpstreamBody> },
+}
+
+struct Call<'a, B> {
+    shared: &'a Shared<B>,
+    head: Head,
+    body: ReplayBody<B>,
+    deadline: Option<Instant>,
+    /// When waiting for an endpoint gives up.
+    until: Instant,
+    /// Endpoints this call was sent to, so retries prefer others.
+    tried: Vec<SocketAddr>,
+    stats: CallStats,
+}
+
+pub(crate) async fn forward<B>(shared: &Shared<B>, req: Request<B>) -> Result<Response<UpstreamBody>, Error>
+where
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    let started = Instant::now();
+    let (parts, body) = req.into_parts();
+    let uri = absolute(parts.uri, &shared.pool.authority);
+    let mut head = Head { method: parts.method, uri, version: parts.version, headers: parts.headers };
+    let method = shared.config.lookup(head.uri.path());
+    let mut deadline = grpc_timeout(&head.headers).map(|t| started + t);
+    if let Some(t) = method.and_then(|m| m.timeout) {
+        if deadline.is_none_or(|d| started + t < d) {
+            deadline = Some(started + t);
+            head.headers.insert("grpc-timeout", encode_timeout(t));
+        }
+    }
+    let wait = method.and_then(|m| m.wait_for_ready) != Some(false);
+    let until = if wait { deadline.unwrap_or(started + shared.pool.connect_timeout) } else { started };
+    let body = ReplayBody::new(body, shared.replay_limit, shared.max_message, shared.budget.clone());
+    let mut call = Call { shared, head, body, deadline, until, tried: Vec::new(), stats: CallStats::default() };
+    let result = match (method.and_then(|m| m.retry.as_ref()), method.and_then(|m| m.hedging.as_ref())) {
+        (Some(p), _) => call.retry(p).await,
+        (None, Some(h)) => call.hedge(h).await,
+        (None, None) => call.attempt(0, false).await.map(|(_, o)| o),
+    };
+    let (outcome, resp) = match result {
+        Ok(Outcome::Committed(resp)) => ("RESPONSE", Ok(resp)),
+        Ok(Outcome::Status { code, resp, .. }) => (code_name(code), Ok(resp)),
+        Err(e) => (code_name(e.code()), Err(e)),
+    };
+    shared.counters.record(call.head.uri.path(), &call.stats, outcome);
+    resp.map(|mut r| {
+        if call.stats.attempts > 1 {
+            r.headers_mut().insert("grpc-previous-rpc-attempts", HeaderValue::from(call.stats.attempts - 1));
+        }
+        r
+    })
+}
+
+impl<B> Call<'_, B>
+where
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    /// One attempt, replayed transparently on another endpoint while the endpoint
+    /// certainly did not process it. `peek` reads ahead to the first message so a
+    /// status in trailers after headers is seen before committing.
+    async fn attempt(&mut self, previous: u64, peek: bool) -> Result<(SocketAddr, Outcome), Error> {
+        loop {
+            let (addr, send) = self.wait_pick().await?;
+            self.stats.attempts += 1;
+            let req = self.head.request(self.body.replay(), previous);
+            match send_once(send, req, addr, peek).await {
+                Ok(outcome) => return Ok((addr, outcome)),
+                Err(AttemptError { err, unprocessed, .. }) => {
+                    if let Some(too_large) = self.body.too_large() {
+                        return Err(Error::TooLarge(too_large));
+                    }
+                    let again = unprocessed
+                        && self.body.is_replayable()
+                        && self.stats.replays < MAX_REPLAYS
+                        && Instant::now() < self.until;
+                    if !again {
+                        return Err(Error::Upstream { addr, source: err });
+                    }
+                    debug!(%addr, error = %err, "Unprocessed by endpoint; replaying elsewhere");
+                    self.shared.pool.mark_failed(addr, &format!("unprocessed call: {err}"));
+                    self.stats.replays += 1;
+                    self.stats.attempts -= 1; // transparent: counts toward nothing
+                }
+            }
+        }
+    }
+
+    async fn wait_pick(&mut self) -> Result<(SocketAddr, SendRequest<ReplayBody<B>>), Error> {
+        let Some((addr, tier, send)) = self.shared.pool.wait_pick(&self.tried, self.until).await else {
+            let tried = self.shared.pool.describe();
+            let target = self.shared.pool.target.clone();
+            return Err(match self.deadline {
+                Some(_) => Error::Deadline { target, tried },
+                None => Error::NoEndpoint { target, waited: self.shared.pool.connect_timeout, tried },
+            });
+        };
+        debug!(%addr, ?tier, attempt = self.stats.attempts + 1, "Sending");
+        self.tried.push(addr);
+        Ok((addr, send))
+    }
+
+    async fn retry(&mut self, p: &RetryPolicy) -> Result<Outcome, Error> {
+        let mut state = RetryState::default();
+        loop {
+            let outcome = match self.attempt(u64::from(state.attempts - 1), true).await {
+                Ok((_, outcome)) => outcome,
+                Err(e) => return Err(e),
+            };
+            let Outcome::Status { code, pushback, .. } = &outcome else {
+                self.on_success();
+                return Ok(outcome);
+            };
+            let (code, pushback) = (*code, *pushback);
+            if code == Code::Ok {
+                self.on_success();
+                return Ok(outcome);
+            }
+            if p.retryable.contains(code) {
+                self.on_failure();
+            }
+            if !self.body.is_replayable() {
+                self.stats.committed_by_buffer = true;
+                return Ok(outcome);
+            }
+            let allowed = self.throttle_allows();
+            let verdict = {
+                let mut rng = self.shared.rng.lock().unwrap_or_else(|e| e.into_inner());
+                state.next(p, code, pushback, allowed, &mut *rng)
+            };
+            match verdict {
+                Verdict::Retry { after } if self.deadline.is_none_or(|d| Instant::now() + after < d) => {
+                    debug!(code = code_name(code), after_ms = after.as_millis() as u64, "Retrying");
+                    self.stats.retries += 1;
+                    drop(outcome); // cancels nothing: the attempt is over; frees its stream
+                    tokio::time::sleep(after).await;
+                }
+                Verdict::Stop(StopReason::Throttled) => {
+                    self.stats.throttled = true;
+                    return Ok(outcome);
+                }
+                _ => return Ok(outcome),
+            }
+        }
+    }
+
+    /// Attempts every `delay` up to `max_attempts`, each on another endpoint; the first
+    /// response commits, a fatal status ends the call, the rest are cancelled.
+    async fn hedge(&mut self, h: &HedgingPolicy) -> Result<Outcome, Error> {
+        let mut running = FuturesUnordered::new();
+        let (addr, send) = self.wait_pick().await?;
+        self.stats.attempts += 1;
+        running.push(send_once(send, self.head.request(self.body.replay(), 0), addr, true));
+        let mut started = 1u32;
+        let mut last: Option<Result<Outcome, Error>>;
+        let next_hedge = tokio::time::sleep(h.delay);
+        tokio::pin!(next_hedge);
+        loop {
+            let can_start = started < h.max_attempts && self.body.is_replayable();
+            tokio::select! {
+                () = &mut next_hedge, if can_start => {
+                    if self.start_hedge(&mut running, started) {
+                        started += 1;
+                    }
+                    next_hedge.as_mut().reset(Instant::now() + h.delay);
+                }
+                Some(res) = running.next() => {
+                    match res {
+                        Ok(Outcome::Status { code, pushback, resp }) if code != Code::Ok && !h.is_fatal(code) => {
+                            self.on_failure();
+                            last = Some(Ok(Outcome::Status { code, pushback, resp }));
+                            if pushback == Pushback::Stop {
+                                return Ok(last.take().unwrap().unwrap());
+                            }
+                        }
+                        Ok(outcome) => {
+                            if !matches!(&outcome, Outcome::Status { code, .. } if *code != Code::Ok) {
+                                self.on_success();
+                            }
+                            return Ok(outcome); // dropping `running` cancels the others
+                        }
+                        Err(AttemptError { addr, err, .. }) => {
+                            self.on_failure();
+                            last = Some(Err(Error::Upstream { addr, source: err }));
+                        }
+                    }
+                    // A non-fatal failure fires the next hedge at once.
+                    let can_start = started < h.max_attempts && self.body.is_replayable();
+                    if can_start && self.start_hedge(&mut running, started) {
+                        started += 1;
+                        next_hedge.as_mut().reset(Instant::now() + h.delay);
+                    }
+                    if running.is_empty() {
+                        if !self.body.is_replayable() {
+                            self.stats.committed_by_buffer = true;
+                        }
+                        return last.take().expect("an attempt ended");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts one more hedged attempt on an endpoint not yet tried, if the throttle and
+    /// the endpoints allow. Hedges never wait for an endpoint.
+    fn start_hedge(&mut self, running: &mut FuturesUnordered<AttemptFuture>, started: u32) -> bool {
+        if !self.throttle_allows() {
+            self.stats.throttled = true;
+            return false;
+        }
+        let Some((addr, _, send)) = self.shared.pool.pick(&self.tried) else { return false };
+        if self.tried.contains(&addr) {
+            return false; // every ready endpoint already has an attempt
+        }
+        self.tried.push(addr);
+        self.stats.attempts += 1;
+        self.stats.hedges += 1;
+        debug!(%addr, attempt = started + 1, "Hedging");
+        running.push(send_once(send, self.head.request(self.body.replay(), u64::from(started)), addr, true));
+        true
+    }
+
+    fn throttle_allows(&self) -> bool {
+        self.shared.throttle.as_ref().is_none_or(|t| t.lock().unwrap_or_else(|e| e.into_inner()).allows())
+    }
+
+    fn on_failure(&self) {
+        if let Some(t) = &self.shared.throttle {
+            t.lock().unwrap_or_else(|e| e.into_inner()).on_failure();
+        }
+    }
+
+    fn on_success(&self) {
+        if let Some(t) = &self.shared.throttle {
+            t.lock().unwrap_or_else(|e| e.into_inner()).on_success();
+        }
+    }
+}
+
+/// An attempt that failed without a response.
+struct AttemptError {
+    addr: SocketAddr,
+    err: hyper::Error,
+    /// The endpoint certainly did not process it.
+    unprocessed: bool,
+}
+
+type AttemptFuture = std::pin::Pin<Box<dyn Future<Output = Result<Outcome, AttemptError>> + Send>>;
+
+/// Sends one attempt and classifies its response. On failure, says whether the
+/// endpoint certainly did not process it.
+fn send_once<B>(
+    mut send: SendRequest<ReplayBody<B>>,
+    req: Request<ReplayBody<B>>,
+    addr: SocketAddr,
+    peek: bool,
+) -> AttemptFuture
+where
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    Box::pin(async move {
+        match send.try_send_request(req).await {
+            Ok(resp) => Ok(classify(resp, addr, peek).await),
+            Err(mut e) => {
+                let unsent = e.take_message().is_some();
+                let err = e.into_error();
+                let unprocessed = unsent || unprocessed(&err);
+                Err(AttemptError { addr, err, unprocessed })
+            }
+        }
+    })
+}
+
+async fn classify(resp: Response<Incoming>, addr: SocketAddr, peek: bool) -> Outcome {
+    let (parts, body) = resp.into_parts();
+    let mut body = UpstreamBody::new(body, addr);
+    if let Some(code) = parts.headers.get("grpc-status") {
+        // Trailers-only: the whole response is these headers.
+        let (code, pushback) = (status_code(code), pushback(&parts.headers));
+        return Outcome::Status { code, pushback, resp: Response::from_parts(parts, body) };
+    }
+    if !peek {
+        return Outcome::Committed(Response::from_parts(parts, body));
+    }
+    let status = match body.peek().await.and_then(|f| f.trailers_ref()) {
+        Some(t) => t.get("grpc-status").map(|c| (status_code(c), pushback(t))),
+        None => None,
+    };
+    let resp = Response::from_parts(parts, body);
+    match status {
+        Some((code, pushback)) => Outcome::Status { code, pushback, resp },
+        None => Outcome::Committed(resp),
+    }
+}
+
+/// A malformed `grpc-status` is UNKNOWN, as gRPC clients treat it.
+fn status_code(v: &HeaderValue) -> Code {
+    v.to_str()
+        .ok()
+        .and_then(|s| s.parse::<i32>().ok())
+        .filter(|n| (0..=16).contains(n))
+        .map_or(Code::Unknown, Code::from_i32)
+}
+
+fn pushback(h: &HeaderMap) -> Pushback {
+    Pushback::parse(h.get("grpc-retry-pushback-ms").map(HeaderValue::as_bytes))
+}
+
+/// HTTP/2 needs a scheme and an authority; tonic clients built on a bare service send
+/// only the path.
+fn absolute(uri: Uri, authority: &http::uri::Authority) -> Uri {
+    if uri.scheme().is_some() && uri.authority().is_some() {
+        return uri;
+    }
+    let mut parts = uri.into_parts();
+    parts.scheme.get_or_insert(http::uri::Scheme::HTTP);
+    parts.authority.get_or_insert_with(|| authority.clone());
+    Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"))
+}
+
+/// Whether the endpoint certainly did not process the call: the stream was refused,
+/// was above a GOAWAY's last stream id, or the connection died before any response.
+fn unprocessed(err: &hyper::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = source {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM) || h2.is_go_away() || h2.is_io();
+        }
+        if e.downcast_ref::<std::io::Error>().is_some() {
+            return true;
+        }
+        source = e.source();
+    }
+    err.is_closed() || err.is_canceled()
+}
+
+/// Parses a `grpc-timeout` header: up to 8 digits and a unit (H, M, S, m, u, n).
+pub fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
+    let v = headers.get("grpc-timeout")?.to_str().ok()?;
+    if v.len() < 2 || v.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = v.split_at(v.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// A `grpc-timeout` value for `d`, in milliseconds (at most 8 digits).
+fn encode_timeout(d: Duration) -> HeaderValue {
+    let ms = d.as_millis().clamp(1, 99_999_999);
+    HeaderValue::from_str(&format!("{ms}m")).unwrap_or(HeaderValue::from_static("1m"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_grpc_timeout_units() {
+        let t = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert("grpc-timeout", v.parse().unwrap());
+            grpc_timeout(&h)
+        };
+        assert_eq!(t("1S"), Some(Duration::from_secs(1)));
+        assert_eq!(t("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(t("2M"), Some(Duration::from_secs(120)));
+        assert_eq!(t("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(t("7u"), Some(Duration::from_micros(7)));
+        assert_eq!(t("9n"), Some(Duration::from_nanos(9)));
+        for bad in ["", "S", "1", "1x", "123456789S", "-1S"] {
+            assert_eq!(t(bad), None, "{bad:?}");
+        }
+        assert_eq!(grpc_timeout(&HeaderMap::new()), None);
+        assert_eq!(encode_timeout(Duration::from_millis(1500)), "1500m");
+    }
+
+    #[test]
+    fn malformed_statuses_are_unknown() {
+        assert_eq!(status_code(&HeaderValue::from_static("14")), Code::Unavailable);
+        for bad in ["", "x", "17", "-1", "1.0"] {
+            assert_eq!(status_code(&HeaderValue::from_str(bad).unwrap()), Code::Unknown, "{bad:?}");
+        }
+    }
+}
