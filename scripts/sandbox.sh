@@ -234,6 +234,76 @@ lint_docker() {
     sh -c 'cargo fmt --all -- --check && cargo clippy --all-targets -- -D warnings'
 }
 
+# An extra node-a replica outside compose: `extra_replica NAME ENV=VALUE...`.
+extra_replica() {
+  local name=$1
+  shift
+  local envs=()
+  for e in "$@"; do envs+=(-e "$e"); done
+  docker run -d --rm --name "${COMPOSE_PROJECT_NAME}_$name" --hostname "$name" \
+    --network "${COMPOSE_PROJECT_NAME}_cluster" --network-alias server --network-alias node-a.server \
+    --label "com.docker.compose.project=$COMPOSE_PROJECT_NAME" --label sandbox.node=node-a \
+    -e SERVER_NODE=node-a "${envs[@]}" lb-sandbox/server:latest >/dev/null
+}
+
+# An extra node-a proxy on PORT with an optional service config file.
+extra_proxy() {
+  local name=$1 port=$2 config=${3:-}
+  local args=()
+  [ -n "$config" ] && args=(-v "$PWD/$config:/etc/lb/config.json:ro" -e PROXY_SERVICE_CONFIG=/etc/lb/config.json)
+  docker run -d --rm --name "${COMPOSE_PROJECT_NAME}_$name" --network "${COMPOSE_PROJECT_NAME}_cluster" \
+    --label "com.docker.compose.project=$COMPOSE_PROJECT_NAME" -p "$port:50050" \
+    -e PROXY_LOCAL_TARGET=node-a.server:50051 "${args[@]}" lb-sandbox/proxy:latest >/dev/null
+  local deadline=$((SECONDS + 30))
+  until "$CLIENT" --proxy "localhost:$port" --timeout 1s hello >/dev/null 2>&1; do
+    [ $SECONDS -ge $deadline ] && die "error: proxy $name on :$port not answering"
+    sleep 0.2
+  done
+}
+
+remove_extras() {
+  docker rm -f "$@" >/dev/null 2>&1 || true
+}
+
+# Runs the same load through two proxies, then prints their summaries side by side.
+compare() {
+  local label_a=$1 port_a=$2 label_b=$3 port_b=$4 out
+  out=$(mktemp -d)
+  for side in a b; do
+    local port label
+    if [ $side = a ]; then port=$port_a label=$label_a; else port=$port_b label=$label_b; fi
+    echo "  load through $label (:$port) at ${RATE:-200}/s for ${DURATION:-10s}..."
+    "$CLIENT" --proxy "localhost:$port" load --rate "${RATE:-200}" --duration "${DURATION:-10s}" \
+      --json --allow-failures --quiet >"$out/$side.json"
+  done
+  python3 scripts/compare.py "$label_a" "$out/a.json" "$label_b" "$out/b.json"
+  rm -rf "$out"
+}
+
+demo_retry() {
+  need_docker
+  wait_healthy proxy
+  say "retry: a third node-a replica fails 30% of calls with UNAVAILABLE"
+  local extras=("${COMPOSE_PROJECT_NAME}_flaky" "${COMPOSE_PROJECT_NAME}_proxy-noretry")
+  trap 'remove_extras "${extras[@]}"' EXIT
+  extra_replica flaky SERVER_FAIL_RATE=0.3 SERVER_FAIL_CODE=UNAVAILABLE
+  extra_proxy proxy-noretry 50070
+  sleep 2
+  compare "no policy" 50070 "retry policy" "$PROXY_PORT"
+}
+
+demo_hedging() {
+  need_docker
+  wait_healthy proxy
+  say "hedging: a third node-a replica answers 200 ms late"
+  local extras=("${COMPOSE_PROJECT_NAME}_slow" "${COMPOSE_PROJECT_NAME}_proxy-hedging")
+  trap 'remove_extras "${extras[@]}"' EXIT
+  extra_replica slow SERVER_DELAY_MS=200
+  extra_proxy proxy-hedging 50071 config/hedging.json
+  sleep 2
+  compare "retry only" "$PROXY_PORT" "hedging 20 ms" 50071
+}
+
 down() {
   if ! docker info >/dev/null 2>&1; then
     echo "Docker is not running; nothing to stop"

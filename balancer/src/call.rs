@@ -100,11 +100,11 @@ where
     let mut head = Head { method: parts.method, uri, version: parts.version, headers: parts.headers };
     let method = shared.config.lookup(head.uri.path());
     let mut deadline = grpc_timeout(&head.headers).map(|t| started + t);
-    if let Some(t) = method.and_then(|m| m.timeout) {
-        if deadline.is_none_or(|d| started + t < d) {
-            deadline = Some(started + t);
-            head.headers.insert("grpc-timeout", encode_timeout(t));
-        }
+    if let Some(t) = method.and_then(|m| m.timeout)
+        && deadline.is_none_or(|d| started + t < d)
+    {
+        deadline = Some(started + t);
+        head.headers.insert("grpc-timeout", encode_timeout(t));
     }
     let wait = method.and_then(|m| m.wait_for_ready) != Some(false);
     let until = if wait { deadline.unwrap_or(started + shared.pool.connect_timeout) } else { started };

@@ -46,6 +46,10 @@ pub struct ServeArgs {
     /// Status for injected failures, by name (UNAVAILABLE) or number (14).
     #[arg(long, env = "SERVER_FAIL_CODE", default_value = "UNAVAILABLE", value_parser = parse_code)]
     pub fail_code: tonic::Code,
+    /// With injected failures, send `grpc-retry-pushback-ms` with this value (negative
+    /// asks callers not to retry).
+    #[arg(long, env = "SERVER_FAIL_PUSHBACK_MS", allow_negative_numbers = true)]
+    pub fail_pushback_ms: Option<i64>,
     /// Extra latency added to every call and every stream message, in milliseconds.
     #[arg(long, env = "SERVER_DELAY_MS", default_value_t = 0)]
     pub delay_ms: u64,
@@ -66,6 +70,7 @@ pub struct Config {
     pub drain_timeout: Duration,
     pub fail_rate: f64,
     pub fail_code: tonic::Code,
+    pub fail_pushback_ms: Option<i64>,
     pub delay: Duration,
 }
 
@@ -77,6 +82,7 @@ impl From<ServeArgs> for Config {
             drain_timeout: a.drain_timeout,
             fail_rate: a.fail_rate,
             fail_code: a.fail_code,
+            fail_pushback_ms: a.fail_pushback_ms,
             delay: Duration::from_millis(a.delay_ms),
         }
     }

@@ -49,6 +49,9 @@ impl Greeter {
             if let Ok(v) = self.cfg.name.parse() {
                 md.insert("x-injected-by", v);
             }
+            if let Some(ms) = self.cfg.fail_pushback_ms {
+                md.insert("grpc-retry-pushback-ms", ms.into());
+            }
             let msg = format!("injected fault from server {}", self.cfg.name);
             return Err(Status::with_metadata(self.cfg.fail_code, msg, md));
         }

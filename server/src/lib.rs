@@ -45,6 +45,7 @@ pub async fn run_with_routes(
         node = %cfg.node,
         fail_rate = cfg.fail_rate,
         fail_code = ?cfg.fail_code,
+        fail_pushback_ms = ?cfg.fail_pushback_ms,
         delay_ms = cfg.delay.as_millis() as u64,
         drain_timeout_ms = cfg.drain_timeout.as_millis() as u64,
         "Serving hello.HelloService"

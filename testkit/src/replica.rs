@@ -2,16 +2,18 @@
 //! (every connection drops, like `kill -9`) or stop it gracefully (SIGTERM's drain).
 //! Besides HelloService it serves `echo.Echo` for client and bidi streaming.
 
-use std::{net::SocketAddr, thread::JoinHandle, time::Duration};
+use std::{net::SocketAddr, sync::Arc, thread::JoinHandle, time::Duration};
 
 use server::Config;
 use tokio::sync::oneshot;
 
-use crate::echo::{EchoService, pb::echo_server::EchoServer};
+use crate::echo::{EchoCounts, EchoService, pb::echo_server::EchoServer};
 
 pub struct Replica {
     pub addr: SocketAddr,
     pub name: String,
+    /// What its `echo.Echo` service saw.
+    pub echo: Arc<EchoCounts>,
     stop: Option<oneshot::Sender<()>>,
     kill: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
@@ -22,6 +24,7 @@ pub struct Replica {
 pub struct Faults {
     pub fail_rate: f64,
     pub fail_code: tonic::Code,
+    pub fail_pushback_ms: Option<i64>,
     pub delay: Duration,
     pub drain_timeout: Duration,
 }
@@ -31,6 +34,7 @@ impl Default for Faults {
         Faults {
             fail_rate: 0.0,
             fail_code: tonic::Code::Unavailable,
+            fail_pushback_ms: None,
             delay: Duration::ZERO,
             drain_timeout: Duration::from_secs(5),
         }
@@ -50,8 +54,11 @@ impl Replica {
             drain_timeout: faults.drain_timeout,
             fail_rate: faults.fail_rate,
             fail_code: faults.fail_code,
+            fail_pushback_ms: faults.fail_pushback_ms,
             delay: faults.delay,
         };
+        let echo = EchoService::new(name, faults.delay);
+        let counts = echo.counts.clone();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let (kill_tx, kill_rx) = oneshot::channel::<()>();
         let (bound_tx, bound_rx) = std::sync::mpsc::channel();
@@ -66,8 +73,7 @@ impl Replica {
                 let shutdown = async {
                     let _ = stop_rx.await;
                 };
-                let echo = EchoServer::new(EchoService { name: cfg.name.clone() });
-                let routes = tonic::service::Routes::new(echo);
+                let routes = tonic::service::Routes::new(EchoServer::new(echo));
                 tokio::select! {
                     res = server::run_with_routes(cfg, listener, shutdown, routes) => res.expect("replica failed"),
                     _ = kill_rx => {}
@@ -76,7 +82,14 @@ impl Replica {
             // Dropping the runtime here drops every connection task with it.
         });
         bound_rx.recv().unwrap().unwrap_or_else(|e| panic!("binding replica {addr}: {e}"));
-        Replica { addr, name: name.to_owned(), stop: Some(stop_tx), kill: Some(kill_tx), thread: Some(thread) }
+        Replica {
+            addr,
+            name: name.to_owned(),
+            echo: counts,
+            stop: Some(stop_tx),
+            kill: Some(kill_tx),
+            thread: Some(thread),
+        }
     }
 
     /// Signals a graceful drain, like SIGTERM, without waiting for it to finish.

@@ -203,3 +203,21 @@ pub fn frame(msg: &[u8]) -> bytes::Bytes {
     b.extend_from_slice(msg);
     b.into()
 }
+
+/// Writes `json` to a fresh file and returns its path, for `--service-config`.
+pub fn config_file(json: &str) -> String {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!("lb-sandbox-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("config-{}.json", N.fetch_add(1, Ordering::SeqCst)));
+    std::fs::write(&path, json).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+/// The replica `name`, for reading its counters.
+impl Cluster {
+    pub fn replica(&self, name: &str) -> &Replica {
+        self.members[name].replica.as_ref().unwrap()
+    }
+}

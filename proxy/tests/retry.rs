@@ -1,0 +1,220 @@
+//! Retries, hedging and throttling from a service config, against fault-injecting
+//! replicas, through the real proxy.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{Cluster, config_file, hello, tally};
+use testkit::{
+    echo::pb::{EchoMessage, echo_client::EchoClient},
+    replica::Faults,
+};
+use tokio::time::Instant;
+use tokio_stream::StreamExt;
+use tonic::Code;
+
+const LOCALS: &[(&str, &str)] = &[("s1", "node-a"), ("s2", "node-a")];
+
+fn retry_config(attempts: u32, backoff: &str, codes: &str) -> String {
+    format!(
+        r#"{{"methodConfig":[{{"name":[{{}}],"retryPolicy":{{"maxAttempts":{attempts},
+        "initialBackoff":"{backoff}","maxBackoff":"{backoff}","backoffMultiplier":1,
+        "retryableStatusCodes":[{codes}]}}}}]}}"#
+    )
+}
+
+fn failing(name: &'static str, rate: f64, code: Code) -> impl Fn(&str) -> Faults {
+    move |n: &str| {
+        if n == name { Faults { fail_rate: rate, fail_code: code, ..Faults::default() } } else { Faults::default() }
+    }
+}
+
+fn previous_attempts(md: &tonic::metadata::MetadataMap) -> u64 {
+    md.get("grpc-previous-rpc-attempts").map_or(0, |v| v.to_str().unwrap().parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_turn_a_30_percent_unavailable_replica_into_zero_failures() {
+    let config = config_file(&retry_config(4, "0.01s", r#""UNAVAILABLE""#));
+    let c = Cluster::start_with(LOCALS, &["--service-config", &config], failing("s1", 0.3, Code::Unavailable)).await;
+    c.wait_for(&["s1", "s2"]).await;
+    let (counts, failures) = tally(&mut c.client().await, 300).await;
+    assert!(failures.is_empty(), "{} calls failed: {:?}", failures.len(), failures.first());
+    assert!(counts["s1"] > 50 && counts["s2"] > 150, "retries moved to s2: {counts:?}");
+
+    // The same replicas without the policy: failures reach the caller.
+    let plain = Cluster::start_with(LOCALS, &[], failing("s1", 0.3, Code::Unavailable)).await;
+    plain.wait_for(&["s2"]).await;
+    let (_, failures) = tally(&mut plain.client().await, 300).await;
+    assert!(!failures.is_empty(), "without retries some of 150 calls at 30% must fail");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn codes_not_listed_are_not_retried() {
+    let config = config_file(&retry_config(4, "0.01s", r#""UNAVAILABLE""#));
+    let c =
+        Cluster::start_with(&[("s1", "node-a")], &["--service-config", &config], failing("s1", 1.0, Code::NotFound))
+            .await;
+    let mut client = c.client().await;
+    let err = loop {
+        let e = client.say_hello(hello()).await.unwrap_err();
+        if e.code() != Code::Unavailable {
+            break e; // UNAVAILABLE only until the proxy has connected
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(err.code(), Code::NotFound);
+    assert_eq!(previous_attempts(err.metadata()), 0, "no retry: {err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trailers_only_status_is_retried_and_reports_previous_attempts() {
+    let config = config_file(&retry_config(4, "0.01s", r#""UNAVAILABLE""#));
+    let c = Cluster::start_with(LOCALS, &["--service-config", &config], failing("s1", 1.0, Code::Unavailable)).await;
+    c.wait_for(&["s2"]).await;
+    let mut client = c.client().await;
+    let mut retried = 0;
+    for _ in 0..20 {
+        let resp = client.say_hello(hello()).await.expect("every call lands on s2 in the end");
+        assert_eq!(resp.get_ref().server, "s2");
+        retried += previous_attempts(resp.metadata());
+    }
+    assert!(retried >= 8, "about half the calls tried s1 first: {retried}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_status_in_trailers_after_headers_is_retried_on_another_replica() {
+    let config = config_file(&retry_config(3, "0.01s", r#""UNAVAILABLE""#));
+    let c = Cluster::start(LOCALS, &["--service-config", &config]).await;
+    c.wait_for(&["s1", "s2"]).await;
+    let mut echo = EchoClient::new(c.channel().await);
+    for _ in 0..4 {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(EchoMessage { text: "fail:s1".into(), server: String::new() }).await.unwrap();
+        let resp = echo.chat(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap();
+        let mut replies = resp.into_inner();
+        // s1 answers headers then UNAVAILABLE in trailers; s2 echoes.
+        let first = replies.next().await.unwrap().expect("retried on s2");
+        assert_eq!((first.text.as_str(), first.server.as_str()), ("fail:s1", "s2"));
+        tx.send(EchoMessage { text: "more".into(), server: String::new() }).await.unwrap();
+        assert_eq!(replies.next().await.unwrap().unwrap().text, "more", "the stream goes on, committed to s2");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_committed_stream_is_not_retried() {
+    let config = config_file(&retry_config(4, "0.01s", r#""UNAVAILABLE""#));
+    let mut c = Cluster::start(&[("s1", "node-a"), ("s2", "node-a")], &["--service-config", &config]).await;
+    c.wait_for(&["s1", "s2"]).await;
+    let req = proto::HelloStreamRequest { name: "s".into(), count: 0, interval_ms: 5, resume_after: 0 };
+    let mut stream = c.client().await.say_hello_stream(req).await.unwrap().into_inner();
+    let first = stream.next().await.unwrap().unwrap();
+    let _draining = c.begin_stop(&first.server.clone());
+    let mut last = first.seq;
+    let status = loop {
+        match stream.next().await.expect("ends with a status") {
+            Ok(m) => {
+                assert_eq!(m.seq, last + 1, "no replay from the start on another replica");
+                last = m.seq;
+            }
+            Err(s) => break s,
+        }
+    };
+    assert_eq!(status.code(), Code::Unavailable);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_pushback_sets_the_delay_and_a_negative_one_stops_retries() {
+    let config = config_file(&retry_config(3, "0.01s", r#""UNAVAILABLE""#));
+    let pushback = |ms: i64| move |_: &str| Faults { fail_rate: 1.0, fail_pushback_ms: Some(ms), ..Faults::default() };
+    let c = Cluster::start_with(&[("s1", "node-a")], &["--service-config", &config], pushback(300)).await;
+    let mut client = c.client().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = Instant::now();
+    let err = client.say_hello(hello()).await.unwrap_err();
+    assert_eq!(previous_attempts(err.metadata()), 2, "{err:?}");
+    assert!(started.elapsed() >= Duration::from_millis(600), "two pushbacks of 300 ms: {:?}", started.elapsed());
+
+    let c = Cluster::start_with(&[("s1", "node-a")], &["--service-config", &config], pushback(-1)).await;
+    let mut client = c.client().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let err = client.say_hello(hello()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    assert_eq!(previous_attempts(err.metadata()), 0, "negative pushback: no retry");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_over_the_replay_buffer_is_committed_and_not_retried() {
+    let config = config_file(&retry_config(4, "0.01s", r#""UNAVAILABLE""#));
+    let args = ["--service-config", config.as_str(), "--replay-buffer", "64"];
+    let c = Cluster::start_with(LOCALS, &args, failing("s1", 1.0, Code::Unavailable)).await;
+    c.wait_for(&["s2"]).await;
+    let mut client = c.client().await;
+    let (mut small_ok, mut big_failed) = (0, 0);
+    for _ in 0..10 {
+        small_ok += u32::from(client.say_hello(hello()).await.is_ok());
+        let big = proto::HelloRequest { name: "x".repeat(1000) };
+        big_failed += u32::from(client.say_hello(big).await.is_err());
+    }
+    assert_eq!(small_ok, 10, "small requests are retried onto s2");
+    assert!(big_failed >= 3, "big requests that hit s1 are not retried: {big_failed} of 10 failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deadline_bounds_every_attempt_and_backoff() {
+    let config = config_file(&retry_config(5, "0.2s", r#""UNAVAILABLE""#));
+    let slow_fail = |_: &str| Faults { fail_rate: 1.0, delay: Duration::from_millis(100), ..Faults::default() };
+    let c = Cluster::start_with(LOCALS, &["--service-config", &config], slow_fail).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let path = "/hello.HelloService/SayHello";
+    let started = Instant::now();
+    let h = support::raw_call(c.proxy, path, &[("grpc-timeout", "350m")], support::frame(b"")).await;
+    let took = started.elapsed();
+    assert!(took < Duration::from_millis(700), "5 attempts of 100 ms + backoffs would take > 1 s; took {took:?}");
+    assert_ne!(h["grpc-status"], "0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hedging_beats_a_slow_replica_and_cancels_the_loser() {
+    let config = config_file(
+        r#"{"methodConfig":[{"name":[{"service":"echo.Echo"}],
+            "hedgingPolicy":{"maxAttempts":2,"hedgingDelay":"0.05s","nonFatalStatusCodes":["UNAVAILABLE"]}}]}"#,
+    );
+    let slow = |n: &str| Faults { delay: Duration::from_millis(if n == "s1" { 1000 } else { 0 }), ..Faults::default() };
+    let c = Cluster::start_with(LOCALS, &["--service-config", &config], slow).await;
+    c.wait_for(&["s1", "s2"]).await;
+    let mut echo = EchoClient::new(c.channel().await);
+    for _ in 0..6 {
+        let started = Instant::now();
+        let msgs = tokio_stream::iter([EchoMessage { text: "hi".into(), server: String::new() }]);
+        let reply = echo.collect(msgs).await.unwrap().into_inner();
+        assert_eq!(reply.server, "s2");
+        assert!(started.elapsed() < Duration::from_millis(800), "not held up by s1: {:?}", started.elapsed());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let s1 = &c.replica("s1").echo;
+    assert!(s1.calls() >= 3, "s1 got the first attempt of about half the calls: {}", s1.calls());
+    assert_eq!(s1.cancelled(), s1.calls(), "every losing attempt on s1 was cancelled");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttling_stops_a_retry_storm_when_every_replica_fails() {
+    let storm = retry_config(5, "0.001s", r#""UNAVAILABLE""#);
+    let throttled = storm.replace(r#"]}"#, r#"], "retryThrottling":{"maxTokens":10,"tokenRatio":0.1}}"#);
+    let all_fail = |_: &str| Faults { fail_rate: 1.0, ..Faults::default() };
+    let mut retries = Vec::new();
+    for json in [storm, throttled] {
+        let config = config_file(&json);
+        let c = Cluster::start_with(LOCALS, &["--service-config", &config], all_fail).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut client = c.client().await;
+        let mut n = 0;
+        for _ in 0..50 {
+            n += previous_attempts(client.say_hello(hello()).await.unwrap_err().metadata());
+        }
+        retries.push(n);
+    }
+    assert_eq!(retries[0], 200, "without a throttle: 4 retries for each of 50 calls");
+    assert!(retries[1] <= 10, "the bucket stops retries at half its 10 tokens: {} retries", retries[1]);
+}
