@@ -284,8 +284,7 @@ demo_retry() {
   need_docker
   wait_healthy proxy
   say "retry: a third node-a replica fails 30% of calls with UNAVAILABLE"
-  local extras=("${COMPOSE_PROJECT_NAME}_flaky" "${COMPOSE_PROJECT_NAME}_proxy-noretry")
-  trap 'remove_extras "${extras[@]}"' EXIT
+  trap "remove_extras ${COMPOSE_PROJECT_NAME}_flaky ${COMPOSE_PROJECT_NAME}_proxy-noretry" EXIT
   extra_replica flaky SERVER_FAIL_RATE=0.3 SERVER_FAIL_CODE=UNAVAILABLE
   extra_proxy proxy-noretry 50070
   sleep 2
@@ -296,8 +295,7 @@ demo_hedging() {
   need_docker
   wait_healthy proxy
   say "hedging: a third node-a replica answers 200 ms late"
-  local extras=("${COMPOSE_PROJECT_NAME}_slow" "${COMPOSE_PROJECT_NAME}_proxy-hedging")
-  trap 'remove_extras "${extras[@]}"' EXIT
+  trap "remove_extras ${COMPOSE_PROJECT_NAME}_slow ${COMPOSE_PROJECT_NAME}_proxy-hedging" EXIT
   extra_replica slow SERVER_DELAY_MS=200
   extra_proxy proxy-hedging 50071 config/hedging.json
   sleep 2
