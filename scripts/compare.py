@@ -1,5 +1,8 @@
 #!/usr/bin/env python3
-"""Prints two `client load --json` summaries side by side: compare.py LABEL_A A.json LABEL_B B.json"""
+"""Prints two `client load --json` summaries side by side:
+    compare.py LABEL_A A.json LABEL_B B.json [retry|hedging]
+With a check name, exits 1 unless B shows what the demo is about: `retry`: B has no
+failed call; `hedging`: B's p99 is under half of A's."""
 import json
 import sys
 
@@ -31,3 +34,11 @@ print(f"{'':<{w0}}  {label_a:>{w1}}  {label_b:>{w2}}")
 print(f"{'-' * w0}  {'-' * w1}  {'-' * w2}")
 for r in rows:
     print(f"{r[0]:<{w0}}  {r[1]:>{w1}}  {r[2]:>{w2}}")
+
+check = sys.argv[5] if len(sys.argv) > 5 else None
+if check == "retry" and b["failed"] != 0:
+    sys.exit(f"CHECK FAILED: {b['failed']} calls failed through {label_b}")
+if check == "hedging" and not b["latency_ms"]["p99"] < a["latency_ms"]["p99"] / 2:
+    sys.exit(f"CHECK FAILED: p99 {b['latency_ms']['p99']:.1f} ms through {label_b} is not under half of {a['latency_ms']['p99']:.1f} ms")
+if check:
+    print(f"\nCHECK PASSED ({check})")

@@ -38,6 +38,12 @@ task failover
 step "task simulate-rolling-update"
 task simulate-rolling-update
 
+step "task demo:retry (0 failures with the policy)"
+task demo:retry
+
+step "task demo:hedging (p99 under half without hedging)"
+task demo:hedging
+
 step "task down leaves nothing behind"
 task down
 left=$(docker ps -aq --filter "label=com.docker.compose.project=$COMPOSE_PROJECT_NAME")

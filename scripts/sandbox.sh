@@ -267,7 +267,7 @@ remove_extras() {
 
 # Runs the same load through two proxies, then prints their summaries side by side.
 compare() {
-  local label_a=$1 port_a=$2 label_b=$3 port_b=$4 out
+  local label_a=$1 port_a=$2 label_b=$3 port_b=$4 check=${5:-} out
   out=$(mktemp -d)
   for side in a b; do
     local port label
@@ -276,8 +276,10 @@ compare() {
     "$CLIENT" --proxy "localhost:$port" load --rate "${RATE:-200}" --duration "${DURATION:-10s}" \
       --json --allow-failures --quiet >"$out/$side.json"
   done
-  python3 scripts/compare.py "$label_a" "$out/a.json" "$label_b" "$out/b.json"
+  local rc=0
+  python3 scripts/compare.py "$label_a" "$out/a.json" "$label_b" "$out/b.json" $check || rc=$?
   rm -rf "$out"
+  return $rc
 }
 
 demo_retry() {
@@ -288,7 +290,7 @@ demo_retry() {
   extra_replica flaky SERVER_FAIL_RATE=0.3 SERVER_FAIL_CODE=UNAVAILABLE
   extra_proxy proxy-noretry 50070
   sleep 2
-  compare "no policy" 50070 "retry policy" "$PROXY_PORT"
+  compare "no policy" 50070 "retry policy" "$PROXY_PORT" retry
 }
 
 demo_hedging() {
@@ -299,7 +301,7 @@ demo_hedging() {
   extra_replica slow SERVER_DELAY_MS=200
   extra_proxy proxy-hedging 50071 config/hedging.json
   sleep 2
-  compare "retry only" "$PROXY_PORT" "hedging 20 ms" 50071
+  compare "retry only" "$PROXY_PORT" "hedging 20 ms" 50071 hedging
 }
 
 down() {
