@@ -139,12 +139,15 @@ async fn an_unbounded_stream_ends_with_unavailable_when_its_server_drains() {
 async fn garbage_and_vanishing_clients_do_not_hurt_the_proxy() {
     let c = Cluster::start(LAYOUT, &[]).await;
     c.wait_for(&["s1", "s2"]).await;
-    for garbage in
-        [&b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..], &[0xff; 4096][..], b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0"]
-    {
-        let mut tcp = tokio::net::TcpStream::connect(c.proxy).await.unwrap();
-        let _ = tcp.write_all(garbage).await;
-        drop(tcp);
+    let garbage =
+        [&b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..], &[0xff; 4096][..], b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0"];
+    // On the proxy's port and on a replica's.
+    for port in [c.proxy, c.addr_of("s1")] {
+        for bytes in garbage {
+            let mut tcp = tokio::net::TcpStream::connect(port).await.unwrap();
+            let _ = tcp.write_all(bytes).await;
+            drop(tcp);
+        }
     }
     // A client that opens an endless stream and disappears.
     let req = HelloStreamRequest { name: "s".into(), count: 0, interval_ms: 1, resume_after: 0 };
