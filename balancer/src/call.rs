@@ -12,18 +12,18 @@ use std::{
 use bytes::Bytes;
 use futures_util::{StreamExt, stream::FuturesUnordered};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, Version};
-use hyper::{body::Incoming, client::conn::http2::SendRequest};
 use tokio::time::Instant;
 use tonic::Code;
 use tracing::debug;
 
 use crate::{
     code::code_name,
+    connect::Upstream,
     counters::{CallStats, Counters},
     error::Error,
     pool::Pool,
     replay::{BoxError, Budget, ReplayBody},
-    response::UpstreamBody,
+    response::{Inner, UpstreamBody},
     retry::{
         HedgingPolicy, Pushback, RetryPolicy, ServiceConfig, Throttle, Verdict,
         policy::{RetryState, StopReason},
@@ -164,7 +164,7 @@ where
         }
     }
 
-    async fn wait_pick(&mut self) -> Result<(SocketAddr, SendRequest<ReplayBody<B>>), Error> {
+    async fn wait_pick(&mut self) -> Result<(SocketAddr, Upstream<ReplayBody<B>>), Error> {
         let Some((addr, tier, send)) = self.shared.pool.wait_pick(&self.tried, self.until).await else {
             let tried = self.shared.pool.describe();
             let target = self.shared.pool.target.clone();
@@ -318,7 +318,7 @@ where
 /// An attempt that failed without a response.
 struct AttemptError {
     addr: SocketAddr,
-    err: hyper::Error,
+    err: BoxError,
     /// The endpoint certainly did not process it.
     unprocessed: bool,
 }
@@ -327,30 +327,31 @@ type AttemptFuture = std::pin::Pin<Box<dyn Future<Output = Result<Outcome, Attem
 
 /// Sends one attempt and classifies its response. On failure, says whether the
 /// endpoint certainly did not process it.
-fn send_once<B>(
-    mut send: SendRequest<ReplayBody<B>>,
-    req: Request<ReplayBody<B>>,
-    addr: SocketAddr,
-    peek: bool,
-) -> AttemptFuture
+fn send_once<B>(send: Upstream<ReplayBody<B>>, req: Request<ReplayBody<B>>, addr: SocketAddr, peek: bool) -> AttemptFuture
 where
     B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
     Box::pin(async move {
-        match send.try_send_request(req).await {
-            Ok(resp) => Ok(classify(resp, addr, peek).await),
-            Err(mut e) => {
-                let unsent = e.take_message().is_some();
-                let err = e.into_error();
-                let unprocessed = unsent || unprocessed(&err);
-                Err(AttemptError { addr, err, unprocessed })
-            }
+        match send {
+            Upstream::H2(mut send) => match send.try_send_request(req).await {
+                Ok(resp) => Ok(classify(resp.map(Inner::H2), addr, peek).await),
+                Err(mut e) => {
+                    let unsent = e.take_message().is_some();
+                    let err = e.into_error();
+                    let unprocessed = unsent || unprocessed(&err);
+                    Err(AttemptError { addr, err: err.into(), unprocessed })
+                }
+            },
+            Upstream::H3(mut client) => match client.send(req).await {
+                Ok(resp) => Ok(classify(resp.map(Inner::H3), addr, peek).await),
+                Err(e) => Err(AttemptError { addr, unprocessed: e.unprocessed, err: e.into() }),
+            },
         }
     })
 }
 
-async fn classify(resp: Response<Incoming>, addr: SocketAddr, peek: bool) -> Outcome {
+async fn classify(resp: Response<Inner>, addr: SocketAddr, peek: bool) -> Outcome {
     let (parts, body) = resp.into_parts();
     let mut body = UpstreamBody::new(body, addr);
     if let Some(code) = parts.headers.get("grpc-status") {

@@ -6,6 +6,7 @@
 use std::{
     future::Future,
     net::SocketAddr,
+    path::PathBuf,
     pin::Pin,
     sync::{Arc, Mutex},
     task::{Context, Poll},
@@ -19,6 +20,7 @@ use tonic::Status;
 
 use crate::{
     call::{Shared, forward},
+    connect::{Connector, H3, Protocol, client_endpoint},
     counters::Counters,
     discover::{Discovery, HostPort},
     error::Error,
@@ -49,6 +51,10 @@ pub struct Settings {
     pub max_message: u32,
     /// Per-method timeouts, retry and hedging policies, and the retry throttle.
     pub service_config: ServiceConfig,
+    /// HTTP/2, HTTP/3, or HTTP/3 with HTTP/2 as the fallback.
+    pub protocol: Protocol,
+    /// The CA that signs the endpoints' certificates (needed for HTTP/3).
+    pub ca_cert: Option<PathBuf>,
 }
 
 impl Settings {
@@ -63,6 +69,8 @@ impl Settings {
             replay_total: 16 << 20,
             max_message: 4 << 20,
             service_config: ServiceConfig::default(),
+            protocol: Protocol::H2,
+            ca_cert: None,
         }
     }
 }
@@ -81,12 +89,18 @@ impl<B> Clone for Balancer<B> {
 impl<B> Balancer<B>
 where
     B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
-    B::Error: Into<BoxError>,
+    B::Error: Into<BoxError> + Send,
 {
     /// Starts discovery and connections in the background (needs a tokio runtime).
     pub fn new(s: Settings) -> Result<Self, Error> {
+        let h3 = match (s.protocol, &s.ca_cert) {
+            (Protocol::H2, _) => None,
+            (_, None) => return Err(Error::H3(format!("--upstream-protocol {} needs --ca-cert", s.protocol))),
+            (_, Some(ca)) => Some(H3 { endpoint: client_endpoint(ca).map_err(Error::H3)?, server_name: s.target.host.clone() }),
+        };
+        let connector = Connector { protocol: s.protocol, connect_timeout: s.connect_timeout, h3 };
         let discovery = Discovery::new(s.target, s.local_target, s.dns_server)?;
-        let pool = Pool::spawn(discovery, s.resolve_interval, s.connect_timeout);
+        let pool = Pool::spawn(discovery, s.resolve_interval, connector);
         let counters = Counters::default();
         counters.spawn_reporter(pool.target.clone());
         let throttle = s.service_config.throttling.map(|(max, ratio)| Mutex::new(Throttle::new(max, ratio)));
@@ -126,7 +140,7 @@ where
 impl<B> tower::Service<Request<B>> for Balancer<B>
 where
     B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
-    B::Error: Into<BoxError>,
+    B::Error: Into<BoxError> + Send,
 {
     type Response = Response<UpstreamBody>;
     type Error = Status;

@@ -20,7 +20,10 @@ pub enum Error {
     TooLarge(#[from] crate::frame::TooLarge),
     /// The endpoint failed the call before sending response headers.
     #[error("upstream {addr} failed: {source}")]
-    Upstream { addr: std::net::SocketAddr, source: hyper::Error },
+    Upstream { addr: std::net::SocketAddr, source: crate::replay::BoxError },
+    /// The HTTP/3 settings could not be used (CA file, UDP socket).
+    #[error("HTTP/3: {0}")]
+    H3(String),
 }
 
 impl Error {

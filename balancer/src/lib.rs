@@ -5,7 +5,8 @@
 //! - [`pick`] (pure): the endpoint set and the local-first round-robin picker.
 //! - [`backoff`] (pure): the reconnect delay; [`rng`] is the randomness it takes.
 //! - [`discover`]: DNS lookups of the target and local-target names (the only DNS IO).
-//! - `pool`: one HTTP/2 connection per endpoint and the discovery loop.
+//! - `pool`: the endpoints' connections and the discovery loop; [`connect`] keeps each
+//!   connection up over HTTP/2 or HTTP/3.
 //! - [`replay`]: a request body that can be sent again while uncommitted; [`frame`]
 //!   (pure) spots oversized messages in it.
 //! - [`response`]: the response body; a lost endpoint becomes UNAVAILABLE trailers.
@@ -30,6 +31,7 @@ pub mod backoff;
 mod call;
 pub mod channel;
 pub mod code;
+pub mod connect;
 pub mod counters;
 pub mod discover;
 pub mod duration;
@@ -47,5 +49,6 @@ pub mod telemetry;
 
 pub use call::grpc_timeout;
 pub use channel::{Balancer, Settings};
+pub use connect::Protocol;
 pub use discover::HostPort;
 pub use error::Error;

@@ -1,7 +1,7 @@
-//! The IO around the pure picker: one long-lived HTTP/2 connection per endpoint, kept
-//! up with keepalive pings and a jittered backoff, and the discovery loop that feeds
-//! membership in. Connection tasks hold only a `Weak` to the pool, so dropping the last
-//! [`crate::Balancer`] stops everything.
+//! The IO around the pure picker: the endpoints' connections (kept up by
+//! [`crate::connect`]) and the discovery loop that feeds membership in. Connection tasks
+//! hold only a `Weak` to the pool, so dropping the last [`crate::Balancer`] stops
+//! everything.
 
 use std::{
     collections::HashMap,
@@ -10,10 +10,7 @@ use std::{
     time::Duration,
 };
 
-use hyper::client::conn::http2::SendRequest;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::{
-    net::TcpStream,
     sync::{Notify, watch},
     task::AbortHandle,
     time::Instant,
@@ -21,28 +18,24 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use crate::{
-    backoff::Backoff,
+    connect::{Connector, Upstream, connect_loop},
     discover::{Discovery, Lookup},
     pick::{EndpointSet, Resolved, Tier},
-    rng::SplitMix64,
 };
-
-/// Pings every second and gives up after one more: a silent peer is noticed within 2 s.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(1);
 
 pub(crate) struct Pool<B> {
     pub(crate) target: String,
     /// The target as an HTTP authority, for requests that come without one.
     pub(crate) authority: http::uri::Authority,
     pub(crate) connect_timeout: Duration,
+    pub(crate) connector: Arc<Connector>,
     state: Mutex<State<B>>,
     /// Bumped whenever an endpoint comes or goes, for calls waiting for one.
     changed: watch::Sender<()>,
     /// Number of ready endpoints, for health reporting.
     ready: watch::Sender<usize>,
     /// Asks discovery to resolve now.
-    refresh: Arc<Notify>,
+    pub(crate) refresh: Arc<Notify>,
 }
 
 struct State<B> {
@@ -55,7 +48,7 @@ struct State<B> {
 }
 
 struct Conn<B> {
-    send: Option<SendRequest<B>>,
+    send: Option<Upstream<B>>,
     last_error: Option<String>,
     task: AbortHandle,
 }
@@ -71,15 +64,16 @@ impl<B> Drop for State<B> {
 impl<B> Pool<B>
 where
     B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send,
 {
     /// Starts discovery; connections open as endpoints appear.
-    pub(crate) fn spawn(discovery: Discovery, interval: Duration, connect_timeout: Duration) -> Arc<Self> {
+    pub(crate) fn spawn(discovery: Discovery, interval: Duration, connector: Connector) -> Arc<Self> {
         let target = discovery.target().to_string();
         let pool = Arc::new(Pool {
             authority: target.parse().unwrap_or_else(|_| http::uri::Authority::from_static("localhost")),
             target,
-            connect_timeout,
+            connect_timeout: connector.connect_timeout,
+            connector: Arc::new(connector),
             state: Mutex::new(State {
                 set: EndpointSet::default(),
                 conns: HashMap::new(),
@@ -99,7 +93,7 @@ where
     }
 
     /// Picks a ready endpoint now, if any: local first, untried first.
-    pub(crate) fn pick(&self, tried: &[SocketAddr]) -> Option<(SocketAddr, Tier, SendRequest<B>)> {
+    pub(crate) fn pick(&self, tried: &[SocketAddr]) -> Option<(SocketAddr, Tier, Upstream<B>)> {
         let mut st = self.lock();
         let (addr, tier) = st.set.pick(tried)?;
         let send = st.conns.get(&addr)?.send.clone()?;
@@ -111,7 +105,7 @@ where
         &self,
         tried: &[SocketAddr],
         until: Instant,
-    ) -> Option<(SocketAddr, Tier, SendRequest<B>)> {
+    ) -> Option<(SocketAddr, Tier, Upstream<B>)> {
         if let Some(p) = self.pick(tried) {
             return Some(p);
         }
@@ -191,7 +185,7 @@ where
         self.publish(&st);
     }
 
-    fn set_conn(&self, addr: SocketAddr, send: Option<SendRequest<B>>, why: Option<String>) {
+    pub(crate) fn set_conn(&self, addr: SocketAddr, send: Option<Upstream<B>>, why: Option<String>) {
         let mut st = self.lock();
         let Some(conn) = st.conns.get_mut(&addr) else { return };
         let ready = send.is_some();
@@ -216,7 +210,7 @@ fn log_locality(set: &EndpointSet, resolved: &Resolved) {
 async fn discover<B>(pool: Weak<Pool<B>>, refresh: Arc<Notify>, discovery: Discovery, interval: Duration)
 where
     B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send,
 {
     loop {
         let lookup = discovery.lookup().await;
@@ -230,70 +224,3 @@ where
     }
 }
 
-/// Keeps one connection to `addr` up for as long as the endpoint is known.
-async fn connect_loop<B>(pool: Weak<Pool<B>>, addr: SocketAddr)
-where
-    B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let mut backoff = Backoff::default();
-    let mut rng = SplitMix64::from_entropy();
-    loop {
-        let Some(connect_timeout) = pool.upgrade().map(|p| p.connect_timeout) else { return };
-        match connect(addr, connect_timeout).await {
-            Ok((send, conn)) => {
-                backoff.reset();
-                let (done_tx, done) = tokio::sync::oneshot::channel();
-                // The driver outlives this task so in-flight streams finish on removal.
-                tokio::spawn(async move {
-                    let _ = done_tx.send(conn.await);
-                });
-                let Some(p) = pool.upgrade() else { return };
-                debug!(%addr, "Connected");
-                p.set_conn(addr, Some(send), None);
-                drop(p);
-                let why = match done.await {
-                    Ok(Ok(())) => "connection closed (GOAWAY)".to_owned(),
-                    Ok(Err(e)) => format!("connection lost: {e}"),
-                    Err(_) => "connection task ended".to_owned(),
-                };
-                debug!(%addr, %why, "Disconnected");
-                let Some(p) = pool.upgrade() else { return };
-                p.set_conn(addr, None, Some(why));
-                p.refresh.notify_one();
-            }
-            Err(why) => {
-                debug!(%addr, %why, "Connect failed");
-                let Some(p) = pool.upgrade() else { return };
-                p.set_conn(addr, None, Some(why));
-                p.refresh.notify_one();
-            }
-        }
-        tokio::time::sleep(backoff.next_delay(&mut rng)).await;
-    }
-}
-
-type Connection<B> = hyper::client::conn::http2::Connection<TokioIo<TcpStream>, B, TokioExecutor>;
-
-async fn connect<B>(addr: SocketAddr, timeout: Duration) -> Result<(SendRequest<B>, Connection<B>), String>
-where
-    B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let tcp = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-        Ok(Ok(tcp)) => tcp,
-        Ok(Err(e)) => return Err(format!("connect: {e}")),
-        Err(_) => return Err(format!("connect: timed out after {timeout:?}")),
-    };
-    let _ = tcp.set_nodelay(true);
-    hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .keep_alive_interval(KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-        .keep_alive_while_idle(true)
-        .initial_stream_window_size(1 << 20)
-        .initial_connection_window_size(4 << 20)
-        .handshake(TokioIo::new(tcp))
-        .await
-        .map_err(|e| format!("HTTP/2 handshake: {e}"))
-}

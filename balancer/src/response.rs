@@ -10,14 +10,37 @@ use std::{
 
 use bytes::Bytes;
 use http::HeaderMap;
-use http_body::{Body, Frame, SizeHint};
+use http_body::{Body, Frame};
+use grpc_h3::client::ClientBody;
 use hyper::body::Incoming;
 use tonic::Status;
 
 use crate::replay::BoxError;
 
+/// The endpoint's body over either protocol.
+pub(crate) enum Inner {
+    H2(Incoming),
+    H3(ClientBody),
+}
+
+impl Inner {
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self {
+            Inner::H2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Inner::H3(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Inner::H2(b) => b.is_end_stream(),
+            Inner::H3(b) => b.is_end_stream(),
+        }
+    }
+}
+
 pub struct UpstreamBody {
-    inner: Incoming,
+    inner: Inner,
     addr: SocketAddr,
     /// A frame read ahead to learn the call's status, yielded first.
     first: Option<Frame<Bytes>>,
@@ -26,7 +49,7 @@ pub struct UpstreamBody {
 }
 
 impl UpstreamBody {
-    pub(crate) fn new(inner: Incoming, addr: SocketAddr) -> Self {
+    pub(crate) fn new(inner: Inner, addr: SocketAddr) -> Self {
         UpstreamBody { inner, addr, first: None, done: false }
     }
 
@@ -50,7 +73,7 @@ impl Body for UpstreamBody {
         if self.done {
             return Poll::Ready(None);
         }
-        match ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
+        match ready!(self.inner.poll_frame(cx)) {
             Some(Err(e)) => {
                 self.done = true;
                 let status = Status::unavailable(format!("upstream {} lost mid-response: {e}", self.addr));
@@ -58,7 +81,7 @@ impl Body for UpstreamBody {
                 status.add_header(&mut trailers).map_err(|e| Box::new(e) as BoxError)?;
                 Poll::Ready(Some(Ok(Frame::trailers(trailers))))
             }
-            other => Poll::Ready(other.map(|r| r.map_err(Into::into))),
+            other => Poll::Ready(other),
         }
     }
 
@@ -66,7 +89,4 @@ impl Body for UpstreamBody {
         self.first.is_none() && (self.done || self.inner.is_end_stream())
     }
 
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
 }

@@ -1,6 +1,6 @@
 //! Command-line flags of the greeter replica; every flag also reads an env var.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use balancer::code::parse_code;
 use clap::{Args as ClapArgs, Parser, Subcommand};
@@ -23,6 +23,15 @@ pub enum Command {
         /// Address to probe.
         #[arg(long, default_value = "127.0.0.1:50051")]
         addr: SocketAddr,
+    },
+    /// Make a sandbox CA (ca.pem) and a certificate (cert.pem, key.pem) for HTTP/3.
+    Certs {
+        /// Directory to write into.
+        #[arg(long)]
+        out: PathBuf,
+        /// DNS names and IP addresses the certificate is valid for.
+        #[arg(long = "name", required = true, num_args = 1..)]
+        names: Vec<String>,
     },
 }
 
@@ -53,6 +62,15 @@ pub struct ServeArgs {
     /// Extra latency added to every call and every stream message, in milliseconds.
     #[arg(long, env = "SERVER_DELAY_MS", default_value_t = 0)]
     pub delay_ms: u64,
+    /// PEM certificate chain; with --tls-key, HTTP/3 is served on UDP at the --listen port.
+    #[arg(long, env = "SERVER_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "SERVER_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Do not serve HTTP/3 even with a certificate.
+    #[arg(long, env = "SERVER_NO_H3")]
+    pub no_h3: bool,
 }
 
 fn parse_rate(s: &str) -> Result<f64, String> {
@@ -72,11 +90,19 @@ pub struct Config {
     pub fail_code: tonic::Code,
     pub fail_pushback_ms: Option<i64>,
     pub delay: Duration,
+    /// Serve HTTP/3 with this QUIC config.
+    pub h3: Option<quinn::ServerConfig>,
 }
 
-impl From<ServeArgs> for Config {
-    fn from(a: ServeArgs) -> Self {
-        Config {
+impl TryFrom<ServeArgs> for Config {
+    type Error = grpc_h3::tls::TlsError;
+
+    fn try_from(a: ServeArgs) -> Result<Self, Self::Error> {
+        let h3 = match (&a.tls_cert, &a.tls_key, a.no_h3) {
+            (Some(cert), Some(key), false) => Some(grpc_h3::tls::server_config(cert, key)?),
+            _ => None,
+        };
+        Ok(Config {
             name: a.name.unwrap_or_else(hostname),
             node: a.node,
             drain_timeout: a.drain_timeout,
@@ -84,7 +110,8 @@ impl From<ServeArgs> for Config {
             fail_code: a.fail_code,
             fail_pushback_ms: a.fail_pushback_ms,
             delay: Duration::from_millis(a.delay_ms),
-        }
+            h3,
+        })
     }
 }
 

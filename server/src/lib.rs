@@ -53,8 +53,10 @@ pub async fn run_with_routes(
     let drain_timeout = cfg.drain_timeout;
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<HelloServiceServer<Greeter>>().await;
-    let (draining_tx, draining) = watch::channel(false);
-    let greeter = Greeter::new(Arc::new(cfg), draining);
+    let (draining_tx, draining_rx) = watch::channel(false);
+    let mut cfg = cfg;
+    let cfg_h3 = cfg.h3.take();
+    let greeter = Greeter::new(Arc::new(cfg), draining_rx.clone());
 
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -71,6 +73,18 @@ pub async fn run_with_routes(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(HelloServiceServer::new(greeter));
+    let h3 = match cfg_h3 {
+        Some(quic) => {
+            let endpoint = quinn::Endpoint::server(quic, addr).with_context(|| format!("binding HTTP/3 on udp {addr}"))?;
+            info!(%addr, "Serving HTTP/3");
+            let mut draining = draining_rx.clone();
+            let stop = async move {
+                let _ = draining.wait_for(|d| *d).await;
+            };
+            Some(tokio::spawn(grpc_h3::server::serve(endpoint, routes.clone(), stop, drain_timeout)))
+        }
+        None => None,
+    };
     let serve = Server::builder().add_routes(routes).serve_with_incoming_shutdown(incoming, async {
         let _ = stop_rx.await;
     });
@@ -88,6 +102,9 @@ pub async fn run_with_routes(
     match tokio::time::timeout(drain_timeout, serve).await {
         Ok(res) => res.context("serving")?,
         Err(_) => warn!("Drain deadline passed; closing with calls in flight"),
+    }
+    if let Some(h3) = h3 {
+        let _ = h3.await;
     }
     info!("Stopped");
     Ok(())

@@ -6,11 +6,18 @@ use server::{Args, Config, config::Command};
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     balancer::telemetry::init();
-    if let Some(Command::HealthCheck { addr }) = args.command {
-        balancer::probe::exit_with_health(addr).await;
+    match args.command {
+        Some(Command::HealthCheck { addr }) => balancer::probe::exit_with_health(addr).await,
+        Some(Command::Certs { out, names }) => {
+            grpc_h3::certs::generate(&out, &names).map_err(|e| anyhow::anyhow!("certs: {e}"))?;
+            println!("wrote {}/ca.pem, cert.pem, key.pem for {}", out.display(), names.join(", "));
+            return Ok(());
+        }
+        None => {}
     }
+    let cfg = Config::try_from(args.serve.clone()).context("loading the TLS certificate")?;
     let listener = tokio::net::TcpListener::bind(args.serve.listen)
         .await
         .with_context(|| format!("binding --listen {}", args.serve.listen))?;
-    server::run(Config::from(args.serve), listener, balancer::signal::terminate()).await
+    server::run(cfg, listener, balancer::signal::terminate()).await
 }

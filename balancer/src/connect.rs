@@ -1,0 +1,225 @@
+//! Keeping one connection per endpoint up: HTTP/2 over TCP (keepalive pings every
+//! second, a silent peer is dropped within 2 s) or HTTP/3 over QUIC (keep-alive 500 ms,
+//! idle timeout 2 s), reconnecting with the jittered [`Backoff`]. In `auto`, HTTP/3 is
+//! tried first, HTTP/2 is the fallback, and HTTP/3 is tried again every 30 s.
+
+use std::{
+    fmt,
+    net::SocketAddr,
+    str::FromStr,
+    sync::Weak,
+    time::Duration,
+};
+
+use grpc_h3::client::H3Client;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::{net::TcpStream, sync::oneshot, time::Instant};
+use tracing::{debug, info};
+
+use crate::{backoff::Backoff, pool::Pool, replay::BoxError, rng::SplitMix64};
+
+/// Pings every second and gives up after one more: a silent peer is noticed within 2 s.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(1);
+/// In `auto`, how long HTTP/3 gets before falling back, and when it is tried again.
+const H3_ATTEMPT: Duration = Duration::from_secs(1);
+const H3_RETRY: Duration = Duration::from_secs(30);
+
+/// The protocol spoken to endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Protocol {
+    #[default]
+    H2,
+    H3,
+    /// HTTP/3 first, HTTP/2 when QUIC cannot connect.
+    Auto,
+}
+
+impl FromStr for Protocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "h2" => Ok(Protocol::H2),
+            "h3" => Ok(Protocol::H3),
+            "auto" => Ok(Protocol::Auto),
+            _ => Err(format!("expected h2, h3 or auto, got {s:?}")),
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::H2 => "h2",
+            Protocol::H3 => "h3",
+            Protocol::Auto => "auto",
+        })
+    }
+}
+
+/// A connection that can take requests.
+pub(crate) enum Upstream<B> {
+    H2(SendRequest<B>),
+    H3(H3Client),
+}
+
+impl<B> Clone for Upstream<B> {
+    fn clone(&self) -> Self {
+        match self {
+            Upstream::H2(s) => Upstream::H2(s.clone()),
+            Upstream::H3(c) => Upstream::H3(c.clone()),
+        }
+    }
+}
+
+/// QUIC settings for HTTP/3 upstreams.
+#[derive(Debug, Clone)]
+pub(crate) struct H3 {
+    pub endpoint: quinn::Endpoint,
+    /// The name certificates are verified against (the target's host).
+    pub server_name: String,
+}
+
+#[derive(Debug)]
+pub(crate) struct Connector {
+    pub protocol: Protocol,
+    pub connect_timeout: Duration,
+    pub h3: Option<H3>,
+}
+
+/// A live connection, and why it ended once it does.
+struct Connected<B> {
+    upstream: Upstream<B>,
+    ended: oneshot::Receiver<String>,
+}
+
+impl Connector {
+    async fn connect<B>(&self, addr: SocketAddr, h3_failed: &mut Option<Instant>) -> Result<Connected<B>, String>
+    where
+        B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
+        B::Error: Into<BoxError> + Send,
+    {
+        match (self.protocol, &self.h3) {
+            (Protocol::H3, Some(h3)) => connect_h3(h3, addr, self.connect_timeout).await,
+            (Protocol::Auto, Some(h3)) if h3_failed.is_none_or(|t| t.elapsed() >= H3_RETRY) => {
+                match connect_h3(h3, addr, H3_ATTEMPT.min(self.connect_timeout)).await {
+                    Ok(c) => {
+                        *h3_failed = None;
+                        Ok(c)
+                    }
+                    Err(why) => {
+                        info!(%addr, %why, "HTTP/3 unavailable; falling back to HTTP/2");
+                        *h3_failed = Some(Instant::now());
+                        connect_h2(addr, self.connect_timeout).await
+                    }
+                }
+            }
+            _ => connect_h2(addr, self.connect_timeout).await,
+        }
+    }
+}
+
+/// Keeps one connection to `addr` up for as long as the endpoint is known.
+pub(crate) async fn connect_loop<B>(pool: Weak<Pool<B>>, addr: SocketAddr)
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError> + Send,
+{
+    let mut backoff = Backoff::default();
+    let mut rng = SplitMix64::from_entropy();
+    let mut h3_failed = None;
+    loop {
+        let Some(connector) = pool.upgrade().map(|p| p.connector.clone()) else { return };
+        let why = match connector.connect::<B>(addr, &mut h3_failed).await {
+            Ok(mut c) => {
+                backoff.reset();
+                let Some(p) = pool.upgrade() else { return };
+                debug!(%addr, h3 = matches!(c.upstream, Upstream::H3(_)), "Connected");
+                p.set_conn(addr, Some(c.upstream.clone()), None);
+                drop(p);
+                loop {
+                    // On an HTTP/2 fallback in auto, try HTTP/3 again now and then.
+                    let retry_h3 = connector.protocol == Protocol::Auto && matches!(c.upstream, Upstream::H2(_));
+                    tokio::select! {
+                        why = &mut c.ended => break why.unwrap_or_else(|_| "connection task ended".to_owned()),
+                        () = tokio::time::sleep(H3_RETRY), if retry_h3 => {
+                            let Some(h3) = &connector.h3 else { continue };
+                            if let Ok(upgraded) = connect_h3::<B>(h3, addr, H3_ATTEMPT).await {
+                                info!(%addr, "HTTP/3 available again; switching from HTTP/2");
+                                let Some(p) = pool.upgrade() else { return };
+                                p.set_conn(addr, Some(upgraded.upstream.clone()), None);
+                                c = upgraded; // the HTTP/2 connection drains and closes
+                            }
+                        }
+                    }
+                }
+            }
+            Err(why) => why,
+        };
+        debug!(%addr, %why, "Not connected");
+        let Some(p) = pool.upgrade() else { return };
+        p.set_conn(addr, None, Some(why));
+        p.refresh.notify_one();
+        drop(p);
+        tokio::time::sleep(backoff.next_delay(&mut rng)).await;
+    }
+}
+
+async fn connect_h2<B>(addr: SocketAddr, timeout: Duration) -> Result<Connected<B>, String>
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    let tcp = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(tcp)) => tcp,
+        Ok(Err(e)) => return Err(format!("connect: {e}")),
+        Err(_) => return Err(format!("connect: timed out after {timeout:?}")),
+    };
+    let _ = tcp.set_nodelay(true);
+    let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
+        .initial_stream_window_size(1 << 20)
+        .initial_connection_window_size(4 << 20)
+        .handshake(TokioIo::new(tcp))
+        .await
+        .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+    let (tx, ended) = oneshot::channel();
+    // The driver outlives the pool's interest so in-flight streams finish on removal.
+    tokio::spawn(async move {
+        let why = match conn.await {
+            Ok(()) => "connection closed (GOAWAY)".to_owned(),
+            Err(e) => format!("connection lost: {e}"),
+        };
+        let _ = tx.send(why);
+    });
+    Ok(Connected { upstream: Upstream::H2(send), ended })
+}
+
+async fn connect_h3<B>(h3: &H3, addr: SocketAddr, timeout: Duration) -> Result<Connected<B>, String> {
+    let (client, driver) = match tokio::time::timeout(timeout, grpc_h3::client::connect(&h3.endpoint, addr, &h3.server_name)).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return Err(format!("HTTP/3 connect: {e}")),
+        Err(_) => return Err(format!("HTTP/3 connect: timed out after {timeout:?}")),
+    };
+    let (tx, ended) = oneshot::channel();
+    tokio::spawn(async move {
+        let e = driver.await;
+        let why = if e.is_h3_no_error() { "connection closed (GOAWAY)".to_owned() } else { format!("connection lost: {e}") };
+        let _ = tx.send(why);
+    });
+    Ok(Connected { upstream: Upstream::H3(client), ended })
+}
+
+/// A client QUIC endpoint trusting `ca`, bound to any local port.
+pub(crate) fn client_endpoint(ca: &std::path::Path) -> Result<quinn::Endpoint, String> {
+    let cfg = grpc_h3::tls::client_config(ca).map_err(|e| e.to_string())?;
+    let mut endpoint = quinn::Endpoint::client("[::]:0".parse().expect("literal"))
+        .or_else(|_| quinn::Endpoint::client("0.0.0.0:0".parse().expect("literal")))
+        .map_err(|e| format!("binding a UDP socket for HTTP/3: {e}"))?;
+    endpoint.set_default_client_config(cfg);
+    Ok(endpoint)
+}

@@ -1,0 +1,112 @@
+//! An HTTP/3 client over one QUIC connection: sends requests (the body pumped by a task
+//! of its own) and returns responses whose bodies stream. A request abandoned before
+//! its body is sent is reset, never finished cleanly.
+
+use std::{future::Future, net::SocketAddr};
+
+use bytes::Bytes;
+use h3::error::{Code, ConnectionError, StreamError};
+use http::{Request, Response};
+use http_body::Body;
+use http_body_util::BodyExt;
+use tokio::sync::oneshot;
+
+use crate::{
+    BoxError,
+    body::{ClientRecv, H3Body},
+};
+
+/// The body of responses the client returns.
+pub type ClientBody = H3Body<ClientRecv>;
+
+#[derive(Clone)]
+pub struct H3Client {
+    send: h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>,
+}
+
+/// A request that failed without a response.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct SendError {
+    pub error: StreamError,
+    /// The server certainly did not process it (rejected, or above its GOAWAY).
+    pub unprocessed: bool,
+}
+
+impl SendError {
+    fn new(error: StreamError) -> Self {
+        let unprocessed = match &error {
+            StreamError::RemoteTerminate { code, .. } => *code == Code::H3_REQUEST_REJECTED,
+            StreamError::StreamError { .. } | StreamError::HeaderTooBig { .. } => false,
+            // The connection closed (GOAWAY, lost peer) before any response header.
+            _ => true,
+        };
+        SendError { error, unprocessed }
+    }
+}
+
+/// Connects to `addr`, verifying its certificate for `server_name`. The returned
+/// future drives the connection and ends when it closes.
+pub async fn connect(
+    endpoint: &quinn::Endpoint,
+    addr: SocketAddr,
+    server_name: &str,
+) -> Result<(H3Client, impl Future<Output = ConnectionError> + Send + use<>), BoxError> {
+    let quic = endpoint.connect(addr, server_name)?.await?;
+    let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(quic)).await?;
+    Ok((H3Client { send }, async move { driver.wait_idle().await }))
+}
+
+/// Dropped when the caller lets go of the call: tells the pump to reset.
+struct Cancel(#[allow(dead_code)] oneshot::Sender<()>);
+
+impl H3Client {
+    pub async fn send<B>(&mut self, req: Request<B>) -> Result<Response<ClientBody>, SendError>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError> + Send,
+    {
+        let (parts, body) = req.into_parts();
+        let stream = self.send.send_request(Request::from_parts(parts, ())).await.map_err(SendError::new)?;
+        let (tx, mut rx) = stream.split();
+        let (cancel, cancelled) = oneshot::channel();
+        tokio::spawn(pump(tx, body, cancelled));
+        let guard = Cancel(cancel);
+        match rx.recv_response().await {
+            Ok(resp) => Ok(resp.map(|()| H3Body::with_guard(rx, Box::new(guard)))),
+            Err(e) => Err(SendError::new(e)),
+        }
+    }
+}
+
+async fn pump<B>(
+    mut tx: h3::client::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>,
+    body: B,
+    mut cancelled: oneshot::Receiver<()>,
+) where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError> + Send,
+{
+    tokio::pin!(body);
+    loop {
+        let frame = tokio::select! {
+            f = body.frame() => f,
+            _ = &mut cancelled => return tx.stop_stream(Code::H3_REQUEST_CANCELLED),
+        };
+        let sent = match frame {
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => tx.send_data(data).await,
+                Err(frame) => match frame.into_trailers() {
+                    Ok(t) => tx.send_trailers(t).await,
+                    Err(_) => Ok(()),
+                },
+            },
+            Some(Err(_)) => return tx.stop_stream(Code::H3_REQUEST_CANCELLED),
+            None => break,
+        };
+        if sent.is_err() {
+            return;
+        }
+    }
+    let _ = tx.finish().await;
+}
