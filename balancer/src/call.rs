@@ -143,20 +143,26 @@ where
             self.stats.attempts += 1;
             let req = self.head.request(self.body.replay(), previous);
             match send_once(send, req, addr, peek).await {
-                Ok(outcome) => return Ok((addr, outcome)),
+                Ok(outcome) => {
+                    // The request pump may have refused an oversized message after the
+                    // endpoint answered the reset.
+                    if let Some(too_large) = self.body.too_large() {
+                        return Err(Error::TooLarge(too_large));
+                    }
+                    return Ok((addr, outcome));
+                }
                 Err(AttemptError { err, unprocessed, .. }) => {
                     if let Some(too_large) = self.body.too_large() {
                         return Err(Error::TooLarge(too_large));
                     }
-                    let again = unprocessed
-                        && self.body.is_replayable()
-                        && self.stats.replays < MAX_REPLAYS
-                        && Instant::now() < self.until;
-                    if !again {
+                    if !unprocessed || !self.body.is_replayable() || self.stats.replays >= MAX_REPLAYS {
                         return Err(Error::Upstream { addr, source: err });
                     }
-                    debug!(%addr, error = %err, "Unprocessed by endpoint; replaying elsewhere");
                     self.shared.pool.mark_failed(addr, &format!("unprocessed call: {err}"));
+                    if Instant::now() >= self.until {
+                        return Err(self.no_endpoint());
+                    }
+                    debug!(%addr, error = %err, "Unprocessed by endpoint; replaying elsewhere");
                     self.stats.replays += 1;
                     self.stats.attempts -= 1; // transparent: counts toward nothing
                 }
@@ -166,16 +172,21 @@ where
 
     async fn wait_pick(&mut self) -> Result<(SocketAddr, Upstream<ReplayBody<B>>), Error> {
         let Some((addr, tier, send)) = self.shared.pool.wait_pick(&self.tried, self.until).await else {
-            let tried = self.shared.pool.describe();
-            let target = self.shared.pool.target.clone();
-            return Err(match self.deadline {
-                Some(_) => Error::Deadline { target, tried },
-                None => Error::NoEndpoint { target, waited: self.shared.pool.connect_timeout, tried },
-            });
+            return Err(self.no_endpoint());
         };
         debug!(%addr, ?tier, attempt = self.stats.attempts + 1, "Sending");
         self.tried.push(addr);
         Ok((addr, send))
+    }
+
+    /// No endpoint took the call in time: names the target and what each address did.
+    fn no_endpoint(&self) -> Error {
+        let tried = self.shared.pool.describe();
+        let target = self.shared.pool.target.clone();
+        match self.deadline {
+            Some(_) => Error::Deadline { target, tried },
+            None => Error::NoEndpoint { target, waited: self.shared.pool.connect_timeout, tried },
+        }
     }
 
     async fn retry(&mut self, p: &RetryPolicy) -> Result<Outcome, Error> {
@@ -327,7 +338,12 @@ type AttemptFuture = std::pin::Pin<Box<dyn Future<Output = Result<Outcome, Attem
 
 /// Sends one attempt and classifies its response. On failure, says whether the
 /// endpoint certainly did not process it.
-fn send_once<B>(send: Upstream<ReplayBody<B>>, req: Request<ReplayBody<B>>, addr: SocketAddr, peek: bool) -> AttemptFuture
+fn send_once<B>(
+    send: Upstream<ReplayBody<B>>,
+    req: Request<ReplayBody<B>>,
+    addr: SocketAddr,
+    peek: bool,
+) -> AttemptFuture
 where
     B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,

@@ -96,7 +96,9 @@ where
         let h3 = match (s.protocol, &s.ca_cert) {
             (Protocol::H2, _) => None,
             (_, None) => return Err(Error::H3(format!("--upstream-protocol {} needs --ca-cert", s.protocol))),
-            (_, Some(ca)) => Some(H3 { endpoint: client_endpoint(ca).map_err(Error::H3)?, server_name: s.target.host.clone() }),
+            (_, Some(ca)) => {
+                Some(H3 { endpoint: client_endpoint(ca).map_err(Error::H3)?, server_name: s.target.host.clone() })
+            }
         };
         let connector = Connector { protocol: s.protocol, connect_timeout: s.connect_timeout, h3 };
         let discovery = Discovery::new(s.target, s.local_target, s.dns_server)?;

@@ -3,13 +3,7 @@
 //! idle timeout 2 s), reconnecting with the jittered [`Backoff`]. In `auto`, HTTP/3 is
 //! tried first, HTTP/2 is the fallback, and HTTP/3 is tried again every 30 s.
 
-use std::{
-    fmt,
-    net::SocketAddr,
-    str::FromStr,
-    sync::Weak,
-    time::Duration,
-};
+use std::{fmt, net::SocketAddr, str::FromStr, sync::Weak, time::Duration};
 
 use grpc_h3::client::H3Client;
 use hyper::client::conn::http2::SendRequest;
@@ -200,15 +194,17 @@ where
 }
 
 async fn connect_h3<B>(h3: &H3, addr: SocketAddr, timeout: Duration) -> Result<Connected<B>, String> {
-    let (client, driver) = match tokio::time::timeout(timeout, grpc_h3::client::connect(&h3.endpoint, addr, &h3.server_name)).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => return Err(format!("HTTP/3 connect: {e}")),
-        Err(_) => return Err(format!("HTTP/3 connect: timed out after {timeout:?}")),
-    };
+    let (client, driver) =
+        match tokio::time::timeout(timeout, grpc_h3::client::connect(&h3.endpoint, addr, &h3.server_name)).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return Err(format!("HTTP/3 connect: {e}")),
+            Err(_) => return Err(format!("HTTP/3 connect: timed out after {timeout:?}")),
+        };
     let (tx, ended) = oneshot::channel();
     tokio::spawn(async move {
         let e = driver.await;
-        let why = if e.is_h3_no_error() { "connection closed (GOAWAY)".to_owned() } else { format!("connection lost: {e}") };
+        let why =
+            if e.is_h3_no_error() { "connection closed (GOAWAY)".to_owned() } else { format!("connection lost: {e}") };
         let _ = tx.send(why);
     });
     Ok(Connected { upstream: Upstream::H3(client), ended })

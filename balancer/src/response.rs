@@ -9,9 +9,9 @@ use std::{
 };
 
 use bytes::Bytes;
+use grpc_h3::client::ClientBody;
 use http::HeaderMap;
 use http_body::{Body, Frame};
-use grpc_h3::client::ClientBody;
 use hyper::body::Incoming;
 use tonic::Status;
 
@@ -88,5 +88,4 @@ impl Body for UpstreamBody {
     fn is_end_stream(&self) -> bool {
         self.first.is_none() && (self.done || self.inner.is_end_stream())
     }
-
 }

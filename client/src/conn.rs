@@ -1,11 +1,12 @@
 //! How the client reaches the replicas: through the proxy (a plain tonic channel) or
 //! directly, balancing with the `balancer` library like the proxy does.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::{Context, bail};
 use balancer::{Balancer, HostPort, Settings, discover::Discovery, duration};
 use clap::Args;
+use grpc_h3::client::H3Channel;
 use proto::{HelloRequest, HelloResponse, HelloStreamRequest, hello_service_client::HelloServiceClient};
 use tokio::sync::watch;
 use tonic::{Request, Status, Streaming, transport::Channel};
@@ -25,6 +26,12 @@ pub struct ConnArgs {
     /// DNS server IP:PORT [default: the system resolver configuration].
     #[arg(long, global = true, env = "CLIENT_DNS_SERVER")]
     pub dns_server: Option<SocketAddr>,
+    /// Call the proxy's HTTP/3 front (UDP, same port) instead of h2c.
+    #[arg(long, global = true, env = "CLIENT_HTTP3", requires = "ca_cert")]
+    pub http3: bool,
+    /// CA certificate (PEM) to verify the proxy with, for --http3.
+    #[arg(long, global = true, env = "CLIENT_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
     /// Deadline of each call.
     #[arg(long, global = true, env = "CLIENT_TIMEOUT", default_value = "5s", value_parser = duration::parse)]
     pub timeout: Duration,
@@ -34,6 +41,7 @@ pub struct ConnArgs {
 enum Inner {
     Proxy { hello: HelloServiceClient<Channel>, health: HealthClient<Channel> },
     Direct { hello: HelloServiceClient<Balancer<tonic::body::Body>>, ready: watch::Receiver<usize> },
+    Http3 { hello: HelloServiceClient<H3Channel>, health: HealthClient<H3Channel> },
 }
 
 /// A connection to HelloService, through the proxy or direct. Cheap to clone.
@@ -61,6 +69,26 @@ impl Conn {
         }
         // Resolved with hickory, not libc: the static binaries have no NSS.
         let addr = resolve(&a.proxy, a.dns_server).await?;
+        if a.http3 {
+            let ca = a.ca_cert.as_deref().context("--http3 needs --ca-cert")?;
+            let mut endpoint = quinn::Endpoint::client("0.0.0.0:0".parse()?).context("binding a UDP socket")?;
+            endpoint.set_default_client_config(grpc_h3::tls::client_config(ca)?);
+            let connect = grpc_h3::client::connect(&endpoint, addr, &a.proxy.host);
+            let (client, driver) = tokio::time::timeout(a.timeout, connect)
+                .await
+                .map_err(|_| {
+                    anyhow::anyhow!("--proxy {} over HTTP/3: no QUIC handshake within {:?}", a.proxy, a.timeout)
+                })?
+                .map_err(|e| anyhow::anyhow!("--proxy {} over HTTP/3: {e}", a.proxy))?;
+            tokio::spawn(async move {
+                let _endpoint = endpoint; // lives as long as the connection
+                driver.await
+            });
+            let channel = H3Channel::new(client, a.proxy.to_string().parse()?);
+            let inner =
+                Inner::Http3 { hello: HelloServiceClient::new(channel.clone()), health: HealthClient::new(channel) };
+            return Ok(Conn { inner, describe: format!("proxy {} ({addr}, HTTP/3)", a.proxy), timeout: a.timeout });
+        }
         let channel =
             Channel::from_shared(format!("http://{addr}"))?.connect_timeout(a.timeout).tcp_nodelay(true).connect_lazy();
         let inner =
@@ -79,6 +107,7 @@ impl Conn {
         let resp = match self.inner.clone() {
             Inner::Proxy { mut hello, .. } => hello.say_hello(req).await?,
             Inner::Direct { mut hello, .. } => hello.say_hello(req).await?,
+            Inner::Http3 { mut hello, .. } => hello.say_hello(req).await?,
         };
         Ok(resp.into_inner())
     }
@@ -88,6 +117,7 @@ impl Conn {
         let resp = match self.inner.clone() {
             Inner::Proxy { mut hello, .. } => hello.say_hello_stream(req).await?,
             Inner::Direct { mut hello, .. } => hello.say_hello_stream(req).await?,
+            Inner::Http3 { mut hello, .. } => hello.say_hello_stream(req).await?,
         };
         Ok(resp.into_inner())
     }
@@ -95,14 +125,21 @@ impl Conn {
     /// Whether calls can be placed now: the proxy's health, or a ready replica.
     pub async fn ready(&self) -> bool {
         match self.inner.clone() {
-            Inner::Proxy { mut health, .. } => {
-                let mut req = Request::new(HealthCheckRequest { service: String::new() });
-                req.set_timeout(Duration::from_secs(1));
-                matches!(health.check(req).await, Ok(r) if r.get_ref().status() == ServingStatus::Serving)
-            }
+            Inner::Proxy { mut health, .. } => serving(health.check(check()).await),
+            Inner::Http3 { mut health, .. } => serving(health.check(check()).await),
             Inner::Direct { ready, .. } => *ready.borrow() > 0,
         }
     }
+}
+
+fn check() -> Request<HealthCheckRequest> {
+    let mut req = Request::new(HealthCheckRequest { service: String::new() });
+    req.set_timeout(Duration::from_secs(1));
+    req
+}
+
+fn serving(r: Result<tonic::Response<tonic_health::pb::HealthCheckResponse>, Status>) -> bool {
+    matches!(r, Ok(r) if r.get_ref().status() == ServingStatus::Serving)
 }
 
 async fn resolve(hp: &HostPort, dns: Option<SocketAddr>) -> anyhow::Result<SocketAddr> {

@@ -28,7 +28,8 @@ pub fn generate(dir: &Path, names: &[String]) -> Result<(), String> {
     let issuer = Issuer::from_params(&ca, &ca_key);
     let leaf_cert = leaf.signed_by(&leaf_key, &issuer).map_err(|e| e.to_string())?;
 
-    for (file, pem) in [("ca.pem", ca_cert.pem()), ("cert.pem", leaf_cert.pem()), ("key.pem", leaf_key.serialize_pem())] {
+    for (file, pem) in [("ca.pem", ca_cert.pem()), ("cert.pem", leaf_cert.pem()), ("key.pem", leaf_key.serialize_pem())]
+    {
         let path = dir.join(file);
         std::fs::write(&path, pem).map_err(|e| format!("{}: {e}", path.display()))?;
     }

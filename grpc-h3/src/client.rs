@@ -110,3 +110,44 @@ async fn pump<B>(
     }
     let _ = tx.finish().await;
 }
+
+/// An [`H3Client`] as a tower service, for tonic clients: requests that carry only a
+/// path get the scheme and authority of the server.
+#[derive(Clone)]
+pub struct H3Channel {
+    client: H3Client,
+    authority: http::uri::Authority,
+}
+
+impl H3Channel {
+    pub fn new(client: H3Client, authority: http::uri::Authority) -> Self {
+        H3Channel { client, authority }
+    }
+}
+
+impl<B> tower::Service<Request<B>> for H3Channel
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError> + Send,
+{
+    type Response = Response<ClientBody>;
+    type Error = SendError;
+    type Future = std::pin::Pin<Box<dyn Future<Output = Result<Response<ClientBody>, SendError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), SendError>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        if req.uri().authority().is_none() {
+            let mut parts = req.uri().clone().into_parts();
+            parts.scheme = Some(http::uri::Scheme::HTTPS);
+            parts.authority = Some(self.authority.clone());
+            if let Ok(uri) = http::Uri::from_parts(parts) {
+                *req.uri_mut() = uri;
+            }
+        }
+        let mut client = self.client.clone();
+        Box::pin(async move { client.send(req).await })
+    }
+}

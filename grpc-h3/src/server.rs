@@ -29,6 +29,9 @@ use crate::{
     body::{H3Body, ServerRecv},
 };
 
+/// How long a draining connection waits for its last responses to be delivered.
+const LINGER: Duration = Duration::from_millis(250);
+
 /// The body of requests the server hands to the service.
 pub type ServerBody = H3Body<ServerRecv>;
 
@@ -133,7 +136,12 @@ async fn connection<S, RB>(
             notified.await;
         }
     };
-    let _ = tokio::time::timeout(drain, finished).await;
+    let deadline = tokio::time::Instant::now() + drain;
+    let _ = tokio::time::timeout_at(deadline, finished).await;
+    // Closing discards unsent stream data, and h3 does not say when the last bytes were
+    // acknowledged: give them a moment, or until the peer closes first.
+    let linger = (tokio::time::Instant::now() + LINGER).min(deadline);
+    let _ = tokio::time::timeout_at(linger, quic.closed()).await;
     quic.close(Code::H3_NO_ERROR.value().try_into().unwrap_or_default(), b"");
 }
 

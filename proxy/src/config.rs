@@ -2,7 +2,7 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use balancer::{HostPort, Settings, duration, retry::ServiceConfig};
+use balancer::{HostPort, Protocol, Settings, duration, retry::ServiceConfig};
 use clap::{Args as ClapArgs, Parser, Subcommand};
 
 /// A gRPC proxy that spreads calls round-robin over the replicas on its node and fails
@@ -64,6 +64,22 @@ pub struct ServeArgs {
     /// Largest request message, in bytes; larger ones fail with RESOURCE_EXHAUSTED.
     #[arg(long, env = "PROXY_MAX_MESSAGE_SIZE", default_value_t = 4 << 20)]
     pub max_message_size: u32,
+    /// Protocol to the replicas: h2, h3, or auto (HTTP/3 first, HTTP/2 per endpoint when
+    /// QUIC cannot connect, HTTP/3 again every 30 s).
+    #[arg(long, env = "PROXY_UPSTREAM_PROTOCOL", default_value = "h2")]
+    pub upstream_protocol: Protocol,
+    /// CA certificate (PEM) that signs the replicas' certificates; needed for h3 and auto.
+    #[arg(long, env = "PROXY_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
+    /// Also accept gRPC over HTTP/3 on this UDP address (needs --tls-cert and --tls-key).
+    #[arg(long, env = "PROXY_LISTEN_H3", requires_all = ["tls_cert", "tls_key"])]
+    pub listen_h3: Option<SocketAddr>,
+    /// PEM certificate chain for --listen-h3.
+    #[arg(long, env = "PROXY_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for --listen-h3.
+    #[arg(long, env = "PROXY_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
     /// Runtime worker threads [default: one per CPU].
     #[arg(long, env = "PROXY_THREADS")]
     pub threads: Option<usize>,
@@ -94,6 +110,8 @@ impl ServeArgs {
             replay_total: self.replay_buffer_total,
             max_message: self.max_message_size,
             service_config,
+            protocol: self.upstream_protocol,
+            ca_cert: self.ca_cert.clone(),
         })
     }
 }

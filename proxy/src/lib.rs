@@ -32,18 +32,20 @@ use tracing::{debug, info, warn};
 
 use config::ServeArgs;
 
+/// Requests arrive over HTTP/2 (h2c) or HTTP/3.
+type FrontBody = Either<Incoming, grpc_h3::server::ServerBody>;
 type ProxyBody = Either<UpstreamBody, TonicBody>;
 type Health = HealthServer<HealthService>;
 
 const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";
 
 struct App {
-    balancer: Balancer<Incoming>,
+    balancer: Balancer<FrontBody>,
     health: Health,
 }
 
 impl App {
-    async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+    async fn handle(&self, req: Request<FrontBody>) -> Response<ProxyBody> {
         if req.uri().path().starts_with(HEALTH_PREFIX) {
             let mut health = self.health.clone();
             return match health.call(req).await {
@@ -73,6 +75,10 @@ pub async fn run(args: ServeArgs, listener: TcpListener, shutdown: impl Future<O
         "Proxying gRPC"
     );
     let app = Arc::new(App { balancer, health });
+    let (h3_stop, h3) = match h3_front(&args, app.clone())? {
+        Some((stop, task)) => (Some(stop), Some(task)),
+        None => (None, None),
+    };
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -92,7 +98,7 @@ pub async fn run(args: ServeArgs, listener: TcpListener, shutdown: impl Future<O
         let app = app.clone();
         let svc = hyper::service::service_fn(move |req| {
             let app = app.clone();
-            async move { Ok::<_, Infallible>(app.handle(req).await) }
+            async move { Ok::<_, Infallible>(app.handle(req.map(Either::Left)).await) }
         });
         let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -108,10 +114,38 @@ pub async fn run(args: ServeArgs, listener: TcpListener, shutdown: impl Future<O
         });
     }
     info!(drain_timeout_ms = args.drain_timeout.as_millis() as u64, "Draining");
+    if let Some(stop) = h3_stop {
+        let _ = stop.send(());
+    }
     if tokio::time::timeout(args.drain_timeout, graceful.shutdown()).await.is_err() {
         warn!("Drain deadline passed; closing with calls in flight");
     }
+    if let Some(h3) = h3 {
+        let _ = h3.await;
+    }
     Ok(())
+}
+
+/// The HTTP/3 listener beside the h2c one, when `--listen-h3` is given.
+fn h3_front(
+    args: &ServeArgs,
+    app: Arc<App>,
+) -> anyhow::Result<Option<(tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>)>> {
+    let (Some(addr), Some(cert), Some(key)) = (args.listen_h3, &args.tls_cert, &args.tls_key) else {
+        return Ok(None);
+    };
+    let quic = grpc_h3::tls::server_config(cert, key).context("--listen-h3 certificate")?;
+    let endpoint = quinn::Endpoint::server(quic, addr).with_context(|| format!("binding --listen-h3 {addr}"))?;
+    info!(listen_h3 = %endpoint.local_addr()?, "Accepting gRPC over HTTP/3");
+    let svc = tower::service_fn(move |req: Request<grpc_h3::server::ServerBody>| {
+        let app = app.clone();
+        async move { Ok::<_, Infallible>(app.handle(req.map(Either::Right)).await) }
+    });
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = async {
+        let _ = stopped.await;
+    };
+    Ok(Some((stop, tokio::spawn(grpc_h3::server::serve(endpoint, svc, shutdown, args.drain_timeout)))))
 }
 
 async fn report_health(reporter: HealthReporter, mut ready: tokio::sync::watch::Receiver<usize>) {

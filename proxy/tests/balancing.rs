@@ -9,107 +9,114 @@ use tokio::time::Instant;
 
 const LAYOUT: &[(&str, &str)] = &[("s1", "node-a"), ("s2", "node-a"), ("s3", "node-b")];
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn spreads_calls_evenly_over_local_replicas_only() {
-    let c = Cluster::start(LAYOUT, &[]).await;
-    c.wait_for(&["s1", "s2"]).await;
-    let (counts, failures) = tally(&mut c.client().await, 300).await;
-    assert!(failures.is_empty(), "{failures:?}");
-    assert_eq!(counts.get("s3"), None, "no calls to the remote replica: {counts:?}");
-    for local in ["s1", "s2"] {
-        let n = counts[local];
-        assert!((135..=165).contains(&n), "{local} got {n} of 300, expected 150 ± 10%: {counts:?}");
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fails_over_to_remote_when_locals_die_then_fails_back() {
-    let mut c = Cluster::start(LAYOUT, &[]).await;
-    c.wait_for(&["s1", "s2"]).await;
-    let mut client = c.client().await;
-    c.kill("s1");
-    c.kill("s2");
-    let (counts, failures) = tally(&mut client, 50).await;
-    assert!(failures.is_empty(), "killing the locals failed calls: {failures:?}");
-    assert_eq!(counts.get("s3"), Some(&50), "{counts:?}");
-
-    c.restart("s1");
-    let until = Instant::now() + Duration::from_secs(2);
-    loop {
-        let r = client.say_hello(hello()).await.expect("call during failback").into_inner();
-        if r.server == "s1" {
-            break;
+over_h2_and_h3! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn spreads_calls_evenly_over_local_replicas_only() {
+        let c = Cluster::start(PROTOCOL, LAYOUT, &[]).await;
+        c.wait_for(&["s1", "s2"]).await;
+        let (counts, failures) = tally(&mut c.client().await, 300).await;
+        assert!(failures.is_empty(), "{failures:?}");
+        assert_eq!(counts.get("s3"), None, "no calls to the remote replica: {counts:?}");
+        for local in ["s1", "s2"] {
+            let n = counts[local];
+            assert!((135..=165).contains(&n), "{local} got {n} of 300, expected 150 ± 10%: {counts:?}");
         }
-        assert!(Instant::now() < until, "s1 not back in rotation 2 s after restart");
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let (counts, failures) = tally(&mut client, 20).await;
-    assert!(failures.is_empty(), "{failures:?}");
-    assert_eq!(counts.get("s1"), Some(&20), "calls return to the local replica: {counts:?}");
-}
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_new_replica_receives_calls_within_a_second_of_resolving() {
-    let mut c = Cluster::start(LAYOUT, &[]).await;
-    c.wait_for(&["s1", "s2"]).await;
-    let mut client = c.client().await;
-    let added = Instant::now();
-    c.add("s4", "node-a");
-    loop {
-        let r = client.say_hello(hello()).await.unwrap().into_inner();
-        if r.server == "s4" {
-            break;
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fails_over_to_remote_when_locals_die_then_fails_back() {
+        let mut c = Cluster::start(PROTOCOL, LAYOUT, &[]).await;
+        c.wait_for(&["s1", "s2"]).await;
+        let mut client = c.client().await;
+        c.kill("s1");
+        c.kill("s2");
+        let (counts, failures) = tally(&mut client, 50).await;
+        assert!(failures.is_empty(), "killing the locals failed calls: {failures:?}");
+        assert_eq!(counts.get("s3"), Some(&50), "{counts:?}");
+
+        c.restart("s1");
+        let until = Instant::now() + Duration::from_secs(2);
+        loop {
+            let r = client.say_hello(hello()).await.expect("call during failback").into_inner();
+            if r.server == "s1" {
+                break;
+            }
+            assert!(Instant::now() < until, "s1 not back in rotation 2 s after restart");
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        assert!(added.elapsed() < Duration::from_secs(1), "s4 got no call within 1 s");
+        let (counts, failures) = tally(&mut client, 20).await;
+        assert!(failures.is_empty(), "{failures:?}");
+        assert_eq!(counts.get("s1"), Some(&20), "calls return to the local replica: {counts:?}");
     }
-    let (counts, _) = tally(&mut client, 30).await;
-    assert_eq!(counts.get("s4"), Some(&10), "s4 takes its round-robin share: {counts:?}");
-}
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replica_removed_from_dns_receives_no_new_calls() {
-    let mut c = Cluster::start(LAYOUT, &[]).await;
-    c.wait_for(&["s1", "s2"]).await;
-    c.set_in_dns("s2", false);
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    let (counts, failures) = tally(&mut c.client().await, 50).await;
-    assert!(failures.is_empty(), "{failures:?}");
-    assert_eq!(counts.get("s1"), Some(&50), "{counts:?}");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_locality_every_replica_shares_the_calls() {
-    let c = Cluster::start(LAYOUT, &[]).await;
-    c.dns.set(support::LOCAL, &[]);
-    c.wait_for(&["s1", "s2", "s3"]).await;
-    let (counts, failures) = tally(&mut c.client().await, 300).await;
-    assert!(failures.is_empty(), "{failures:?}");
-    for name in ["s1", "s2", "s3"] {
-        let n = counts[name];
-        assert!((90..=110).contains(&n), "{name} got {n} of 300: {counts:?}");
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_new_replica_receives_calls_within_a_second_of_resolving() {
+        let mut c = Cluster::start(PROTOCOL, LAYOUT, &[]).await;
+        c.wait_for(&["s1", "s2"]).await;
+        let mut client = c.client().await;
+        let added = Instant::now();
+        c.add("s4", "node-a");
+        loop {
+            let r = client.say_hello(hello()).await.unwrap().into_inner();
+            if r.server == "s4" {
+                break;
+            }
+            assert!(added.elapsed() < Duration::from_secs(1), "s4 got no call within 1 s");
+        }
+        let (counts, _) = tally(&mut client, 30).await;
+        assert_eq!(counts.get("s4"), Some(&10), "s4 takes its round-robin share: {counts:?}");
     }
-}
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn when_every_replica_is_down_calls_fail_within_the_connect_timeout() {
-    let mut c = Cluster::start(LAYOUT, &["--connect-timeout", "1s"]).await;
-    c.wait_for(&["s1", "s2"]).await;
-    for name in ["s1", "s2", "s3"] {
-        c.kill(name);
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_replica_removed_from_dns_receives_no_new_calls() {
+        let mut c = Cluster::start(PROTOCOL, LAYOUT, &[]).await;
+        c.wait_for(&["s1", "s2"]).await;
+        c.set_in_dns("s2", false);
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let (counts, failures) = tally(&mut c.client().await, 50).await;
+        assert!(failures.is_empty(), "{failures:?}");
+        assert_eq!(counts.get("s1"), Some(&50), "{counts:?}");
     }
-    let mut client = c.client().await;
-    let started = Instant::now();
-    let err = client.say_hello(hello()).await.unwrap_err();
-    let took = started.elapsed();
-    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
-    assert!(err.message().contains("server.test:50051"), "names the target: {}", err.message());
-    assert!(err.message().contains("refused"), "says what was tried: {}", err.message());
-    assert!(took < Duration::from_millis(1500), "took {took:?} with a 1 s connect timeout");
 
-    // A bare HTTP/2 call, so the proxy's answer is seen rather than a client's own timer.
-    let started = Instant::now();
-    let path = "/hello.HelloService/SayHello";
-    let h = support::raw_call(c.proxy, path, &[("grpc-timeout", "300m")], support::frame(b"")).await;
-    assert_eq!(h["grpc-status"], "4", "DEADLINE_EXCEEDED: {h:?}");
-    assert!(started.elapsed() < Duration::from_millis(1000), "waited past the deadline");
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn without_locality_every_replica_shares_the_calls() {
+        let c = Cluster::start(PROTOCOL, LAYOUT, &[]).await;
+        c.dns.set(support::LOCAL, &[]);
+        c.wait_for(&["s1", "s2", "s3"]).await;
+        let (counts, failures) = tally(&mut c.client().await, 300).await;
+        assert!(failures.is_empty(), "{failures:?}");
+        for name in ["s1", "s2", "s3"] {
+            let n = counts[name];
+            assert!((90..=110).contains(&n), "{name} got {n} of 300: {counts:?}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn when_every_replica_is_down_calls_fail_within_the_connect_timeout() {
+        let mut c = Cluster::start(PROTOCOL, LAYOUT, &["--connect-timeout", "1s"]).await;
+        c.wait_for(&["s1", "s2"]).await;
+        for name in ["s1", "s2", "s3"] {
+            c.kill(name);
+        }
+        let mut client = c.client().await;
+        let started = Instant::now();
+        let err = client.say_hello(hello()).await.unwrap_err();
+        let took = started.elapsed();
+        assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+        assert!(err.message().contains("server.test:50051"), "names the target: {}", err.message());
+        // TCP is refused at once; QUIC hears nothing and gives up at its 2 s idle timeout.
+        let (what, bound) = match PROTOCOL {
+            support::Protocol::H2 => ("refused", Duration::from_millis(1500)),
+            _ => ("Timeout", Duration::from_millis(3000)),
+        };
+        assert!(err.message().contains(what), "says what was tried: {}", err.message());
+        assert!(took < bound, "took {took:?} with a 1 s connect timeout");
+
+        // A bare HTTP/2 call, so the proxy's answer is seen rather than a client's own timer.
+        let started = Instant::now();
+        let path = "/hello.HelloService/SayHello";
+        let h = support::raw_call(c.proxy, path, &[("grpc-timeout", "300m")], support::frame(b"")).await;
+        assert_eq!(h["grpc-status"], "4", "DEADLINE_EXCEEDED: {h:?}");
+        assert!(started.elapsed() < Duration::from_millis(1000), "waited past the deadline");
+    }
 }

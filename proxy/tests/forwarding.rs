@@ -20,189 +20,191 @@ fn msg(text: &str) -> EchoMessage {
     EchoMessage { text: text.into(), server: String::new() }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_server_status_with_metadata_reaches_the_client_unchanged() {
-    let not_found = |_: &str| Faults { fail_rate: 1.0, fail_code: tonic::Code::NotFound, ..Faults::default() };
-    let c = Cluster::start_with(&[("s1", "node-a")], &[], not_found).await;
-    let mut client = c.client().await;
-    let err = loop {
-        let err = client.say_hello(hello()).await.unwrap_err();
-        if err.code() != tonic::Code::Unavailable {
-            break err; // UNAVAILABLE only until the proxy has connected
+over_h2_and_h3! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_server_status_with_metadata_reaches_the_client_unchanged() {
+        let not_found = |_: &str| Faults { fail_rate: 1.0, fail_code: tonic::Code::NotFound, ..Faults::default() };
+        let c = Cluster::start_with(PROTOCOL, &[("s1", "node-a")], &[], not_found).await;
+        let mut client = c.client().await;
+        let err = loop {
+            let err = client.say_hello(hello()).await.unwrap_err();
+            if err.code() != tonic::Code::Unavailable {
+                break err; // UNAVAILABLE only until the proxy has connected
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(err.code(), tonic::Code::NotFound);
+        assert_eq!(err.message(), "injected fault from server s1");
+        assert_eq!(err.metadata().get("x-injected-by").unwrap(), "s1");
+
+        // A trailers-only response on the wire, byte for byte what the server sent.
+        let h = support::raw_call(c.proxy, "/hello.HelloService/SayHello", &[], support::frame(b"")).await;
+        assert_eq!(h["grpc-status"], "5");
+        assert_eq!(h["grpc-message"], "injected%20fault%20from%20server%20s1", "percent-encoded as sent");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unknown_methods_get_the_servers_unimplemented() {
+        let c = Cluster::start(PROTOCOL, LAYOUT, &[]).await;
+        c.wait_for(&["s1"]).await;
+        let h = support::raw_call(c.proxy, "/hello.HelloService/Nope", &[], support::frame(b"")).await;
+        assert_eq!(h["grpc-status"], "12", "{h:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn server_streaming_passes_through_in_order() {
+        let c = Cluster::start(PROTOCOL, LAYOUT, &[]).await;
+        c.wait_for(&["s1", "s2"]).await;
+        let req = HelloStreamRequest { name: "s".into(), count: 20, interval_ms: 1, resume_after: 5 };
+        let mut stream = c.client().await.say_hello_stream(req).await.unwrap().into_inner();
+        let mut seqs = Vec::new();
+        while let Some(m) = stream.next().await {
+            seqs.push(m.unwrap().seq);
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert_eq!(err.code(), tonic::Code::NotFound);
-    assert_eq!(err.message(), "injected fault from server s1");
-    assert_eq!(err.metadata().get("x-injected-by").unwrap(), "s1");
-
-    // A trailers-only response on the wire, byte for byte what the server sent.
-    let h = support::raw_call(c.proxy, "/hello.HelloService/SayHello", &[], support::frame(b"")).await;
-    assert_eq!(h["grpc-status"], "5");
-    assert_eq!(h["grpc-message"], "injected%20fault%20from%20server%20s1", "percent-encoded as sent");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unknown_methods_get_the_servers_unimplemented() {
-    let c = Cluster::start(LAYOUT, &[]).await;
-    c.wait_for(&["s1"]).await;
-    let h = support::raw_call(c.proxy, "/hello.HelloService/Nope", &[], support::frame(b"")).await;
-    assert_eq!(h["grpc-status"], "12", "{h:?}");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn server_streaming_passes_through_in_order() {
-    let c = Cluster::start(LAYOUT, &[]).await;
-    c.wait_for(&["s1", "s2"]).await;
-    let req = HelloStreamRequest { name: "s".into(), count: 20, interval_ms: 1, resume_after: 5 };
-    let mut stream = c.client().await.say_hello_stream(req).await.unwrap().into_inner();
-    let mut seqs = Vec::new();
-    while let Some(m) = stream.next().await {
-        seqs.push(m.unwrap().seq);
+        assert_eq!(seqs, (6..=20).collect::<Vec<_>>());
     }
-    assert_eq!(seqs, (6..=20).collect::<Vec<_>>());
-}
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn client_streaming_passes_through() {
-    let c = Cluster::start(LAYOUT, &[]).await;
-    c.wait_for(&["s1", "s2"]).await;
-    let mut echo = EchoClient::new(c.channel().await);
-    let input = tokio_stream::iter(["a", "b", "c"].map(msg));
-    let reply = echo.collect(input).await.unwrap().into_inner();
-    assert_eq!(reply.text, "a,b,c");
-    assert!(reply.server == "s1" || reply.server == "s2", "a local replica: {reply:?}");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bidi_streaming_passes_through_message_by_message() {
-    let c = Cluster::start(LAYOUT, &[]).await;
-    c.wait_for(&["s1", "s2"]).await;
-    let mut echo = EchoClient::new(c.channel().await);
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
-    let mut replies = echo.chat(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
-    for text in ["one", "two", "three"] {
-        tx.send(msg(text)).await.unwrap();
-        // Each reply arrives before the next message is sent: nothing is buffered whole.
-        assert_eq!(replies.next().await.unwrap().unwrap().text, text);
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn client_streaming_passes_through() {
+        let c = Cluster::start(PROTOCOL, LAYOUT, &[]).await;
+        c.wait_for(&["s1", "s2"]).await;
+        let mut echo = EchoClient::new(c.channel().await);
+        let input = tokio_stream::iter(["a", "b", "c"].map(msg));
+        let reply = echo.collect(input).await.unwrap().into_inner();
+        assert_eq!(reply.text, "a,b,c");
+        assert!(reply.server == "s1" || reply.server == "s2", "a local replica: {reply:?}");
     }
-    drop(tx);
-    assert!(replies.next().await.is_none());
-}
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_graceful_drain_fails_no_call_in_flight_or_arriving() {
-    let slow = |_: &str| Faults { delay: Duration::from_millis(300), ..Faults::default() };
-    let mut c = Cluster::start_with(LAYOUT, &[], slow).await;
-    c.wait_for(&["s1", "s2"]).await;
-    let channel = c.channel().await;
-    let mut calls = tokio::task::JoinSet::new();
-    for i in 0..60 {
-        let mut client = proto::hello_service_client::HelloServiceClient::new(channel.clone());
-        calls.spawn(async move {
-            tokio::time::sleep(Duration::from_millis(i * 10)).await;
-            client.say_hello(hello()).await.map(|r| r.into_inner().server)
-        });
-    }
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let draining = c.begin_stop("s1");
-    let mut by_server = std::collections::BTreeMap::<String, usize>::new();
-    while let Some(res) = calls.join_next().await {
-        let server = res.unwrap().expect("a call failed during the drain");
-        *by_server.entry(server).or_default() += 1;
-    }
-    draining.stop();
-    assert!(by_server.get("s1").is_some_and(|n| *n > 0), "s1 finished its in-flight calls: {by_server:?}");
-    assert!(by_server["s2"] > by_server["s1"], "later calls moved to s2: {by_server:?}");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unbounded_stream_ends_with_unavailable_when_its_server_drains() {
-    let mut c = Cluster::start(&[("s1", "node-a")], &[]).await;
-    c.wait_for(&["s1"]).await;
-    let req = HelloStreamRequest { name: "s".into(), count: 0, interval_ms: 5, resume_after: 0 };
-    let mut stream = c.client().await.say_hello_stream(req).await.unwrap().into_inner();
-    assert_eq!(stream.next().await.unwrap().unwrap().seq, 1);
-    c.begin_stop("s1").stop();
-    let status = loop {
-        match stream.next().await {
-            Some(Ok(_)) => continue,
-            Some(Err(status)) => break status,
-            None => panic!("stream ended without a status"),
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bidi_streaming_passes_through_message_by_message() {
+        let c = Cluster::start(PROTOCOL, LAYOUT, &[]).await;
+        c.wait_for(&["s1", "s2"]).await;
+        let mut echo = EchoClient::new(c.channel().await);
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let mut replies = echo.chat(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+        for text in ["one", "two", "three"] {
+            tx.send(msg(text)).await.unwrap();
+            // Each reply arrives before the next message is sent: nothing is buffered whole.
+            assert_eq!(replies.next().await.unwrap().unwrap().text, text);
         }
-    };
-    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
-    assert!(status.message().contains("resume_after="), "{status:?}");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn garbage_and_vanishing_clients_do_not_hurt_the_proxy() {
-    let c = Cluster::start(LAYOUT, &[]).await;
-    c.wait_for(&["s1", "s2"]).await;
-    let garbage =
-        [&b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..], &[0xff; 4096][..], b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0"];
-    // On the proxy's port and on a replica's.
-    for port in [c.proxy, c.addr_of("s1")] {
-        for bytes in garbage {
-            let mut tcp = tokio::net::TcpStream::connect(port).await.unwrap();
-            let _ = tcp.write_all(bytes).await;
-            drop(tcp);
-        }
+        drop(tx);
+        assert!(replies.next().await.is_none());
     }
-    // A client that opens an endless stream and disappears.
-    let req = HelloStreamRequest { name: "s".into(), count: 0, interval_ms: 1, resume_after: 0 };
-    let mut stream = c.client().await.say_hello_stream(req).await.unwrap().into_inner();
-    stream.next().await.unwrap().unwrap();
-    drop(stream);
-    let (counts, failures) = support::tally(&mut c.client().await, 20).await;
-    assert!(failures.is_empty(), "{failures:?}");
-    assert_eq!(counts.values().sum::<usize>(), 20);
-}
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_100_mb_message_is_refused_with_resource_exhausted() {
-    let c = Cluster::start(LAYOUT, &[]).await;
-    c.wait_for(&["s1", "s2"]).await;
-    let mut client = c.client().await.max_encoding_message_size(usize::MAX);
-    let huge = proto::HelloRequest { name: "x".repeat(100 << 20) };
-    let err = client.say_hello(huge).await.unwrap_err();
-    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
-    let (_, failures) = support::tally(&mut client, 10).await;
-    assert!(failures.is_empty(), "the proxy still serves: {failures:?}");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unresolvable_target_keeps_the_proxy_up_and_not_serving() {
-    let c = Cluster::start(&[], &["--connect-timeout", "500ms"]).await;
-    let channel = c.channel().await;
-    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
-    let status = health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await;
-    assert_eq!(
-        status.unwrap().into_inner().status(),
-        tonic_health::pb::health_check_response::ServingStatus::NotServing
-    );
-    let err = proto::hello_service_client::HelloServiceClient::new(channel).say_hello(hello()).await.unwrap_err();
-    assert_eq!(err.code(), tonic::Code::Unavailable);
-    assert!(err.message().contains("server.test:50051"), "{}", err.message());
-    assert!(err.message().contains("no addresses"), "{}", err.message());
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stream_whose_replica_dies_ends_with_unavailable_naming_it() {
-    let mut c = Cluster::start(&[("s1", "node-a")], &[]).await;
-    c.wait_for(&["s1"]).await;
-    let req = HelloStreamRequest { name: "s".into(), count: 0, interval_ms: 5, resume_after: 0 };
-    let mut stream = c.client().await.say_hello_stream(req).await.unwrap().into_inner();
-    assert_eq!(stream.next().await.unwrap().unwrap().seq, 1);
-    let addr = c.addr_of("s1");
-    c.kill("s1");
-    let status = loop {
-        match stream.next().await {
-            Some(Ok(_)) => continue,
-            Some(Err(status)) => break status,
-            None => panic!("stream ended without a status"),
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_graceful_drain_fails_no_call_in_flight_or_arriving() {
+        let slow = |_: &str| Faults { delay: Duration::from_millis(300), ..Faults::default() };
+        let mut c = Cluster::start_with(PROTOCOL, LAYOUT, &[], slow).await;
+        c.wait_for(&["s1", "s2"]).await;
+        let channel = c.channel().await;
+        let mut calls = tokio::task::JoinSet::new();
+        for i in 0..60 {
+            let mut client = proto::hello_service_client::HelloServiceClient::new(channel.clone());
+            calls.spawn(async move {
+                tokio::time::sleep(Duration::from_millis(i * 10)).await;
+                client.say_hello(hello()).await.map(|r| r.into_inner().server)
+            });
         }
-    };
-    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
-    assert!(status.message().contains(&addr.to_string()), "{status:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let draining = c.begin_stop("s1");
+        let mut by_server = std::collections::BTreeMap::<String, usize>::new();
+        while let Some(res) = calls.join_next().await {
+            let server = res.unwrap().expect("a call failed during the drain");
+            *by_server.entry(server).or_default() += 1;
+        }
+        draining.stop();
+        assert!(by_server.get("s1").is_some_and(|n| *n > 0), "s1 finished its in-flight calls: {by_server:?}");
+        assert!(by_server["s2"] > by_server["s1"], "later calls moved to s2: {by_server:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unbounded_stream_ends_with_unavailable_when_its_server_drains() {
+        let mut c = Cluster::start(PROTOCOL, &[("s1", "node-a")], &[]).await;
+        c.wait_for(&["s1"]).await;
+        let req = HelloStreamRequest { name: "s".into(), count: 0, interval_ms: 5, resume_after: 0 };
+        let mut stream = c.client().await.say_hello_stream(req).await.unwrap().into_inner();
+        assert_eq!(stream.next().await.unwrap().unwrap().seq, 1);
+        c.begin_stop("s1").stop();
+        let status = loop {
+            match stream.next().await {
+                Some(Ok(_)) => continue,
+                Some(Err(status)) => break status,
+                None => panic!("stream ended without a status"),
+            }
+        };
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert!(status.message().contains("resume_after="), "{status:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn garbage_and_vanishing_clients_do_not_hurt_the_proxy() {
+        let c = Cluster::start(PROTOCOL, LAYOUT, &[]).await;
+        c.wait_for(&["s1", "s2"]).await;
+        let garbage =
+            [&b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..], &[0xff; 4096][..], b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0"];
+        // On the proxy's port and on a replica's.
+        for port in [c.proxy, c.addr_of("s1")] {
+            for bytes in garbage {
+                let mut tcp = tokio::net::TcpStream::connect(port).await.unwrap();
+                let _ = tcp.write_all(bytes).await;
+                drop(tcp);
+            }
+        }
+        // A client that opens an endless stream and disappears.
+        let req = HelloStreamRequest { name: "s".into(), count: 0, interval_ms: 1, resume_after: 0 };
+        let mut stream = c.client().await.say_hello_stream(req).await.unwrap().into_inner();
+        stream.next().await.unwrap().unwrap();
+        drop(stream);
+        let (counts, failures) = support::tally(&mut c.client().await, 20).await;
+        assert!(failures.is_empty(), "{failures:?}");
+        assert_eq!(counts.values().sum::<usize>(), 20);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_100_mb_message_is_refused_with_resource_exhausted() {
+        let c = Cluster::start(PROTOCOL, LAYOUT, &[]).await;
+        c.wait_for(&["s1", "s2"]).await;
+        let mut client = c.client().await.max_encoding_message_size(usize::MAX);
+        let huge = proto::HelloRequest { name: "x".repeat(100 << 20) };
+        let err = client.say_hello(huge).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+        let (_, failures) = support::tally(&mut client, 10).await;
+        assert!(failures.is_empty(), "the proxy still serves: {failures:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unresolvable_target_keeps_the_proxy_up_and_not_serving() {
+        let c = Cluster::start(PROTOCOL, &[], &["--connect-timeout", "500ms"]).await;
+        let channel = c.channel().await;
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+        let status = health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await;
+        assert_eq!(
+            status.unwrap().into_inner().status(),
+            tonic_health::pb::health_check_response::ServingStatus::NotServing
+        );
+        let err = proto::hello_service_client::HelloServiceClient::new(channel).say_hello(hello()).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable);
+        assert!(err.message().contains("server.test:50051"), "{}", err.message());
+        assert!(err.message().contains("no addresses"), "{}", err.message());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stream_whose_replica_dies_ends_with_unavailable_naming_it() {
+        let mut c = Cluster::start(PROTOCOL, &[("s1", "node-a")], &[]).await;
+        c.wait_for(&["s1"]).await;
+        let req = HelloStreamRequest { name: "s".into(), count: 0, interval_ms: 5, resume_after: 0 };
+        let mut stream = c.client().await.say_hello_stream(req).await.unwrap().into_inner();
+        assert_eq!(stream.next().await.unwrap().unwrap().seq, 1);
+        let addr = c.addr_of("s1");
+        c.kill("s1");
+        let status = loop {
+            match stream.next().await {
+                Some(Ok(_)) => continue,
+                Some(Err(status)) => break status,
+                None => panic!("stream ended without a status"),
+            }
+        };
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert!(status.message().contains(&addr.to_string()), "{status:?}");
+    }
 }

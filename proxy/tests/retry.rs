@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::{Cluster, config_file, hello, tally};
+use support::{Cluster, Protocol, config_file, hello, tally};
 use testkit::{
     echo::pb::{EchoMessage, echo_client::EchoClient},
     replica::Faults,
@@ -37,14 +37,20 @@ fn previous_attempts(md: &tonic::metadata::MetadataMap) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_turn_a_30_percent_unavailable_replica_into_zero_failures() {
     let config = config_file(&retry_config(4, "0.01s", r#""UNAVAILABLE""#));
-    let c = Cluster::start_with(LOCALS, &["--service-config", &config], failing("s1", 0.3, Code::Unavailable)).await;
+    let c = Cluster::start_with(
+        Protocol::H2,
+        LOCALS,
+        &["--service-config", &config],
+        failing("s1", 0.3, Code::Unavailable),
+    )
+    .await;
     c.wait_for(&["s1", "s2"]).await;
     let (counts, failures) = tally(&mut c.client().await, 300).await;
     assert!(failures.is_empty(), "{} calls failed: {:?}", failures.len(), failures.first());
     assert!(counts["s1"] > 50 && counts["s2"] > 150, "retries moved to s2: {counts:?}");
 
     // The same replicas without the policy: failures reach the caller.
-    let plain = Cluster::start_with(LOCALS, &[], failing("s1", 0.3, Code::Unavailable)).await;
+    let plain = Cluster::start_with(Protocol::H2, LOCALS, &[], failing("s1", 0.3, Code::Unavailable)).await;
     plain.wait_for(&["s2"]).await;
     let (_, failures) = tally(&mut plain.client().await, 300).await;
     assert!(!failures.is_empty(), "without retries some of 150 calls at 30% must fail");
@@ -53,9 +59,13 @@ async fn retries_turn_a_30_percent_unavailable_replica_into_zero_failures() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn codes_not_listed_are_not_retried() {
     let config = config_file(&retry_config(4, "0.01s", r#""UNAVAILABLE""#));
-    let c =
-        Cluster::start_with(&[("s1", "node-a")], &["--service-config", &config], failing("s1", 1.0, Code::NotFound))
-            .await;
+    let c = Cluster::start_with(
+        Protocol::H2,
+        &[("s1", "node-a")],
+        &["--service-config", &config],
+        failing("s1", 1.0, Code::NotFound),
+    )
+    .await;
     let mut client = c.client().await;
     let err = loop {
         let e = client.say_hello(hello()).await.unwrap_err();
@@ -71,7 +81,13 @@ async fn codes_not_listed_are_not_retried() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trailers_only_status_is_retried_and_reports_previous_attempts() {
     let config = config_file(&retry_config(4, "0.01s", r#""UNAVAILABLE""#));
-    let c = Cluster::start_with(LOCALS, &["--service-config", &config], failing("s1", 1.0, Code::Unavailable)).await;
+    let c = Cluster::start_with(
+        Protocol::H2,
+        LOCALS,
+        &["--service-config", &config],
+        failing("s1", 1.0, Code::Unavailable),
+    )
+    .await;
     c.wait_for(&["s2"]).await;
     let mut client = c.client().await;
     let mut retried = 0;
@@ -86,7 +102,7 @@ async fn a_trailers_only_status_is_retried_and_reports_previous_attempts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_status_in_trailers_after_headers_is_retried_on_another_replica() {
     let config = config_file(&retry_config(3, "0.01s", r#""UNAVAILABLE""#));
-    let c = Cluster::start(LOCALS, &["--service-config", &config]).await;
+    let c = Cluster::start(Protocol::H2, LOCALS, &["--service-config", &config]).await;
     c.wait_for(&["s1", "s2"]).await;
     let mut echo = EchoClient::new(c.channel().await);
     for _ in 0..4 {
@@ -105,7 +121,8 @@ async fn a_status_in_trailers_after_headers_is_retried_on_another_replica() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_committed_stream_is_not_retried() {
     let config = config_file(&retry_config(4, "0.01s", r#""UNAVAILABLE""#));
-    let mut c = Cluster::start(&[("s1", "node-a"), ("s2", "node-a")], &["--service-config", &config]).await;
+    let mut c =
+        Cluster::start(Protocol::H2, &[("s1", "node-a"), ("s2", "node-a")], &["--service-config", &config]).await;
     c.wait_for(&["s1", "s2"]).await;
     let req = proto::HelloStreamRequest { name: "s".into(), count: 0, interval_ms: 5, resume_after: 0 };
     let mut stream = c.client().await.say_hello_stream(req).await.unwrap().into_inner();
@@ -128,7 +145,7 @@ async fn a_committed_stream_is_not_retried() {
 async fn server_pushback_sets_the_delay_and_a_negative_one_stops_retries() {
     let config = config_file(&retry_config(3, "0.01s", r#""UNAVAILABLE""#));
     let pushback = |ms: i64| move |_: &str| Faults { fail_rate: 1.0, fail_pushback_ms: Some(ms), ..Faults::default() };
-    let c = Cluster::start_with(&[("s1", "node-a")], &["--service-config", &config], pushback(300)).await;
+    let c = Cluster::start_with(Protocol::H2, &[("s1", "node-a")], &["--service-config", &config], pushback(300)).await;
     let mut client = c.client().await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let started = Instant::now();
@@ -136,7 +153,7 @@ async fn server_pushback_sets_the_delay_and_a_negative_one_stops_retries() {
     assert_eq!(previous_attempts(err.metadata()), 2, "{err:?}");
     assert!(started.elapsed() >= Duration::from_millis(600), "two pushbacks of 300 ms: {:?}", started.elapsed());
 
-    let c = Cluster::start_with(&[("s1", "node-a")], &["--service-config", &config], pushback(-1)).await;
+    let c = Cluster::start_with(Protocol::H2, &[("s1", "node-a")], &["--service-config", &config], pushback(-1)).await;
     let mut client = c.client().await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let err = client.say_hello(hello()).await.unwrap_err();
@@ -148,7 +165,7 @@ async fn server_pushback_sets_the_delay_and_a_negative_one_stops_retries() {
 async fn a_request_over_the_replay_buffer_is_committed_and_not_retried() {
     let config = config_file(&retry_config(4, "0.01s", r#""UNAVAILABLE""#));
     let args = ["--service-config", config.as_str(), "--replay-buffer", "64"];
-    let c = Cluster::start_with(LOCALS, &args, failing("s1", 1.0, Code::Unavailable)).await;
+    let c = Cluster::start_with(Protocol::H2, LOCALS, &args, failing("s1", 1.0, Code::Unavailable)).await;
     c.wait_for(&["s2"]).await;
     let mut client = c.client().await;
     let (mut small_ok, mut big_failed) = (0, 0);
@@ -165,7 +182,7 @@ async fn a_request_over_the_replay_buffer_is_committed_and_not_retried() {
 async fn the_deadline_bounds_every_attempt_and_backoff() {
     let config = config_file(&retry_config(5, "0.2s", r#""UNAVAILABLE""#));
     let slow_fail = |_: &str| Faults { fail_rate: 1.0, delay: Duration::from_millis(100), ..Faults::default() };
-    let c = Cluster::start_with(LOCALS, &["--service-config", &config], slow_fail).await;
+    let c = Cluster::start_with(Protocol::H2, LOCALS, &["--service-config", &config], slow_fail).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let path = "/hello.HelloService/SayHello";
     let started = Instant::now();
@@ -182,7 +199,7 @@ async fn hedging_beats_a_slow_replica_and_cancels_the_loser() {
             "hedgingPolicy":{"maxAttempts":2,"hedgingDelay":"0.05s","nonFatalStatusCodes":["UNAVAILABLE"]}}]}"#,
     );
     let slow = |n: &str| Faults { delay: Duration::from_millis(if n == "s1" { 1000 } else { 0 }), ..Faults::default() };
-    let c = Cluster::start_with(LOCALS, &["--service-config", &config], slow).await;
+    let c = Cluster::start_with(Protocol::H2, LOCALS, &["--service-config", &config], slow).await;
     c.wait_for(&["s1", "s2"]).await;
     let mut echo = EchoClient::new(c.channel().await);
     for _ in 0..6 {
@@ -206,7 +223,7 @@ async fn throttling_stops_a_retry_storm_when_every_replica_fails() {
     let mut retries = Vec::new();
     for json in [storm, throttled] {
         let config = config_file(&json);
-        let c = Cluster::start_with(LOCALS, &["--service-config", &config], all_fail).await;
+        let c = Cluster::start_with(Protocol::H2, LOCALS, &["--service-config", &config], all_fail).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         let mut client = c.client().await;
         let mut n = 0;

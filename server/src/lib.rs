@@ -75,7 +75,8 @@ pub async fn run_with_routes(
         .add_service(HelloServiceServer::new(greeter));
     let h3 = match cfg_h3 {
         Some(quic) => {
-            let endpoint = quinn::Endpoint::server(quic, addr).with_context(|| format!("binding HTTP/3 on udp {addr}"))?;
+            let endpoint =
+                quinn::Endpoint::server(quic, addr).with_context(|| format!("binding HTTP/3 on udp {addr}"))?;
             info!(%addr, "Serving HTTP/3");
             let mut draining = draining_rx.clone();
             let stop = async move {

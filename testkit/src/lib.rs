@@ -50,6 +50,18 @@ fn fastrand_u16() -> u16 {
     RandomState::new().hash_one(std::process::id()) as u16
 }
 
+/// Sandbox certificates for this test process, made once: `(dir with ca.pem, cert.pem,
+/// key.pem)`, valid for `server.test`, `svc.test`, `localhost` and 127.0.0.1.
+pub fn certs() -> &'static std::path::Path {
+    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("lb-sandbox-certs-{}", std::process::id()));
+        let names = ["server.test", "svc.test", "localhost", "127.0.0.1"].map(String::from);
+        grpc_h3::certs::generate(&dir, &names).expect("making test certificates");
+        dir
+    })
+}
+
 /// Logs to the test's output when `RUST_LOG` is set.
 pub fn init_logging() {
     let _ = tracing_subscriber::fmt()

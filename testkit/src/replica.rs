@@ -2,7 +2,7 @@
 //! (every connection drops, like `kill -9`) or stop it gracefully (SIGTERM's drain).
 //! Besides HelloService it serves `echo.Echo` for client and bidi streaming.
 
-use std::{net::SocketAddr, sync::Arc, thread::JoinHandle, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, thread::JoinHandle, time::Duration};
 
 use server::Config;
 use tokio::sync::oneshot;
@@ -27,6 +27,8 @@ pub struct Faults {
     pub fail_pushback_ms: Option<i64>,
     pub delay: Duration,
     pub drain_timeout: Duration,
+    /// Serve HTTP/3 too, with these certificate and key files.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl Default for Faults {
@@ -37,6 +39,7 @@ impl Default for Faults {
             fail_pushback_ms: None,
             delay: Duration::ZERO,
             drain_timeout: Duration::from_secs(5),
+            tls: None,
         }
     }
 }
@@ -56,6 +59,10 @@ impl Replica {
             fail_code: faults.fail_code,
             fail_pushback_ms: faults.fail_pushback_ms,
             delay: faults.delay,
+            h3: faults
+                .tls
+                .as_ref()
+                .map(|(cert, key)| grpc_h3::tls::server_config(cert, key).expect("test certificate")),
         };
         let echo = EchoService::new(name, faults.delay);
         let counts = echo.counts.clone();

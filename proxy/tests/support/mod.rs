@@ -10,6 +10,8 @@ use testkit::{Dns, Replica, Subnet, replica::Faults};
 use tokio::{sync::oneshot, task::JoinHandle, time::Instant};
 use tonic::transport::Channel;
 
+pub use balancer::Protocol;
+
 pub const TARGET: &str = "server.test";
 pub const LOCAL: &str = "node-a.server.test";
 
@@ -25,22 +27,30 @@ pub struct Cluster {
     pub net: Subnet,
     pub dns: Dns,
     members: BTreeMap<String, Member>,
+    protocol: Protocol,
     pub proxy: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
 }
 
 impl Cluster {
-    /// Replicas named in `layout` with their node; the proxy runs on node-a.
-    pub async fn start(layout: &[(&str, &str)], proxy_args: &[&str]) -> Cluster {
-        Self::start_with(layout, proxy_args, |_| Faults::default()).await
+    /// Replicas named in `layout` with their node; the proxy runs on node-a and talks
+    /// to them over `protocol`.
+    pub async fn start(protocol: Protocol, layout: &[(&str, &str)], proxy_args: &[&str]) -> Cluster {
+        Self::start_with(protocol, layout, proxy_args, |_| Faults::default()).await
     }
 
-    pub async fn start_with(layout: &[(&str, &str)], proxy_args: &[&str], faults: impl Fn(&str) -> Faults) -> Cluster {
+    pub async fn start_with(
+        protocol: Protocol,
+        layout: &[(&str, &str)],
+        proxy_args: &[&str],
+        faults: impl Fn(&str) -> Faults,
+    ) -> Cluster {
         testkit::init_logging();
         let net = Subnet::random();
         let dns = Dns::start(net.ip(250)).await;
-        let mut c = Cluster { net, dns, members: BTreeMap::new(), proxy: net.addr(200), stop: None, task: None };
+        let mut c =
+            Cluster { net, dns, members: BTreeMap::new(), protocol, proxy: net.addr(200), stop: None, task: None };
         for (name, node) in layout {
             c.add_with(name, node, faults(name));
         }
@@ -56,6 +66,11 @@ impl Cluster {
         let dns = self.dns.addr().to_string();
         let mut argv = vec!["proxy", "--target", &target, "--local-target", &local, "--dns-server", &dns];
         argv.extend_from_slice(&["--resolve-interval", "250ms"]);
+        let ca = testkit::certs().join("ca.pem").to_string_lossy().into_owned();
+        let protocol = self.protocol.to_string();
+        if self.protocol != Protocol::H2 {
+            argv.extend_from_slice(&["--upstream-protocol", &protocol, "--ca-cert", &ca]);
+        }
         argv.extend_from_slice(extra);
         let args = proxy::config::Args::try_parse_from(argv).unwrap().serve;
         let (stop, stopped) = oneshot::channel::<()>();
@@ -71,7 +86,11 @@ impl Cluster {
         self.add_with(name, node, Faults::default());
     }
 
-    pub fn add_with(&mut self, name: &str, node: &str, faults: Faults) {
+    pub fn add_with(&mut self, name: &str, node: &str, mut faults: Faults) {
+        if self.protocol != Protocol::H2 {
+            let dir = testkit::certs();
+            faults.tls = Some((dir.join("cert.pem"), dir.join("key.pem")));
+        }
         let host = self.members.len() as u8 + 1;
         let replica = Replica::start_with(self.net.addr(host), name, node, faults.clone());
         let m = Member { host, node: node.to_owned(), in_dns: true, faults, replica: Some(replica) };
@@ -202,6 +221,26 @@ pub fn frame(msg: &[u8]) -> bytes::Bytes {
     b.extend_from_slice(&(msg.len() as u32).to_be_bytes());
     b.extend_from_slice(msg);
     b.into()
+}
+
+/// Runs the tests given once over HTTP/2 (`mod h2`) and once over HTTP/3 (`mod h3`) to
+/// the replicas; each sees its protocol as `PROTOCOL`.
+#[macro_export]
+macro_rules! over_h2_and_h3 {
+    ($($item:item)*) => {
+        mod h2 {
+            #[allow(unused_imports)]
+            use super::*;
+            const PROTOCOL: $crate::support::Protocol = $crate::support::Protocol::H2;
+            $($item)*
+        }
+        mod h3 {
+            #[allow(unused_imports)]
+            use super::*;
+            const PROTOCOL: $crate::support::Protocol = $crate::support::Protocol::H3;
+            $($item)*
+        }
+    };
 }
 
 /// Writes `json` to a fresh file and returns its path, for `--service-config`.
