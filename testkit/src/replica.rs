@@ -29,6 +29,8 @@ pub struct Faults {
     pub drain_timeout: Duration,
     /// Serve HTTP/3 too, with these certificate and key files.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// Never serve HTTP/3, even in a cluster that speaks it.
+    pub no_h3: bool,
 }
 
 impl Default for Faults {
@@ -40,6 +42,7 @@ impl Default for Faults {
             delay: Duration::ZERO,
             drain_timeout: Duration::from_secs(5),
             tls: None,
+            no_h3: false,
         }
     }
 }

@@ -87,7 +87,7 @@ impl Cluster {
     }
 
     pub fn add_with(&mut self, name: &str, node: &str, mut faults: Faults) {
-        if self.protocol != Protocol::H2 {
+        if self.protocol != Protocol::H2 && !faults.no_h3 {
             let dir = testkit::certs();
             faults.tls = Some((dir.join("cert.pem"), dir.join("key.pem")));
         }
