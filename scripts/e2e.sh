@@ -44,6 +44,18 @@ task demo:retry
 step "task demo:hedging (p99 under half without hedging)"
 task demo:hedging
 
+step "upstream HTTP/3: UPSTREAM_PROTOCOL=h3 task up"
+task down >/dev/null
+UPSTREAM_PROTOCOL=h3 task up
+out=$(dist/client --http3 --ca-cert certs/ca.pem hello)
+echo "$out"
+grep -q 'on node-a' <<<"$out" || fail "HTTP/3 front to a node-a replica"
+
+step "upstream HTTP/3: verify-lb, failover, rolling update"
+task verify-lb -- --check
+UPSTREAM_PROTOCOL=h3 task failover
+UPSTREAM_PROTOCOL=h3 task simulate-rolling-update
+
 step "task down leaves nothing behind"
 task down
 left=$(docker ps -aq --filter "label=com.docker.compose.project=$COMPOSE_PROJECT_NAME")

@@ -65,8 +65,11 @@ wait_healthy() {
     ids=$(dc ps -q "$@")
     pending=""
     for id in $ids; do
-      status=$(docker inspect -f '{{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}}' "$id")
-      [ "$status" = healthy ] || pending="$pending $(docker inspect -f '{{.Name}}' "$id" | tr -d /)=$status"
+      status=$(docker inspect -f '{{.State.Status}}/{{.State.ExitCode}}/{{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}}' "$id")
+      case "$status" in
+        running/*/healthy | exited/0/none) ;; # healthy, or a one-shot that succeeded
+        *) pending="$pending $(docker inspect -f '{{.Name}}' "$id" | tr -d /)=$status" ;;
+      esac
     done
     [ -z "$pending" ] && [ -n "$ids" ] && return 0
     [ $SECONDS -ge $deadline ] && die "error: not healthy after ${WAIT_SECONDS:-60}s:$pending"
@@ -81,12 +84,16 @@ up() {
   local started=$SECONDS
   dc up -d --remove-orphans
   wait_healthy
-  echo "sandbox healthy in $((SECONDS - started))s:"
+  # The CA, for calling the HTTP/3 front from this machine (client --http3).
+  mkdir -p certs
+  docker cp "$(dc ps -q proxy):/certs/ca.pem" certs/ca.pem >/dev/null
+  echo "sandbox healthy in $((SECONDS - started))s (upstream protocol: ${UPSTREAM_PROTOCOL:-h2}):"
   replicas | sed 's/^/  replica /'
   cat <<MSG
 
 Call it:
   grpcurl -plaintext -d '{"name":"World"}' localhost:$PROXY_PORT hello.HelloService/SayHello
+  dist/client --http3 --ca-cert certs/ca.pem hello        # the same over HTTP/3
   task verify-lb
   task simulate-rolling-update
 MSG
@@ -243,7 +250,8 @@ extra_replica() {
   docker run -d --rm --name "${COMPOSE_PROJECT_NAME}_$name" --hostname "$name" \
     --network "${COMPOSE_PROJECT_NAME}_cluster" --network-alias server --network-alias node-a.server \
     --label "com.docker.compose.project=$COMPOSE_PROJECT_NAME" --label sandbox.node=node-a \
-    -e SERVER_NODE=node-a "${envs[@]}" lb-sandbox/server:latest >/dev/null
+    -v "${COMPOSE_PROJECT_NAME}_certs:/certs:ro" -e SERVER_NODE=node-a "${envs[@]}" lb-sandbox/server:latest \
+    --tls-cert /certs/cert.pem --tls-key /certs/key.pem >/dev/null
 }
 
 # An extra node-a proxy on PORT with an optional service config file.
@@ -253,6 +261,8 @@ extra_proxy() {
   [ -n "$config" ] && args=(-v "$PWD/$config:/etc/lb/config.json:ro" -e PROXY_SERVICE_CONFIG=/etc/lb/config.json)
   docker run -d --rm --name "${COMPOSE_PROJECT_NAME}_$name" --network "${COMPOSE_PROJECT_NAME}_cluster" \
     --label "com.docker.compose.project=$COMPOSE_PROJECT_NAME" -p "$port:50050" \
+    -v "${COMPOSE_PROJECT_NAME}_certs:/certs:ro" -e PROXY_CA_CERT=/certs/ca.pem \
+    -e PROXY_UPSTREAM_PROTOCOL="${UPSTREAM_PROTOCOL:-h2}" \
     -e PROXY_LOCAL_TARGET=node-a.server:50051 "${args[@]}" lb-sandbox/proxy:latest >/dev/null
   local deadline=$((SECONDS + 30))
   until "$CLIENT" --proxy "localhost:$port" --timeout 1s hello >/dev/null 2>&1; do

@@ -49,17 +49,20 @@ enum State {
 pub struct H3Body<R: Recv> {
     recv: R,
     state: State,
+    /// A read is in flight: h3-quinn has lent the stream to it, and `stop_sending`
+    /// would panic (h3-quinn 0.0.10); dropping the read stops the stream instead.
+    reading: bool,
     /// Dropped with the body: the client side uses it to cancel the request pump.
     _guard: Option<Box<dyn Send + Sync>>,
 }
 
 impl<R: Recv> H3Body<R> {
     pub fn new(recv: R) -> Self {
-        H3Body { recv, state: State::Data, _guard: None }
+        H3Body { recv, state: State::Data, reading: false, _guard: None }
     }
 
     pub(crate) fn with_guard(recv: R, guard: Box<dyn Send + Sync>) -> Self {
-        H3Body { recv, state: State::Data, _guard: Some(guard) }
+        H3Body { recv, state: State::Data, reading: false, _guard: Some(guard) }
     }
 }
 
@@ -68,6 +71,19 @@ impl<R: Recv> Body for H3Body<R> {
     type Error = StreamError;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, StreamError>>> {
+        self.reading = true;
+        let polled = self.poll_inner(cx);
+        self.reading = polled.is_pending();
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.state == State::Done
+    }
+}
+
+impl<R: Recv> H3Body<R> {
+    fn poll_inner(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, StreamError>>> {
         loop {
             match self.state {
                 State::Data => match ready!(self.recv.poll_data(cx)) {
@@ -91,15 +107,11 @@ impl<R: Recv> Body for H3Body<R> {
             }
         }
     }
-
-    fn is_end_stream(&self) -> bool {
-        self.state == State::Done
-    }
 }
 
 impl<R: Recv> Drop for H3Body<R> {
     fn drop(&mut self) {
-        if self.state != State::Done {
+        if self.state != State::Done && !self.reading {
             self.recv.stop_sending(Code::H3_REQUEST_CANCELLED);
         }
     }
