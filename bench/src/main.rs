@@ -48,36 +48,56 @@ struct Sample {
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     procs::pin_self(0);
-    let server =
-        Child::spawn(&a.bin_dir.join("server"), 0, &["--listen", "127.0.0.1:50151", "--name", "bench"]).await?;
-    let proxy = Child::spawn(
-        &a.bin_dir.join("proxy"),
-        1,
-        &["--listen", "127.0.0.1:50150", "--target", "127.0.0.1:50151", "--threads", "1"],
-    )
-    .await?;
-    let direct = connect("127.0.0.1:50151").await?;
-    let proxied = connect("127.0.0.1:50150").await?;
-    warm(&direct).await?;
-    warm(&proxied).await?;
-    let idle_rss = proxy.rss_kib()?;
+    let certs = std::env::temp_dir().join(format!("lb-bench-certs-{}", std::process::id()));
+    grpc_h3::certs::generate(&certs, &["127.0.0.1".to_owned()]).map_err(anyhow::Error::msg)?;
+    let (cert, key, ca) = (certs.join("cert.pem"), certs.join("key.pem"), certs.join("ca.pem"));
+    let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
+    let server_args = ["--listen", "127.0.0.1:50151", "--name", "bench", "--tls-cert", &path(&cert), "--tls-key", &path(&key)];
+    let server = Child::spawn(&a.bin_dir.join("server"), 0, &server_args).await?;
+    let proxy_args = |listen: &'static str, protocol: &'static str| {
+        let mut v: Vec<String> = ["--listen", listen, "--target", "127.0.0.1:50151", "--threads", "1"].map(String::from).to_vec();
+        v.extend(["--upstream-protocol".into(), protocol.into(), "--ca-cert".into(), path(&ca)]);
+        v
+    };
+    let h2_args = proxy_args("127.0.0.1:50150", "h2");
+    let h3_args = proxy_args("127.0.0.1:50152", "h3");
+    let proxy_h2 = Child::spawn(&a.bin_dir.join("proxy"), 1, &as_str(&h2_args)).await?;
+    let proxy_h3 = Child::spawn(&a.bin_dir.join("proxy"), 1, &as_str(&h3_args)).await?;
+    let targets = [
+        ("direct", connect("127.0.0.1:50151").await?, None),
+        ("proxy h2", connect("127.0.0.1:50150").await?, Some(&proxy_h2)),
+        ("proxy h3", connect("127.0.0.1:50152").await?, Some(&proxy_h3)),
+    ];
+    for (_, c, _) in &targets {
+        warm(c).await?;
+    }
+    let idle_rss = proxy_h2.rss_kib()?;
     println!(
-        "direct = tonic client -> server; proxy = client -> proxy (CPU 1, 1 thread) -> server; c{} for {}s, {} rounds\n",
+        "direct = tonic client -> server; proxy = client -> proxy (CPU 1, 1 thread) -> server over h2 or h3; \
+         c{} for {}s, {} rounds\n",
         a.concurrency, a.seconds, a.rounds
     );
-    let mut rounds = Vec::new();
+    let mut rounds: Vec<Vec<Sample>> = Vec::new();
     for round in 1..=a.rounds {
-        let d = measure(&a, &direct, &server, &proxy).await?;
-        let p = measure(&a, &proxied, &server, &proxy).await?;
-        println!(
-            "round {round}: direct {:.0}/s p50 {:.0}µs server {:.1}µs/call | proxy {:.0}/s p50 {:.0}µs proxy {:.1}µs/call",
-            d.calls_per_s, d.p50_us, d.server_us_per_call, p.calls_per_s, p.p50_us, p.proxy_us_per_call
-        );
-        rounds.push((d, p));
+        let mut row = Vec::new();
+        for (name, c, proxy) in &targets {
+            let s = measure(&a, c, &server, *proxy).await?;
+            println!(
+                "round {round} {name:<9} {:>7.0}/s  p50 {:>4.0}µs  server {:>5.2}µs/call  proxy {:>5.2}µs/call",
+                s.calls_per_s, s.p50_us, s.server_us_per_call, s.proxy_us_per_call
+            );
+            row.push(s);
+        }
+        rounds.push(row);
     }
-    let busy_rss = proxy.rss_kib()?;
+    let busy_rss = proxy_h2.rss_kib()?;
     report(&rounds, idle_rss, busy_rss);
+    let _ = std::fs::remove_dir_all(&certs);
     Ok(())
+}
+
+fn as_str(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
 }
 
 async fn connect(addr: &str) -> anyhow::Result<HelloServiceClient<Channel>> {
@@ -105,11 +125,17 @@ async fn warm(c: &HelloServiceClient<Channel>) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn measure(a: &Args, c: &HelloServiceClient<Channel>, server: &Child, proxy: &Child) -> anyhow::Result<Sample> {
+async fn measure(
+    a: &Args,
+    c: &HelloServiceClient<Channel>,
+    server: &Child,
+    proxy: Option<&Child>,
+) -> anyhow::Result<Sample> {
     let secs = Duration::from_secs_f64(a.seconds);
-    let (s0, p0) = (server.cpu_us()?, proxy.cpu_us()?);
+    let proxy_cpu = || proxy.map_or(Ok(0), Child::cpu_us);
+    let (s0, p0) = (server.cpu_us()?, proxy_cpu()?);
     let (calls, _) = run_load(c, a.concurrency, secs).await;
-    let (s1, p1) = (server.cpu_us()?, proxy.cpu_us()?);
+    let (s1, p1) = (server.cpu_us()?, proxy_cpu()?);
     let (_, mut lat) = run_load(c, 1, secs / 2).await;
     lat.sort_unstable();
     let q = |q: f64| lat.get(((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(0);
@@ -152,44 +178,31 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn report(rounds: &[(Sample, Sample)], idle_rss: u64, busy_rss: u64) {
-    let med = |f: &dyn Fn(&Sample) -> f64, which: usize| {
-        median(rounds.iter().map(|r| f(if which == 0 { &r.0 } else { &r.1 })).collect())
+fn report(rounds: &[Vec<Sample>], idle_rss: u64, busy_rss: u64) {
+    let med = |i: usize, f: fn(&Sample) -> f64| median(rounds.iter().map(|r| f(&r[i])).collect());
+    let ratio = |i: usize, j: usize, fi: fn(&Sample) -> f64, fj: fn(&Sample) -> f64| {
+        median(rounds.iter().map(|r| fi(&r[i]) / fj(&r[j])).collect())
     };
-    let ratio = |num: &dyn Fn(&(Sample, Sample)) -> f64, den: &dyn Fn(&(Sample, Sample)) -> f64| {
-        median(rounds.iter().map(|r| num(r) / den(r)).collect())
+    let (d, h2, h3) = (0, 1, 2);
+    println!("\nmedians                          direct   proxy h2   proxy h3");
+    let line = |name: &str, f: fn(&Sample) -> f64, digits: usize| {
+        println!("{name:<30} {:>8.digits$} {:>10.digits$} {:>10.digits$}", med(d, f), med(h2, f), med(h3, f));
     };
-    println!("\nmedians                         direct      proxy   ratio (median of rounds)");
+    line("calls/s at c64", |s| s.calls_per_s, 0);
+    line("p50 at c1 (µs)", |s| s.p50_us, 0);
+    line("p99 at c1 (µs)", |s| s.p99_us, 0);
+    line("server CPU per call (µs)", |s| s.server_us_per_call, 2);
+    line("proxy CPU per call (µs)", |s| s.proxy_us_per_call, 2);
+    println!("\nratios (median of per-round ratios)");
+    let server_cpu: fn(&Sample) -> f64 = |s| s.server_us_per_call;
+    let proxy_cpu: fn(&Sample) -> f64 = |s| s.proxy_us_per_call;
+    let p50: fn(&Sample) -> f64 = |s| s.p50_us;
+    println!("proxy h2 CPU per call / server CPU per direct call  {:.2}x", ratio(h2, d, proxy_cpu, server_cpu));
+    println!("proxy h2 p50 / direct p50                          {:.2}x", ratio(h2, d, p50, p50));
+    println!("proxy h3 CPU per call / proxy h2 CPU per call      {:.2}x", ratio(h3, h2, proxy_cpu, proxy_cpu));
+    println!("proxy h3 p50 / proxy h2 p50                        {:.2}x", ratio(h3, h2, p50, p50));
     println!(
-        "calls/s at c64               {:>9.0}  {:>9.0}   {:.2}x",
-        med(&|s| s.calls_per_s, 0),
-        med(&|s| s.calls_per_s, 1),
-        ratio(&|r| r.1.calls_per_s, &|r| r.0.calls_per_s)
-    );
-    println!(
-        "p50 at c1 (µs)               {:>9.0}  {:>9.0}   {:.2}x",
-        med(&|s| s.p50_us, 0),
-        med(&|s| s.p50_us, 1),
-        ratio(&|r| r.1.p50_us, &|r| r.0.p50_us)
-    );
-    println!(
-        "p99 at c1 (µs)               {:>9.0}  {:>9.0}   {:.2}x",
-        med(&|s| s.p99_us, 0),
-        med(&|s| s.p99_us, 1),
-        ratio(&|r| r.1.p99_us, &|r| r.0.p99_us)
-    );
-    println!(
-        "server CPU per call (µs)     {:>9.2}  {:>9.2}",
-        med(&|s| s.server_us_per_call, 0),
-        med(&|s| s.server_us_per_call, 1)
-    );
-    println!(
-        "proxy CPU per call (µs)              -  {:>9.2}   {:.2}x the server's CPU per direct call",
-        med(&|s| s.proxy_us_per_call, 1),
-        ratio(&|r| r.1.proxy_us_per_call, &|r| r.0.server_us_per_call)
-    );
-    println!(
-        "proxy resident memory        idle {:.1} MB, after load {:.1} MB",
+        "proxy resident memory (h2)                         idle {:.1} MB, after load {:.1} MB",
         idle_rss as f64 / 1024.0,
         busy_rss as f64 / 1024.0
     );
