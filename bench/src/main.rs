@@ -52,10 +52,12 @@ async fn main() -> anyhow::Result<()> {
     grpc_h3::certs::generate(&certs, &["127.0.0.1".to_owned()]).map_err(anyhow::Error::msg)?;
     let (cert, key, ca) = (certs.join("cert.pem"), certs.join("key.pem"), certs.join("ca.pem"));
     let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
-    let server_args = ["--listen", "127.0.0.1:50151", "--name", "bench", "--tls-cert", &path(&cert), "--tls-key", &path(&key)];
+    let server_args =
+        ["--listen", "127.0.0.1:50151", "--name", "bench", "--tls-cert", &path(&cert), "--tls-key", &path(&key)];
     let server = Child::spawn(&a.bin_dir.join("server"), 0, &server_args).await?;
     let proxy_args = |listen: &'static str, protocol: &'static str| {
-        let mut v: Vec<String> = ["--listen", listen, "--target", "127.0.0.1:50151", "--threads", "1"].map(String::from).to_vec();
+        let mut v: Vec<String> =
+            ["--listen", listen, "--target", "127.0.0.1:50151", "--threads", "1"].map(String::from).to_vec();
         v.extend(["--upstream-protocol".into(), protocol.into(), "--ca-cert".into(), path(&ca)]);
         v
     };

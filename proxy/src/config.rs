@@ -100,6 +100,9 @@ impl ServeArgs {
             }
             None => ServiceConfig::default(),
         };
+        if self.upstream_protocol != Protocol::H2 && self.ca_cert.is_none() {
+            anyhow::bail!("--upstream-protocol {} needs --ca-cert to verify the replicas", self.upstream_protocol);
+        }
         Ok(Settings {
             target: self.target.clone(),
             local_target: self.local_target.clone(),

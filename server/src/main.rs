@@ -1,10 +1,21 @@
+use std::process::ExitCode;
+
 use anyhow::Context;
 use clap::Parser;
 use server::{Args, Config, config::Command};
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+async fn main() -> ExitCode {
+    match run(Args::parse()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     balancer::telemetry::init();
     match args.command {
         Some(Command::HealthCheck { addr }) => balancer::probe::exit_with_health(addr).await,
@@ -15,7 +26,7 @@ async fn main() -> anyhow::Result<()> {
         }
         None => {}
     }
-    let cfg = Config::try_from(args.serve.clone()).context("loading the TLS certificate")?;
+    let cfg = Config::try_from(args.serve.clone()).context("--tls-cert/--tls-key")?;
     let listener = tokio::net::TcpListener::bind(args.serve.listen)
         .await
         .with_context(|| format!("binding --listen {}", args.serve.listen))?;
