@@ -43,7 +43,11 @@ pub struct Counters {
 impl Counters {
     pub fn record(&self, path: &str, s: &CallStats, outcome: &'static str) {
         let mut map = self.by_method.lock().unwrap_or_else(|e| e.into_inner());
-        let m = map.entry(path.to_owned()).or_default();
+        // Look up before inserting: `entry` would allocate the key on every call.
+        if !map.contains_key(path) {
+            map.insert(path.to_owned(), MethodCounters::default());
+        }
+        let Some(m) = map.get_mut(path) else { return };
         m.calls += 1;
         m.attempts += s.attempts;
         m.retries += s.retries;
