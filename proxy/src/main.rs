@@ -15,10 +15,16 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = args.serve.threads {
-        rt.worker_threads(n.max(1));
-    }
+    // One thread: the current-thread scheduler, with no cross-thread wake-ups.
+    let mut rt = match args.serve.threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n.max(1));
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     let rt = rt.enable_all().build().context("starting the runtime")?;
     rt.block_on(async {
         balancer::telemetry::init();
