@@ -37,17 +37,7 @@ impl Backoff {
 mod tests {
     use super::*;
     use crate::rng::SplitMix64;
-
-    /// Always the top of the range asked for.
-    struct Top;
-    impl Rng for Top {
-        fn next_u64(&mut self) -> u64 {
-            u64::MAX
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            n.saturating_sub(1)
-        }
-    }
+    use crate::rng::tests::Top;
 
     /// Always the bottom.
     struct Zero;

@@ -35,3 +35,20 @@ impl Rng for SplitMix64 {
         z ^ (z >> 31)
     }
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::Rng;
+
+    /// Always the top of the range asked for: the longest delays.
+    pub(crate) struct Top;
+
+    impl Rng for Top {
+        fn next_u64(&mut self) -> u64 {
+            u64::MAX
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            n.saturating_sub(1)
+        }
+    }
+}

@@ -16,6 +16,17 @@ use tokio_stream::StreamExt;
 
 const LAYOUT: &[(&str, &str)] = &[("s1", "node-a"), ("s2", "node-a"), ("s3", "node-b")];
 
+/// Reads a stream to its end and returns the status it ended with.
+async fn final_status(stream: &mut tonic::Streaming<proto::HelloResponse>) -> tonic::Status {
+    loop {
+        match stream.next().await {
+            Some(Ok(_)) => continue,
+            Some(Err(status)) => return status,
+            None => panic!("stream ended without a status"),
+        }
+    }
+}
+
 fn msg(text: &str) -> EchoMessage {
     EchoMessage { text: text.into(), server: String::new() }
 }
@@ -125,13 +136,7 @@ over_h2_and_h3! {
         let mut stream = c.client().await.say_hello_stream(req).await.unwrap().into_inner();
         assert_eq!(stream.next().await.unwrap().unwrap().seq, 1);
         c.begin_stop("s1").stop();
-        let status = loop {
-            match stream.next().await {
-                Some(Ok(_)) => continue,
-                Some(Err(status)) => break status,
-                None => panic!("stream ended without a status"),
-            }
-        };
+        let status = final_status(&mut stream).await;
         assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
         assert!(status.message().contains("resume_after="), "{status:?}");
     }
@@ -197,13 +202,7 @@ over_h2_and_h3! {
         assert_eq!(stream.next().await.unwrap().unwrap().seq, 1);
         let addr = c.addr_of("s1");
         c.kill("s1");
-        let status = loop {
-            match stream.next().await {
-                Some(Ok(_)) => continue,
-                Some(Err(status)) => break status,
-                None => panic!("stream ended without a status"),
-            }
-        };
+        let status = final_status(&mut stream).await;
         assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
         assert!(status.message().contains(&addr.to_string()), "{status:?}");
     }

@@ -150,17 +150,7 @@ impl RetryState {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Always the top of the range.
-    struct Top;
-    impl Rng for Top {
-        fn next_u64(&mut self) -> u64 {
-            u64::MAX
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            n.saturating_sub(1)
-        }
-    }
+    use crate::rng::tests::Top;
 
     fn policy() -> RetryPolicy {
         RetryPolicy {
