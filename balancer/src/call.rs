@@ -221,7 +221,7 @@ where
                 Verdict::Retry { after } if self.deadline.is_none_or(|d| Instant::now() + after < d) => {
                     debug!(code = code_name(code), after_ms = after.as_millis() as u64, "Retrying");
                     self.stats.retries += 1;
-                    drop(outcome); // cancels nothing: the attempt is over; frees its stream
+                    drop(outcome); // the failed attempt is over: free its stream before waiting
                     tokio::time::sleep(after).await;
                 }
                 Verdict::Stop(StopReason::Throttled) => {
