@@ -11,7 +11,8 @@
 //!   (pure) spots oversized messages in it.
 //! - [`response`]: the response body; a lost endpoint becomes UNAVAILABLE trailers.
 //! - [`retry`] (pure): service config, retry and hedging policies, the throttle.
-//! - `call`: one call's path: wait, send, replay, retry or hedge; [`counters`] counts it.
+//! - `call`: one call's path: wait, send, replay, retry or hedge; [`counters`] counts it;
+//!   `wire` (pure) reads and writes gRPC's headers.
 //! - [`channel`]: [`Balancer`], the `tower::Service` used by the proxy and by clients.
 //! - [`code`], [`duration`], [`probe`], [`signal`], [`telemetry`]: small shared helpers
 //!   for the binaries.
@@ -46,9 +47,10 @@ pub mod retry;
 pub mod rng;
 pub mod signal;
 pub mod telemetry;
+mod wire;
 
-pub use call::grpc_timeout;
 pub use channel::{Balancer, Settings};
 pub use connect::Protocol;
 pub use discover::HostPort;
 pub use error::Error;
+pub use wire::grpc_timeout;
