@@ -27,7 +27,7 @@ impl Subnet {
     /// Picks a block whose first address has port 50051 free.
     pub fn random() -> Subnet {
         loop {
-            let n = fastrand_u16();
+            let n = random_u16();
             let s = Subnet([(n >> 8).clamp(1, 254) as u8, n as u8]);
             if std::net::TcpListener::bind(s.addr(1)).is_ok() {
                 return s;
@@ -45,7 +45,7 @@ impl Subnet {
     }
 }
 
-fn fastrand_u16() -> u16 {
+fn random_u16() -> u16 {
     use std::hash::{BuildHasher, RandomState};
     RandomState::new().hash_one(std::process::id()) as u16
 }
