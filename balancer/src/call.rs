@@ -6,6 +6,7 @@
 use std::{
     net::SocketAddr,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -24,7 +25,7 @@ use crate::{
     replay::{BoxError, Budget, ReplayBody},
     response::{Inner, UpstreamBody},
     retry::{
-        HedgingPolicy, Pushback, RetryPolicy, ServiceConfig, Throttle, Verdict,
+        HedgeSchedule, HedgingPolicy, Pushback, RetryPolicy, ServiceConfig, Throttle, Verdict,
         policy::{RetryState, StopReason},
     },
     rng::SplitMix64,
@@ -233,34 +234,31 @@ where
         }
     }
 
-    /// Attempts every `delay` up to `max_attempts`, each on another endpoint; the first
-    /// response commits, a fatal status ends the call, the rest are cancelled.
+    /// Attempts on the [`HedgeSchedule`], each on another endpoint; the first response
+    /// commits, a fatal status ends the call, the rest are cancelled by being dropped.
     async fn hedge(&mut self, h: &HedgingPolicy) -> Result<Outcome, Error> {
         let mut running = FuturesUnordered::new();
         let (addr, send) = self.wait_pick().await?;
+        let begun = Instant::now();
         self.stats.attempts += 1;
         running.push(send_once(send, self.head.request(self.body.replay(), 0), addr, true));
-        let mut started = 1u32;
+        let mut schedule = HedgeSchedule::new(h);
         let mut last: Option<Result<Outcome, Error>>;
-        let next_hedge = tokio::time::sleep(h.delay);
-        tokio::pin!(next_hedge);
         loop {
-            let can_start = started < h.max_attempts && self.body.is_replayable();
+            let due = schedule.next_due().filter(|_| self.body.is_replayable()).map(|d| begun + d);
             tokio::select! {
-                () = &mut next_hedge, if can_start => {
-                    if self.start_hedge(&mut running, started) {
-                        started += 1;
-                    }
-                    next_hedge.as_mut().reset(Instant::now() + h.delay);
+                () = tokio::time::sleep_until(due.unwrap_or(begun)), if due.is_some() => {
+                    self.try_hedge(&mut running, &mut schedule, begun.elapsed());
+                    continue;
                 }
                 Some(res) = running.next() => {
                     match res {
                         Ok(Outcome::Status { code, pushback, resp }) if code != Code::Ok && !h.is_fatal(code) => {
                             self.on_failure();
-                            last = Some(Ok(Outcome::Status { code, pushback, resp }));
                             if pushback == Pushback::Stop {
-                                return Ok(last.take().unwrap().unwrap());
+                                return Ok(Outcome::Status { code, pushback, resp });
                             }
+                            last = Some(Ok(Outcome::Status { code, pushback, resp }));
                         }
                         Ok(outcome) => {
                             if !matches!(&outcome, Outcome::Status { code, .. } if *code != Code::Ok) {
@@ -273,21 +271,35 @@ where
                             last = Some(Err(Error::Upstream { addr, source: err }));
                         }
                     }
-                    // A non-fatal failure fires the next hedge at once.
-                    let can_start = started < h.max_attempts && self.body.is_replayable();
-                    if can_start && self.start_hedge(&mut running, started) {
-                        started += 1;
-                        next_hedge.as_mut().reset(Instant::now() + h.delay);
-                    }
-                    if running.is_empty() {
-                        if !self.body.is_replayable() {
-                            self.stats.committed_by_buffer = true;
-                        }
-                        return last.take().expect("an attempt ended");
-                    }
                 }
             }
+            let now = begun.elapsed();
+            schedule.on_nonfatal_failure(now);
+            if running.is_empty() && !(self.body.is_replayable() && self.try_hedge(&mut running, &mut schedule, now)) {
+                self.stats.committed_by_buffer |= !self.body.is_replayable();
+                return last.take().expect("an attempt ended");
+            }
         }
+    }
+
+    /// Starts the hedge that is due, if the throttle and the endpoints allow, and tells
+    /// the schedule either way.
+    fn try_hedge(
+        &mut self,
+        running: &mut FuturesUnordered<AttemptFuture>,
+        schedule: &mut HedgeSchedule,
+        now: Duration,
+    ) -> bool {
+        if !schedule.is_due(now) {
+            return false;
+        }
+        let started = self.start_hedge(running, schedule.started());
+        if started {
+            schedule.on_started(now);
+        } else {
+            schedule.on_deferred(now);
+        }
+        started
     }
 
     /// Starts one more hedged attempt on an endpoint not yet tried, if the throttle and

@@ -235,3 +235,42 @@ async fn throttling_stops_a_retry_storm_when_every_replica_fails() {
     assert_eq!(retries[0], 200, "without a throttle: 4 retries for each of 50 calls");
     assert!(retries[1] <= 10, "the bucket stops retries at half its 10 tokens: {} retries", retries[1]);
 }
+
+fn hedging_config(delay: &str) -> String {
+    format!(
+        r#"{{"methodConfig":[{{"name":[{{}}],"hedgingPolicy":{{"maxAttempts":3,"hedgingDelay":"{delay}",
+        "nonFatalStatusCodes":["UNAVAILABLE"]}}}}]}}"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_fatal_status_fires_the_next_hedge_at_once_and_a_fatal_one_ends_the_call() {
+    let config = config_file(&hedging_config("5s"));
+    let c = Cluster::start_with(
+        Protocol::H2,
+        LOCALS,
+        &["--service-config", &config],
+        failing("s1", 1.0, Code::Unavailable),
+    )
+    .await;
+    c.wait_for(&["s2"]).await;
+    let mut client = c.client().await;
+    for _ in 0..6 {
+        let started = Instant::now();
+        let r = client.say_hello(hello()).await.expect("the next hedge goes to s2");
+        assert_eq!(r.get_ref().server, "s2");
+        assert!(started.elapsed() < Duration::from_secs(2), "not after the 5 s hedging delay");
+    }
+
+    let fatal =
+        Cluster::start_with(Protocol::H2, LOCALS, &["--service-config", &config], failing("s1", 1.0, Code::NotFound))
+            .await;
+    fatal.wait_for(&["s2"]).await;
+    let client = fatal.client().await;
+    let outcomes: Vec<Code> = futures_util::future::join_all((0..6).map(|_| {
+        let mut client = client.clone();
+        async move { client.say_hello(hello()).await.map_or_else(|s| s.code(), |_| Code::Ok) }
+    }))
+    .await;
+    assert!(outcomes.contains(&Code::NotFound), "a call that starts on s1 ends with its NOT_FOUND: {outcomes:?}");
+}
