@@ -37,13 +37,20 @@ const MAX_REPLAYS: u64 = 5;
 
 /// Everything calls share: the pool, the limits, the policies and their state.
 pub(crate) struct Shared<B> {
+    /// The endpoints and their connections.
     pub pool: Arc<Pool<ReplayBody<B>>>,
+    /// Request bytes one call may keep for replays and retries.
     pub replay_limit: usize,
+    /// Larger request messages fail with RESOURCE_EXHAUSTED.
     pub max_message: u32,
+    /// Request bytes all calls together may keep.
     pub budget: Budget,
+    /// Per-method timeouts and policies.
     pub config: ServiceConfig,
+    /// One bucket for the target, when the config has `retryThrottling`.
     pub throttle: Option<Mutex<Throttle>>,
     pub counters: Counters,
+    /// Backoff jitter.
     pub rng: Mutex<SplitMix64>,
 }
 
