@@ -1,11 +1,11 @@
-//! The proxy: accepts gRPC over h2c and forwards every call, of any method and
-//! streaming kind, to a replica picked by [`balancer::Balancer`], without decoding
-//! protobuf. It answers `grpc.health.v1.Health` itself: SERVING while at least one
-//! replica is ready.
+//! The proxy: accepts gRPC over h2c (and HTTP/3 with `--listen-h3`) and forwards every
+//! call, of any method and streaming kind, to a replica picked by
+//! [`balancer::Balancer`], without decoding protobuf. It answers
+//! `grpc.health.v1.Health` itself: SERVING while at least one replica is ready.
 //!
 //! # Layout
 //! - [`config`]: flags and env vars.
-//! - [`run`]: the accept loop, per-request routing, and graceful shutdown.
+//! - [`run`]: the accept loops, per-request routing, and graceful shutdown.
 
 pub mod config;
 
@@ -39,8 +39,11 @@ type Health = HealthServer<HealthService>;
 
 const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";
 
+/// What every request needs, shared by both fronts.
 struct App {
+    /// Places calls on replicas.
     balancer: Balancer<FrontBody>,
+    /// Answers health checks here, from the balancer's ready count.
     health: Health,
 }
 
