@@ -5,9 +5,17 @@
 //! Picking walks a cursor over the endpoints (kept sorted by address) and takes the
 //! next ready one in the best tier: local endpoints first, remote ones only when no
 //! local endpoint is ready. Endpoints a call already tried are skipped while any other
-//! is ready.
+//! is ready. A local endpoint that was just discovered gets [`LOCAL_GRACE`] to connect
+//! before calls go remote, so a fresh balancer does not send its first calls to another
+//! node only because a remote handshake finished first. Time is passed in.
 
-use std::net::SocketAddr;
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+/// How long a new local endpoint's first connection is waited for.
+pub const LOCAL_GRACE: Duration = Duration::from_millis(500);
 
 /// What discovery saw: every address of the target, and which of them are local.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -29,6 +37,8 @@ struct Endpoint {
     local: bool,
     /// A connection is up and accepting new streams.
     ready: bool,
+    /// Until when calls wait for this new endpoint's first connection (local only).
+    grace_until: Option<Instant>,
 }
 
 /// Every known endpoint, with a round-robin cursor per tier.
@@ -50,7 +60,7 @@ pub enum Tier {
 impl EndpointSet {
     /// Replaces membership with `resolved`. Endpoints that stay keep their readiness;
     /// new ones start not ready until their connection is up.
-    pub fn apply(&mut self, resolved: &Resolved) -> Changes {
+    pub fn apply(&mut self, resolved: &Resolved, now: Instant) -> Changes {
         let mut all = resolved.all.clone();
         all.sort_unstable();
         all.dedup();
@@ -64,14 +74,15 @@ impl EndpointSet {
         self.endpoints = all
             .into_iter()
             .map(|addr| {
-                let ready = match old.binary_search_by_key(&addr, |e| e.addr) {
-                    Ok(i) => old[i].ready,
+                let local = resolved.local.contains(&addr);
+                let (ready, grace_until) = match old.binary_search_by_key(&addr, |e| e.addr) {
+                    Ok(i) => (old[i].ready, old[i].grace_until),
                     Err(_) => {
                         changes.added.push(addr);
-                        false
+                        (false, local.then(|| now + LOCAL_GRACE))
                     }
                 };
-                Endpoint { addr, local: resolved.local.contains(&addr), ready }
+                Endpoint { addr, local, ready, grace_until }
             })
             .collect();
         changes
@@ -82,16 +93,29 @@ impl EndpointSet {
     pub fn set_ready(&mut self, addr: SocketAddr, ready: bool) {
         if let Ok(i) = self.endpoints.binary_search_by_key(&addr, |e| e.addr) {
             self.endpoints[i].ready = ready;
+            self.endpoints[i].grace_until = None; // connected or failed: no more waiting
         }
     }
 
-    /// Picks the next ready endpoint: local before remote, untried before tried.
-    pub fn pick(&mut self, tried: &[SocketAddr]) -> Option<(SocketAddr, Tier)> {
+    /// Picks the next ready endpoint: local before remote, untried before tried. While
+    /// no local endpoint is ready but a new one is still within its grace, picks
+    /// nothing: see [`EndpointSet::grace_until`].
+    pub fn pick(&mut self, tried: &[SocketAddr], now: Instant) -> Option<(SocketAddr, Tier)> {
         let fresh = |e: &Endpoint| !tried.contains(&e.addr);
-        self.pick_in(Tier::Local, fresh)
-            .or_else(|| self.pick_in(Tier::Remote, fresh))
+        if let Some(p) = self.pick_in(Tier::Local, fresh) {
+            return Some(p);
+        }
+        if self.grace_until(now).is_some() && !self.endpoints.iter().any(|e| e.local && e.ready) {
+            return None;
+        }
+        self.pick_in(Tier::Remote, fresh)
             .or_else(|| self.pick_in(Tier::Local, |_| true))
             .or_else(|| self.pick_in(Tier::Remote, |_| true))
+    }
+
+    /// The latest moment a new local endpoint is still being waited for, if any.
+    pub fn grace_until(&self, now: Instant) -> Option<Instant> {
+        self.endpoints.iter().filter(|e| e.local).filter_map(|e| e.grace_until).filter(|t| *t > now).max()
     }
 
     fn pick_in(&mut self, tier: Tier, ok: impl Fn(&Endpoint) -> bool) -> Option<(SocketAddr, Tier)> {
@@ -135,6 +159,17 @@ impl EndpointSet {
 mod tests {
     use super::*;
 
+    /// A fixed moment; tests move time by adding to it.
+    fn t0() -> Instant {
+        use std::sync::OnceLock;
+        static T0: OnceLock<Instant> = OnceLock::new();
+        *T0.get_or_init(|| tokio::time::Instant::now().into_std())
+    }
+
+    fn late() -> Instant {
+        t0() + LOCAL_GRACE * 2
+    }
+
     fn a(n: u8) -> SocketAddr {
         SocketAddr::from(([10, 0, 0, n], 50051))
     }
@@ -142,7 +177,7 @@ mod tests {
     /// 1 and 2 local, 3 remote, all ready.
     fn cluster() -> EndpointSet {
         let mut set = EndpointSet::default();
-        set.apply(&Resolved { all: vec![a(3), a(1), a(2)], local: vec![a(1), a(2)] });
+        set.apply(&Resolved { all: vec![a(3), a(1), a(2)], local: vec![a(1), a(2)] }, t0());
         for n in 1..=3 {
             set.set_ready(a(n), true);
         }
@@ -151,7 +186,7 @@ mod tests {
 
     fn picks(set: &mut EndpointSet, n: usize) -> Vec<u8> {
         (0..n)
-            .map(|_| match set.pick(&[]).unwrap().0 {
+            .map(|_| match set.pick(&[], late()).unwrap().0 {
                 SocketAddr::V4(v4) => v4.ip().octets()[3],
                 SocketAddr::V6(_) => unreachable!(),
             })
@@ -170,7 +205,7 @@ mod tests {
         set.set_ready(a(1), false);
         assert_eq!(picks(&mut set, 3), [2, 2, 2]);
         set.set_ready(a(2), false);
-        assert_eq!(set.pick(&[]), Some((a(3), Tier::Remote)));
+        assert_eq!(set.pick(&[], late()), Some((a(3), Tier::Remote)));
         assert_eq!(picks(&mut set, 2), [3, 3]);
         set.set_ready(a(1), true);
         assert_eq!(picks(&mut set, 2), [1, 1]);
@@ -181,7 +216,7 @@ mod tests {
     #[test]
     fn without_locality_round_robins_over_all() {
         let mut set = EndpointSet::default();
-        set.apply(&Resolved { all: vec![a(1), a(2), a(3)], local: vec![] });
+        set.apply(&Resolved { all: vec![a(1), a(2), a(3)], local: vec![] }, t0());
         for n in 1..=3 {
             set.set_ready(a(n), true);
         }
@@ -191,16 +226,16 @@ mod tests {
     #[test]
     fn retries_go_to_another_local_then_remote_then_anything() {
         let mut set = cluster();
-        assert_eq!(set.pick(&[a(1)]), Some((a(2), Tier::Local)));
-        assert_eq!(set.pick(&[a(1), a(2)]), Some((a(3), Tier::Remote)));
-        let again = set.pick(&[a(1), a(2), a(3)]);
+        assert_eq!(set.pick(&[a(1)], late()), Some((a(2), Tier::Local)));
+        assert_eq!(set.pick(&[a(1), a(2)], late()), Some((a(3), Tier::Remote)));
+        let again = set.pick(&[a(1), a(2), a(3)], late());
         assert_eq!(again.map(|p| p.1), Some(Tier::Local));
     }
 
     #[test]
     fn new_endpoints_wait_for_their_connection() {
         let mut set = cluster();
-        let ch = set.apply(&Resolved { all: vec![a(1), a(2), a(3), a(4)], local: vec![a(1), a(2), a(4)] });
+        let ch = set.apply(&Resolved { all: vec![a(1), a(2), a(3), a(4)], local: vec![a(1), a(2), a(4)] }, t0());
         assert_eq!(ch, Changes { added: vec![a(4)], removed: vec![] });
         assert_eq!(picks(&mut set, 4), [1, 2, 1, 2]);
         set.set_ready(a(4), true);
@@ -210,7 +245,7 @@ mod tests {
     #[test]
     fn removed_endpoints_get_no_picks_and_stale_events_are_ignored() {
         let mut set = cluster();
-        let ch = set.apply(&Resolved { all: vec![a(2), a(3)], local: vec![a(2)] });
+        let ch = set.apply(&Resolved { all: vec![a(2), a(3)], local: vec![a(2)] }, t0());
         assert_eq!(ch, Changes { added: vec![], removed: vec![a(1)] });
         set.set_ready(a(1), true);
         assert!(!set.contains(a(1)));
@@ -221,15 +256,30 @@ mod tests {
     #[test]
     fn nothing_ready_picks_nothing() {
         let mut set = EndpointSet::default();
-        assert_eq!(set.pick(&[]), None);
-        set.apply(&Resolved { all: vec![a(1)], local: vec![] });
-        assert_eq!(set.pick(&[]), None);
+        assert_eq!(set.pick(&[], late()), None);
+        set.apply(&Resolved { all: vec![a(1)], local: vec![] }, t0());
+        assert_eq!(set.pick(&[], late()), None);
+    }
+
+    #[test]
+    fn a_new_local_endpoint_is_waited_for_before_going_remote() {
+        let mut set = EndpointSet::default();
+        set.apply(&Resolved { all: vec![a(1), a(3)], local: vec![a(1)] }, t0());
+        set.set_ready(a(3), true); // the remote handshake finished first
+        assert_eq!(set.pick(&[], t0()), None, "wait for the local one");
+        assert_eq!(set.grace_until(t0()), Some(t0() + LOCAL_GRACE));
+        assert_eq!(set.pick(&[], t0() + LOCAL_GRACE), Some((a(3), Tier::Remote)), "grace over: go remote");
+        set.set_ready(a(1), false); // the local one failed to connect
+        assert_eq!(set.grace_until(t0()), None);
+        assert_eq!(set.pick(&[], t0()), Some((a(3), Tier::Remote)));
+        set.set_ready(a(1), true);
+        assert_eq!(set.pick(&[], t0()), Some((a(1), Tier::Local)));
     }
 
     #[test]
     fn locality_follows_the_local_name() {
         let mut set = cluster();
-        set.apply(&Resolved { all: vec![a(1), a(2), a(3)], local: vec![a(3)] });
+        set.apply(&Resolved { all: vec![a(1), a(2), a(3)], local: vec![a(3)] }, t0());
         assert_eq!(picks(&mut set, 3), [3, 3, 3]);
     }
 }

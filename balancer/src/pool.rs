@@ -95,7 +95,7 @@ where
     /// Picks a ready endpoint now, if any: local first, untried first.
     pub(crate) fn pick(&self, tried: &[SocketAddr]) -> Option<(SocketAddr, Tier, Upstream<B>)> {
         let mut st = self.lock();
-        let (addr, tier) = st.set.pick(tried)?;
+        let (addr, tier) = st.set.pick(tried, Instant::now().into_std())?;
         let send = st.conns.get(&addr)?.send.clone()?;
         Some((addr, tier, send))
     }
@@ -114,7 +114,15 @@ where
             if let Some(p) = self.pick(tried) {
                 return Some(p);
             }
-            tokio::time::timeout_at(until, changed.changed()).await.ok()?.ok()?;
+            // Wake when something changes, or when a new local endpoint's grace ends.
+            let grace = self.lock().set.grace_until(Instant::now().into_std()).map(Instant::from_std);
+            let wake = grace.map_or(until, |g| g.min(until));
+            match tokio::time::timeout_at(wake, changed.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return None,
+                Err(_) if wake >= until => return None,
+                Err(_) => {}
+            }
         }
     }
 
@@ -168,7 +176,7 @@ where
             warn!(target = %self.target, "Target has no addresses yet");
         }
         st.resolved_once = true;
-        let changes = st.set.apply(&resolved);
+        let changes = st.set.apply(&resolved, Instant::now().into_std());
         for addr in changes.removed {
             info!(%addr, "Removing endpoint");
             if let Some(conn) = st.conns.remove(&addr) {
