@@ -30,20 +30,19 @@ fn failing(name: &'static str, rate: f64, code: Code) -> impl Fn(&str) -> Faults
     }
 }
 
+/// A cluster whose proxy retries UNAVAILABLE (4 attempts, 10 ms backoff).
+async fn retrying(layout: &[(&str, &str)], faults: impl Fn(&str) -> Faults) -> Cluster {
+    let config = config_file(&retry_config(4, "0.01s", r#""UNAVAILABLE""#));
+    Cluster::start_with(Protocol::H2, layout, &["--service-config", &config], faults).await
+}
+
 fn previous_attempts(md: &tonic::metadata::MetadataMap) -> u64 {
     md.get("grpc-previous-rpc-attempts").map_or(0, |v| v.to_str().unwrap().parse().unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_turn_a_30_percent_unavailable_replica_into_zero_failures() {
-    let config = config_file(&retry_config(4, "0.01s", r#""UNAVAILABLE""#));
-    let c = Cluster::start_with(
-        Protocol::H2,
-        LOCALS,
-        &["--service-config", &config],
-        failing("s1", 0.3, Code::Unavailable),
-    )
-    .await;
+    let c = retrying(LOCALS, failing("s1", 0.3, Code::Unavailable)).await;
     c.wait_for(&["s1", "s2"]).await;
     let (counts, failures) = tally(&mut c.client().await, 300).await;
     assert!(failures.is_empty(), "{} calls failed: {:?}", failures.len(), failures.first());
@@ -58,14 +57,7 @@ async fn retries_turn_a_30_percent_unavailable_replica_into_zero_failures() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn codes_not_listed_are_not_retried() {
-    let config = config_file(&retry_config(4, "0.01s", r#""UNAVAILABLE""#));
-    let c = Cluster::start_with(
-        Protocol::H2,
-        &[("s1", "node-a")],
-        &["--service-config", &config],
-        failing("s1", 1.0, Code::NotFound),
-    )
-    .await;
+    let c = retrying(&[("s1", "node-a")], failing("s1", 1.0, Code::NotFound)).await;
     let mut client = c.client().await;
     let err = loop {
         let e = client.say_hello(hello()).await.unwrap_err();
@@ -80,14 +72,7 @@ async fn codes_not_listed_are_not_retried() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trailers_only_status_is_retried_and_reports_previous_attempts() {
-    let config = config_file(&retry_config(4, "0.01s", r#""UNAVAILABLE""#));
-    let c = Cluster::start_with(
-        Protocol::H2,
-        LOCALS,
-        &["--service-config", &config],
-        failing("s1", 1.0, Code::Unavailable),
-    )
-    .await;
+    let c = retrying(LOCALS, failing("s1", 1.0, Code::Unavailable)).await;
     c.wait_for(&["s2"]).await;
     let mut client = c.client().await;
     // Until s1 is connected every call goes straight to s2; after, about half start on
@@ -125,9 +110,7 @@ async fn a_status_in_trailers_after_headers_is_retried_on_another_replica() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_committed_stream_is_not_retried() {
-    let config = config_file(&retry_config(4, "0.01s", r#""UNAVAILABLE""#));
-    let mut c =
-        Cluster::start(Protocol::H2, &[("s1", "node-a"), ("s2", "node-a")], &["--service-config", &config]).await;
+    let mut c = retrying(LOCALS, |_| Faults::default()).await;
     c.wait_for(&["s1", "s2"]).await;
     let req = proto::HelloStreamRequest { name: "s".into(), count: 0, interval_ms: 5, resume_after: 0 };
     let mut stream = c.client().await.say_hello_stream(req).await.unwrap().into_inner();
