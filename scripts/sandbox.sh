@@ -77,10 +77,15 @@ wait_healthy() {
   done
 }
 
-up() {
+# What `task up` checks before building: Docker answers and the ports are free.
+preflight() {
   need_docker
   need_port "$PROXY_PORT"
   need_port "${PROXY_B_PORT:-50060}"
+}
+
+up() {
+  preflight
   local started=$SECONDS
   dc up -d --remove-orphans
   wait_healthy
