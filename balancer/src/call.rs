@@ -115,13 +115,13 @@ where
         head.headers.insert("grpc-timeout", encode_timeout(t));
     }
     let wait = method.and_then(|m| m.wait_for_ready) != Some(false);
-    let until = if wait { deadline.unwrap_or(started + shared.pool.connect_timeout) } else { started };
+    let until = if wait { deadline.unwrap_or(started + shared.pool.connector.connect_timeout) } else { started };
     let body = ReplayBody::new(body, shared.replay_limit, shared.max_message, shared.budget.clone());
     let mut call = Call { shared, head, body, deadline, until, tried: Vec::new(), stats: CallStats::default() };
     let result = match (method.and_then(|m| m.retry.as_ref()), method.and_then(|m| m.hedging.as_ref())) {
         (Some(p), _) => call.retry(p).await,
         (None, Some(h)) => call.hedge(h).await,
-        (None, None) => call.attempt(0, false).await.map(|(_, o)| o),
+        (None, None) => call.attempt(0, false).await,
     };
     let (outcome, resp) = match result {
         Ok(Outcome::Committed(resp)) => ("RESPONSE", Ok(resp)),
@@ -145,7 +145,7 @@ where
     /// One attempt, replayed transparently on another endpoint while the endpoint
     /// certainly did not process it. `peek` reads ahead to the first message so a
     /// status in trailers after headers is seen before committing.
-    async fn attempt(&mut self, previous: u64, peek: bool) -> Result<(SocketAddr, Outcome), Error> {
+    async fn attempt(&mut self, previous: u64, peek: bool) -> Result<Outcome, Error> {
         loop {
             let (addr, send) = self.wait_pick().await?;
             self.stats.attempts += 1;
@@ -157,7 +157,7 @@ where
                     if let Some(too_large) = self.body.too_large() {
                         return Err(Error::TooLarge(too_large));
                     }
-                    return Ok((addr, outcome));
+                    return Ok(outcome);
                 }
                 Err(AttemptError { err, unprocessed, .. }) => {
                     if let Some(too_large) = self.body.too_large() {
@@ -193,17 +193,14 @@ where
         let target = self.shared.pool.target.clone();
         match self.deadline {
             Some(_) => Error::Deadline { target, tried },
-            None => Error::NoEndpoint { target, waited: self.shared.pool.connect_timeout, tried },
+            None => Error::NoEndpoint { target, waited: self.shared.pool.connector.connect_timeout, tried },
         }
     }
 
     async fn retry(&mut self, p: &RetryPolicy) -> Result<Outcome, Error> {
         let mut state = RetryState::default();
         loop {
-            let outcome = match self.attempt(u64::from(state.attempts - 1), true).await {
-                Ok((_, outcome)) => outcome,
-                Err(e) => return Err(e),
-            };
+            let outcome = self.attempt(u64::from(state.attempts - 1), true).await?;
             let Outcome::Status { code, pushback, .. } = &outcome else {
                 self.on_success();
                 return Ok(outcome);

@@ -20,14 +20,13 @@ use tracing::{debug, info, warn};
 use crate::{
     connect::{Connector, Upstream, connect_loop},
     discover::{Discovery, Lookup},
-    pick::{EndpointSet, Resolved, Tier},
+    pick::{EndpointSet, Tier},
 };
 
 pub(crate) struct Pool<B> {
     pub(crate) target: String,
     /// The target as an HTTP authority, for requests that come without one.
     pub(crate) authority: http::uri::Authority,
-    pub(crate) connect_timeout: Duration,
     pub(crate) connector: Arc<Connector>,
     state: Mutex<State<B>>,
     /// Bumped whenever an endpoint comes or goes, for calls waiting for one.
@@ -72,7 +71,6 @@ where
         let pool = Arc::new(Pool {
             authority: target.parse().unwrap_or_else(|_| http::uri::Authority::from_static("localhost")),
             target,
-            connect_timeout: connector.connect_timeout,
             connector: Arc::new(connector),
             state: Mutex::new(State {
                 set: EndpointSet::default(),
@@ -189,7 +187,7 @@ where
             let task = tokio::spawn(connect_loop(Arc::downgrade(self), addr)).abort_handle();
             st.conns.insert(addr, Conn { send: None, last_error: None, task });
         }
-        log_locality(&st.set, &resolved);
+        debug!(endpoints = st.set.len(), local = resolved.local.len(), "Membership updated");
         self.publish(&st);
     }
 
@@ -209,10 +207,6 @@ where
         self.ready.send_if_modified(|n| std::mem::replace(n, st.set.ready_count()) != *n);
         self.changed.send_replace(());
     }
-}
-
-fn log_locality(set: &EndpointSet, resolved: &Resolved) {
-    debug!(endpoints = set.len(), local = resolved.local.len(), "Membership updated");
 }
 
 async fn discover<B>(pool: Weak<Pool<B>>, refresh: Arc<Notify>, discovery: Discovery, interval: Duration)

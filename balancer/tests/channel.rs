@@ -34,6 +34,7 @@ async fn a_tonic_client_balances_local_first_and_fails_over() {
     let channel = Balancer::new(settings).unwrap();
     let mut ready = channel.ready_endpoints();
     tokio::time::timeout(Duration::from_secs(5), ready.wait_for(|n| *n == 3)).await.unwrap().unwrap();
+    let counters = channel.counters().clone();
     let mut client = HelloServiceClient::new(channel);
 
     let counts = tally(&mut client, 300).await;
@@ -43,4 +44,10 @@ async fn a_tonic_client_balances_local_first_and_fails_over() {
     s2.kill();
     let counts = tally(&mut client, 20).await;
     assert_eq!(counts, BTreeMap::from([("s3".into(), 20)]), "no failed calls, all on node-b");
+
+    let m = &counters.snapshot()["/hello.HelloService/SayHello"];
+    assert_eq!(m.calls, 320);
+    assert_eq!(m.outcomes.get("RESPONSE"), Some(&320));
+    assert_eq!(m.attempts, 320, "replays of unprocessed calls are not attempts");
+    assert_eq!((m.retries, m.hedges, m.throttled), (0, 0, 0));
 }
