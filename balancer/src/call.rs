@@ -12,12 +12,11 @@ use std::{
 use bytes::Bytes;
 use futures_util::{StreamExt, stream::FuturesUnordered};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, Version};
+use lb_core::Code;
 use tokio::time::Instant;
-use tonic::Code;
 use tracing::debug;
 
 use crate::{
-    code::code_name,
     connect::Upstream,
     counters::{CallStats, Counters},
     error::Error,
@@ -125,8 +124,8 @@ where
     };
     let (outcome, resp) = match result {
         Ok(Outcome::Committed(resp)) => ("RESPONSE", Ok(resp)),
-        Ok(Outcome::Status { code, resp, .. }) => (code_name(code), Ok(resp)),
-        Err(e) => (code_name(e.code()), Err(e)),
+        Ok(Outcome::Status { code, resp, .. }) => (code.name(), Ok(resp)),
+        Err(e) => (crate::code::code_name(e.code()), Err(e)),
     };
     shared.counters.record(call.head.uri.path(), &call.stats, outcome);
     resp.map(|mut r| {
@@ -224,7 +223,7 @@ where
             };
             match verdict {
                 Verdict::Retry { after } if self.deadline.is_none_or(|d| Instant::now() + after < d) => {
-                    debug!(code = code_name(code), after_ms = after.as_millis() as u64, "Retrying");
+                    debug!(code = code.name(), after_ms = after.as_millis() as u64, "Retrying");
                     self.stats.retries += 1;
                     drop(outcome); // the failed attempt is over: free its stream before waiting
                     tokio::time::sleep(after).await;

@@ -28,26 +28,22 @@
 //! # Ok(()) }
 //! ```
 
-pub mod backoff;
 mod call;
 pub mod channel;
 pub mod code;
 pub mod connect;
 pub mod counters;
 pub mod discover;
-pub mod duration;
 pub mod error;
-pub mod frame;
-pub mod pick;
 mod pool;
 pub mod probe;
 pub mod replay;
 pub mod response;
-pub mod retry;
-pub mod rng;
 pub mod signal;
 pub mod telemetry;
 mod wire;
+
+pub use lb_core::{backoff, duration, frame, pick, retry, rng};
 
 pub use channel::{Balancer, Settings};
 pub use connect::Protocol;

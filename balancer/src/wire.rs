@@ -5,17 +5,13 @@
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue, Uri};
-use tonic::Code;
+use lb_core::Code;
 
 use crate::retry::Pushback;
 
 /// A malformed `grpc-status` is UNKNOWN, as gRPC clients treat it.
 pub(crate) fn status_code(v: &HeaderValue) -> Code {
-    v.to_str()
-        .ok()
-        .and_then(|s| s.parse::<i32>().ok())
-        .filter(|n| (0..=16).contains(n))
-        .map_or(Code::Unknown, Code::from_i32)
+    Code::from_header(v.as_bytes())
 }
 
 pub(crate) fn pushback(h: &HeaderMap) -> Pushback {

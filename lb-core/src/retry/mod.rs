@@ -1,6 +1,6 @@
 //! Retries, hedging and retry throttling as gRFC A6 defines them, configured by the
 //! standard gRPC service config. Pure: decisions take the attempt count, the status,
-//! the throttle and an RNG; the IO (sleeping, sending) is in [`crate::channel`].
+//! the throttle and an RNG; the call state machine ([`crate::call`]) applies them.
 //!
 //! - [`config`]: parses and validates the service config JSON.
 //! - [`policy`]: when to retry and after how long; hedging's non-fatal codes.

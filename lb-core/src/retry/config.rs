@@ -4,11 +4,10 @@
 
 use std::{fmt, time::Duration};
 
+use crate::code::Code;
 use serde_json::Value;
-use tonic::Code;
 
 use super::policy::{CodeSet, HedgingPolicy, RetryPolicy};
-use crate::code::parse_code;
 
 /// A parsed, validated service config.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -197,9 +196,9 @@ fn codes(v: &Value, p: &Path, key: &str) -> Result<CodeSet, ConfigError> {
     let Some(list) = v.get(key) else { return Ok(set) };
     for (i, c) in list.as_array().ok_or_else(|| err(&kp, "must be an array"))?.iter().enumerate() {
         let code = match c {
-            Value::String(s) => parse_code(s),
+            Value::String(s) => Code::parse(s),
             Value::Number(n) => {
-                n.as_u64().map_or(Err(format!("{n} is not a status code")), |n| parse_code(&n.to_string()))
+                n.as_u64().map_or(Err(format!("{n} is not a status code")), |n| Code::parse(&n.to_string()))
             }
             _ => Err("must be a status code name or number".to_owned()),
         }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use tonic::Code;
+use crate::code::Code;
 
 use crate::rng::Rng;
 

@@ -1,0 +1,22 @@
+//! The pure core of the balancer, in the manner of quinn-proto: no IO, no clock, no
+//! async runtime. Time and randomness come in as arguments, so every rule here is
+//! tested with exact sequences. The `balancer` crate is the IO shell around it.
+//!
+//! # Layout
+//! - [`pick`]: the endpoint set and the local-first round-robin picker.
+//! - [`retry`]: the service config, retry and hedging policies, the throttle.
+//! - [`call`]: one call's state machine: attempts, transparent retries, retries,
+//!   hedges, commit, deadline.
+//! - [`backoff`]: the reconnect delay; [`rng`]: the randomness it takes.
+//! - [`code`]: gRPC status codes and their HTTP mappings; [`frame`]: gRPC message
+//!   prefixes; [`duration`]: human durations for flags.
+
+pub mod backoff;
+pub mod code;
+pub mod duration;
+pub mod frame;
+pub mod pick;
+pub mod retry;
+pub mod rng;
+
+pub use code::Code;
