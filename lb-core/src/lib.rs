@@ -12,6 +12,7 @@
 //!   prefixes; [`duration`]: human durations for flags.
 
 pub mod backoff;
+pub mod call;
 pub mod code;
 pub mod duration;
 pub mod frame;

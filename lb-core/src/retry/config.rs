@@ -72,7 +72,15 @@ impl ServiceConfig {
             let p = root_path.key("methodConfig");
             let list = list.as_array().ok_or_else(|| err(&p, "must be an array"))?;
             for (i, m) in list.iter().enumerate() {
-                cfg.methods.push(method(m, &p.index(i), max_attempts)?);
+                let m = method(m, &p.index(i), max_attempts)?;
+                for (j, name) in m.names.iter().enumerate() {
+                    if cfg.methods.iter().any(|c| c.names.contains(name)) || m.names[..j].contains(name) {
+                        let (s, mname) = name;
+                        let what = if s.is_empty() { "the default name".to_owned() } else { format!("{s}/{mname}") };
+                        return Err(err(&p.index(i).key("name").index(j), format!("{what} appears twice")));
+                    }
+                }
+                cfg.methods.push(m);
             }
         }
         if let Some(t) = obj.get("retryThrottling") {
@@ -82,8 +90,9 @@ impl ServiceConfig {
                 return Err(err(&p.key("maxTokens"), format!("must be in (0, 1000], got {max_tokens}")));
             }
             let ratio = number(t, &p, "tokenRatio")?.ok_or_else(|| err(&p.key("tokenRatio"), "is required"))?;
-            if ratio <= 0.0 {
-                return Err(err(&p.key("tokenRatio"), format!("must be greater than 0, got {ratio}")));
+            // A6 keeps three decimals: anything that rounds to 0 would never refill.
+            if !(ratio * 1000.0).round().is_normal() || ratio * 1000.0 > f64::from(u32::MAX) {
+                return Err(err(&p.key("tokenRatio"), format!("must be at least 0.001, got {ratio}")));
             }
             cfg.throttling = Some((max_tokens, ratio));
         }
@@ -214,7 +223,12 @@ fn codes(v: &Value, p: &Path, key: &str) -> Result<CodeSet, ConfigError> {
 /// A protobuf JSON duration: decimal seconds with an `s` suffix, like "0.5s".
 fn duration(s: &str, p: &Path) -> Result<Duration, ConfigError> {
     let bad = || err(p, format!("expected a duration like \"0.5s\", got {s:?}"));
+    /// google.protobuf.Duration's range: about 10,000 years.
+    const MAX_SECS: f64 = 315_576_000_000.0;
     let secs: f64 = s.strip_suffix('s').ok_or_else(bad)?.parse().map_err(|_| bad())?;
+    if secs > MAX_SECS {
+        return Err(err(p, format!("{s:?} is beyond protobuf's Duration range ({MAX_SECS}s)")));
+    }
     Duration::try_from_secs_f64(secs).map_err(|_| bad())
 }
 
@@ -299,6 +313,24 @@ mod tests {
             "retryThrottling.maxTokens: must be in (0, 1000], got 0"
         );
         assert!(error_of("{").starts_with("(root): invalid JSON"));
+        assert_eq!(
+            error_of(r#"{"retryThrottling":{"maxTokens":10,"tokenRatio":0.0004}}"#),
+            "retryThrottling.tokenRatio: must be at least 0.001, got 0.0004"
+        );
+        assert_eq!(
+            error_of(
+                r#"{"methodConfig":[{"name":[{"service":"a.B"}]},{"name":[{"service":"c.D"},{"service":"a.B"}]}]}"#
+            ),
+            "methodConfig[1].name[1]: a.B/ appears twice"
+        );
+        assert_eq!(
+            error_of(r#"{"methodConfig":[{"name":[{},{}]}]}"#),
+            "methodConfig[0].name[1]: the default name appears twice"
+        );
+        assert!(
+            error_of(r#"{"methodConfig":[{"name":[{}],"timeout":"1e19s"}]}"#)
+                .starts_with("methodConfig[0].timeout: \"1e19s\" is beyond protobuf's Duration range")
+        );
         assert!(error_of(&policy(r#"{"maxAttempts":2,"initialBackoff":"1s","maxBackoff":"1s","backoffMultiplier":2,"retryableStatusCodes":["NOPE"]}"#))
             .starts_with("methodConfig[0].retryPolicy.retryableStatusCodes[0]: unknown gRPC status code"));
     }

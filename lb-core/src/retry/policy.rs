@@ -70,7 +70,9 @@ pub enum Pushback {
 impl Pushback {
     pub fn parse(header: Option<&[u8]>) -> Pushback {
         let Some(v) = header else { return Pushback::None };
-        match std::str::from_utf8(v).ok().and_then(|s| s.trim().parse::<i64>().ok()) {
+        // An int32 of milliseconds; anything else (negative, too large, not a number)
+        // means "do not retry", as gRPC reads it.
+        match std::str::from_utf8(v).ok().and_then(|s| s.trim().parse::<i32>().ok()) {
             Some(ms) if ms >= 0 => Pushback::After(Duration::from_millis(ms as u64)),
             _ => Pushback::Stop,
         }
@@ -138,8 +140,11 @@ impl RetryState {
                 d
             }
             _ => {
-                let cap = p.initial_backoff.mul_f64(p.multiplier.powi(self.backoff_n as i32)).min(p.max_backoff);
-                self.backoff_n += 1;
+                // In f64 seconds: initial · multiplier^n overflows Duration long before
+                // the cap applies (a multiplier of 1e7 after three retries).
+                let exp = p.initial_backoff.as_secs_f64() * p.multiplier.powi(self.backoff_n.min(1024) as i32);
+                let cap = Duration::try_from_secs_f64(exp).map_or(p.max_backoff, |d| d.min(p.max_backoff));
+                self.backoff_n = self.backoff_n.saturating_add(1);
                 Duration::from_nanos(rng.below(cap.as_nanos() as u64 + 1))
             }
         };
@@ -200,6 +205,20 @@ mod tests {
     }
 
     #[test]
+    fn a_huge_multiplier_saturates_at_the_cap() {
+        let p = RetryPolicy { multiplier: 1e7, ..policy() };
+        let mut s = RetryState::default();
+        let ms: Vec<u128> =
+            (0..4).map(|_| after(s.next(&p, Code::Unavailable, Pushback::None, true, &mut Top))).collect();
+        assert_eq!(ms, [100, 500, 500, 500]);
+        let p = RetryPolicy { multiplier: f64::MAX, max_attempts: 100, ..policy() };
+        let mut s = RetryState::default();
+        for _ in 0..50 {
+            assert!(after(s.next(&p, Code::Unavailable, Pushback::None, true, &mut Top)) <= 500);
+        }
+    }
+
+    #[test]
     fn the_throttle_stops_retries() {
         let v = RetryState::default().next(&policy(), Code::Unavailable, Pushback::None, false, &mut Top);
         assert_eq!(v, Verdict::Stop(StopReason::Throttled));
@@ -212,6 +231,9 @@ mod tests {
         assert_eq!(Pushback::parse(Some(b"-1")), Pushback::Stop);
         assert_eq!(Pushback::parse(Some(b"soon")), Pushback::Stop);
         assert_eq!(Pushback::parse(Some(b"\xff")), Pushback::Stop);
+        assert_eq!(Pushback::parse(Some(b"2147483647")), Pushback::After(Duration::from_millis(i32::MAX as u64)));
+        assert_eq!(Pushback::parse(Some(b"2147483648")), Pushback::Stop, "above int32");
+        assert_eq!(Pushback::parse(Some(b"99999999999999999999999")), Pushback::Stop);
     }
 
     #[test]

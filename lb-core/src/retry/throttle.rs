@@ -1,32 +1,49 @@
-//! The retry throttle of gRFC A6: one token bucket per target. A failed attempt costs
-//! a token, a success earns `tokenRatio`; retries and hedges stop while the bucket holds
-//! half its capacity or less. Kept in thousandths, as A6 does, so it is exact.
+//! The retry throttle of gRFC A6: one token bucket per target, shared by every call. A
+//! failed attempt costs a token, a successful call earns `tokenRatio`; retries and
+//! hedges stop while the bucket holds half its capacity or less. Kept in thousandths,
+//! as A6 does, so it is exact; lock-free, so calls share it without a mutex.
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+use std::sync::atomic::{AtomicU32, Ordering};
+
+#[derive(Debug)]
 pub struct Throttle {
+    /// Capacity, in thousandths of a token.
     max: u32,
+    /// What a success earns, in thousandths.
     ratio: u32,
-    tokens: u32,
+    tokens: AtomicU32,
 }
 
 impl Throttle {
+    /// A full bucket. The config parser has checked `0 < max_tokens <= 1000` and that
+    /// `token_ratio` keeps at least one thousandth.
     pub fn new(max_tokens: f64, token_ratio: f64) -> Self {
         let max = (max_tokens * 1000.0).round() as u32;
-        Throttle { max, ratio: (token_ratio * 1000.0).round() as u32, tokens: max }
+        Throttle { max, ratio: (token_ratio * 1000.0).round() as u32, tokens: AtomicU32::new(max) }
     }
 
     /// An attempt failed with a retryable (or non-fatal) status.
-    pub fn on_failure(&mut self) {
-        self.tokens = self.tokens.saturating_sub(1000);
+    pub fn on_failure(&self) {
+        self.update(|t| t.saturating_sub(1000));
     }
 
-    pub fn on_success(&mut self) {
-        self.tokens = (self.tokens + self.ratio).min(self.max);
+    /// A call succeeded, whatever its method's policy.
+    pub fn on_success(&self) {
+        self.update(|t| t.saturating_add(self.ratio).min(self.max));
     }
 
     /// Whether a retry or hedge may be sent now.
     pub fn allows(&self) -> bool {
-        self.tokens > self.max / 2
+        self.tokens.load(Ordering::Relaxed) > self.max / 2
+    }
+
+    /// Tokens left, in thousandths.
+    pub fn tokens(&self) -> u32 {
+        self.tokens.load(Ordering::Relaxed)
+    }
+
+    fn update(&self, f: impl Fn(u32) -> u32) {
+        let _ = self.tokens.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| Some(f(t)));
     }
 }
 
@@ -36,7 +53,7 @@ mod tests {
 
     #[test]
     fn stops_at_half_and_recovers_by_the_ratio() {
-        let mut t = Throttle::new(10.0, 0.5);
+        let t = Throttle::new(10.0, 0.5);
         for _ in 0..4 {
             t.on_failure();
         }
@@ -48,10 +65,10 @@ mod tests {
         for _ in 0..100 {
             t.on_success();
         }
-        assert_eq!(t, Throttle { max: 10_000, ratio: 500, tokens: 10_000 });
+        assert_eq!(t.tokens(), 10_000);
         for _ in 0..100 {
             t.on_failure();
         }
-        assert_eq!(t.tokens, 0);
+        assert_eq!(t.tokens(), 0);
     }
 }
