@@ -1,18 +1,36 @@
-//! The endpoint set and the local-first round-robin picker. Pure: fed by discovery
-//! updates ([`EndpointSet::apply`]) and connection events ([`EndpointSet::set_ready`]),
-//! no IO, no clock.
+//! The endpoint set and the local-first round-robin picker. Pure: no IO, no clock, no
+//! lock. One owner feeds the [`EndpointSet`] discovery updates and connection events and
+//! publishes an immutable [`Snapshot`] after each change; calls pick from it at once.
 //!
-//! Picking walks a cursor over the endpoints (kept sorted by address) and takes the
-//! next ready one in the best tier: local endpoints first, remote ones only when no
-//! local endpoint is ready. Endpoints a call already tried are skipped while any other
-//! is ready. A local endpoint that was just discovered gets [`LOCAL_GRACE`] to connect
-//! before calls go remote, so a fresh balancer does not send its first calls to another
-//! node only because a remote handshake finished first. Time is passed in.
+//! # Rules
+//! - Local endpoints first; remote ones only when no local endpoint is ready.
+//! - Round-robin per method: each method path has its own cursor per tier in [`Cursors`],
+//!   so one method's calls spread evenly whatever other methods interleave. The cursors
+//!   outlive snapshots, so publishing a new snapshot does not restart the rotation.
+//! - Endpoints a call already tried are skipped while any other is ready: untried local,
+//!   untried remote, then tried local, tried remote.
+//! - A local endpoint that was just discovered gets [`LOCAL_GRACE`] to connect before
+//!   calls go remote, so a fresh balancer does not send its first calls to another node
+//!   only because a remote handshake finished first: while no local endpoint is ready and
+//!   one is within its grace, [`Snapshot::pick`] answers [`Pick::WaitUntil`].
+//! - Endpoints are kept in address order, so identical updates give identical rotations.
+//!
+//! # Call order
+//! [`EndpointSet::apply`] on each discovery answer (open and close connections for the
+//! [`Changes`]), [`EndpointSet::set_ready`] when a connection comes up or goes away, then
+//! [`EndpointSet::snapshot`] to publish; every call: [`Snapshot::pick`] on the latest
+//! snapshot with the one [`Cursors`] kept for the set's lifetime. Time is passed in.
+
+mod cursors;
+mod snapshot;
 
 use std::{
     net::SocketAddr,
     time::{Duration, Instant},
 };
+
+pub use cursors::Cursors;
+pub use snapshot::{Pick, Snapshot};
 
 /// How long a new local endpoint's first connection is waited for.
 pub const LOCAL_GRACE: Duration = Duration::from_millis(500);
@@ -20,15 +38,34 @@ pub const LOCAL_GRACE: Duration = Duration::from_millis(500);
 /// What discovery saw: every address of the target, and which of them are local.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Resolved {
+    /// Every address of the target, local ones included.
     pub all: Vec<SocketAddr>,
+    /// The addresses of the local name; those not also in `all` are ignored.
     pub local: Vec<SocketAddr>,
 }
 
 /// How an update changed membership, so the IO layer can open and close connections.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Changes {
+    /// New endpoints, in address order: open a connection to each.
     pub added: Vec<SocketAddr>,
+    /// Endpoints gone, in address order: close their connections.
     pub removed: Vec<SocketAddr>,
+}
+
+/// Where an endpoint sits: on this node or another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tier {
+    /// On this node (an address of the local name).
+    Local,
+    /// On another node: picked only when no local endpoint is ready.
+    Remote,
+}
+
+impl Tier {
+    fn of(local: bool) -> Tier {
+        if local { Tier::Local } else { Tier::Remote }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,20 +78,12 @@ struct Endpoint {
     grace_until: Option<Instant>,
 }
 
-/// Every known endpoint, with a round-robin cursor per tier.
+/// Every known endpoint with its locality and readiness. Owned by one task; calls pick
+/// from the [`Snapshot`]s it publishes.
 #[derive(Debug, Default)]
 pub struct EndpointSet {
     /// Sorted by address, so picks are stable across identical updates.
     endpoints: Vec<Endpoint>,
-    /// Index where the next search starts, per tier (local, remote).
-    cursors: [usize; 2],
-}
-
-/// Where a picked endpoint sits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Tier {
-    Local,
-    Remote,
 }
 
 impl EndpointSet {
@@ -97,54 +126,44 @@ impl EndpointSet {
         }
     }
 
-    /// Picks the next ready endpoint: local before remote, untried before tried. While
-    /// no local endpoint is ready but a new one is still within its grace, picks
-    /// nothing: see [`EndpointSet::grace_until`].
-    pub fn pick(&mut self, tried: &[SocketAddr], now: Instant) -> Option<(SocketAddr, Tier)> {
-        let fresh = |e: &Endpoint| !tried.contains(&e.addr);
-        if let Some(p) = self.pick_in(Tier::Local, fresh) {
-            return Some(p);
+    /// What calls can pick from now: each ready endpoint for which `handle` (the IO
+    /// side's connection) returns `Some`, with that handle. `handle` is called once per
+    /// ready endpoint, in address order.
+    pub fn snapshot<T>(&self, mut handle: impl FnMut(SocketAddr) -> Option<T>) -> Snapshot<T> {
+        let mut tiers = [Vec::new(), Vec::new()];
+        for e in self.endpoints.iter().filter(|e| e.ready) {
+            if let Some(h) = handle(e.addr) {
+                tiers[Tier::of(e.local) as usize].push((e.addr, h));
+            }
         }
-        if self.grace_until(now).is_some() && !self.endpoints.iter().any(|e| e.local && e.ready) {
-            return None;
-        }
-        self.pick_in(Tier::Remote, fresh)
-            .or_else(|| self.pick_in(Tier::Local, |_| true))
-            .or_else(|| self.pick_in(Tier::Remote, |_| true))
+        Snapshot::new(tiers, self.last_grace())
     }
 
     /// The latest moment a new local endpoint is still being waited for, if any.
     pub fn grace_until(&self, now: Instant) -> Option<Instant> {
-        self.endpoints.iter().filter(|e| e.local).filter_map(|e| e.grace_until).filter(|t| *t > now).max()
+        self.last_grace().filter(|t| *t > now)
     }
 
-    fn pick_in(&mut self, tier: Tier, ok: impl Fn(&Endpoint) -> bool) -> Option<(SocketAddr, Tier)> {
-        let n = self.endpoints.len();
-        let cursor = &mut self.cursors[tier as usize];
-        let start = *cursor % n.max(1);
-        for step in 0..n {
-            let i = (start + step) % n;
-            let e = &self.endpoints[i];
-            if e.ready && e.local == (tier == Tier::Local) && ok(e) {
-                *cursor = i + 1;
-                return Some((e.addr, tier));
-            }
-        }
-        None
+    fn last_grace(&self) -> Option<Instant> {
+        self.endpoints.iter().filter(|e| e.local).filter_map(|e| e.grace_until).max()
     }
 
+    /// Whether `addr` is a current member.
     pub fn contains(&self, addr: SocketAddr) -> bool {
         self.endpoints.binary_search_by_key(&addr, |e| e.addr).is_ok()
     }
 
+    /// How many endpoints are known, ready or not.
     pub fn len(&self) -> usize {
         self.endpoints.len()
     }
 
+    /// No endpoint is known.
     pub fn is_empty(&self) -> bool {
         self.endpoints.is_empty()
     }
 
+    /// How many endpoints have a connection up, for health reporting.
     pub fn ready_count(&self) -> usize {
         self.endpoints.iter().filter(|e| e.ready).count()
     }
@@ -156,132 +175,4 @@ impl EndpointSet {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A fixed moment; tests move time by adding to it.
-    fn t0() -> Instant {
-        use std::sync::OnceLock;
-        static T0: OnceLock<Instant> = OnceLock::new();
-        #[allow(clippy::disallowed_methods, reason = "a fixed reference point, not a timer")]
-        let t0 = *T0.get_or_init(Instant::now);
-        t0
-    }
-
-    fn late() -> Instant {
-        t0() + LOCAL_GRACE * 2
-    }
-
-    fn a(n: u8) -> SocketAddr {
-        SocketAddr::from(([10, 0, 0, n], 50051))
-    }
-
-    /// 1 and 2 local, 3 remote, all ready.
-    fn cluster() -> EndpointSet {
-        let mut set = EndpointSet::default();
-        set.apply(&Resolved { all: vec![a(3), a(1), a(2)], local: vec![a(1), a(2)] }, t0());
-        for n in 1..=3 {
-            set.set_ready(a(n), true);
-        }
-        set
-    }
-
-    fn picks(set: &mut EndpointSet, n: usize) -> Vec<u8> {
-        (0..n)
-            .map(|_| match set.pick(&[], late()).unwrap().0 {
-                SocketAddr::V4(v4) => v4.ip().octets()[3],
-                SocketAddr::V6(_) => unreachable!(),
-            })
-            .collect()
-    }
-
-    #[test]
-    fn round_robins_over_locals_only() {
-        let mut set = cluster();
-        assert_eq!(picks(&mut set, 6), [1, 2, 1, 2, 1, 2]);
-    }
-
-    #[test]
-    fn prefers_local_until_none_ready_then_fails_back() {
-        let mut set = cluster();
-        set.set_ready(a(1), false);
-        assert_eq!(picks(&mut set, 3), [2, 2, 2]);
-        set.set_ready(a(2), false);
-        assert_eq!(set.pick(&[], late()), Some((a(3), Tier::Remote)));
-        assert_eq!(picks(&mut set, 2), [3, 3]);
-        set.set_ready(a(1), true);
-        assert_eq!(picks(&mut set, 2), [1, 1]);
-        set.set_ready(a(2), true);
-        assert_eq!(picks(&mut set, 4), [2, 1, 2, 1]);
-    }
-
-    #[test]
-    fn without_locality_round_robins_over_all() {
-        let mut set = EndpointSet::default();
-        set.apply(&Resolved { all: vec![a(1), a(2), a(3)], local: vec![] }, t0());
-        for n in 1..=3 {
-            set.set_ready(a(n), true);
-        }
-        assert_eq!(picks(&mut set, 6), [1, 2, 3, 1, 2, 3]);
-    }
-
-    #[test]
-    fn retries_go_to_another_local_then_remote_then_anything() {
-        let mut set = cluster();
-        assert_eq!(set.pick(&[a(1)], late()), Some((a(2), Tier::Local)));
-        assert_eq!(set.pick(&[a(1), a(2)], late()), Some((a(3), Tier::Remote)));
-        let again = set.pick(&[a(1), a(2), a(3)], late());
-        assert_eq!(again.map(|p| p.1), Some(Tier::Local));
-    }
-
-    #[test]
-    fn new_endpoints_wait_for_their_connection() {
-        let mut set = cluster();
-        let ch = set.apply(&Resolved { all: vec![a(1), a(2), a(3), a(4)], local: vec![a(1), a(2), a(4)] }, t0());
-        assert_eq!(ch, Changes { added: vec![a(4)], removed: vec![] });
-        assert_eq!(picks(&mut set, 4), [1, 2, 1, 2]);
-        set.set_ready(a(4), true);
-        assert_eq!(picks(&mut set, 6), [4, 1, 2, 4, 1, 2]);
-    }
-
-    #[test]
-    fn removed_endpoints_get_no_picks_and_stale_events_are_ignored() {
-        let mut set = cluster();
-        let ch = set.apply(&Resolved { all: vec![a(2), a(3)], local: vec![a(2)] }, t0());
-        assert_eq!(ch, Changes { added: vec![], removed: vec![a(1)] });
-        set.set_ready(a(1), true);
-        assert!(!set.contains(a(1)));
-        assert_eq!(picks(&mut set, 3), [2, 2, 2]);
-        assert_eq!(set.ready_count(), 2);
-    }
-
-    #[test]
-    fn nothing_ready_picks_nothing() {
-        let mut set = EndpointSet::default();
-        assert_eq!(set.pick(&[], late()), None);
-        set.apply(&Resolved { all: vec![a(1)], local: vec![] }, t0());
-        assert_eq!(set.pick(&[], late()), None);
-    }
-
-    #[test]
-    fn a_new_local_endpoint_is_waited_for_before_going_remote() {
-        let mut set = EndpointSet::default();
-        set.apply(&Resolved { all: vec![a(1), a(3)], local: vec![a(1)] }, t0());
-        set.set_ready(a(3), true); // the remote handshake finished first
-        assert_eq!(set.pick(&[], t0()), None, "wait for the local one");
-        assert_eq!(set.grace_until(t0()), Some(t0() + LOCAL_GRACE));
-        assert_eq!(set.pick(&[], t0() + LOCAL_GRACE), Some((a(3), Tier::Remote)), "grace over: go remote");
-        set.set_ready(a(1), false); // the local one failed to connect
-        assert_eq!(set.grace_until(t0()), None);
-        assert_eq!(set.pick(&[], t0()), Some((a(3), Tier::Remote)));
-        set.set_ready(a(1), true);
-        assert_eq!(set.pick(&[], t0()), Some((a(1), Tier::Local)));
-    }
-
-    #[test]
-    fn locality_follows_the_local_name() {
-        let mut set = cluster();
-        set.apply(&Resolved { all: vec![a(1), a(2), a(3)], local: vec![a(3)] }, t0());
-        assert_eq!(picks(&mut set, 3), [3, 3, 3]);
-    }
-}
+mod tests;
