@@ -8,7 +8,7 @@ use std::{
     net::SocketAddr,
     path::PathBuf,
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::Arc,
     task::{Context, Poll},
     time::Duration,
 };
@@ -28,7 +28,6 @@ use crate::{
     replay::{BoxError, Budget},
     response::UpstreamBody,
     retry::{ServiceConfig, Throttle},
-    rng::SplitMix64,
 };
 
 /// How a [`Balancer`] finds and reaches its endpoints, and what it does on failure.
@@ -105,7 +104,7 @@ where
         let pool = Pool::spawn(discovery, s.resolve_interval, connector);
         let counters = Counters::default();
         counters.spawn_reporter(pool.target.clone());
-        let throttle = s.service_config.throttling.map(|(max, ratio)| Mutex::new(Throttle::new(max, ratio)));
+        let throttle = s.service_config.throttling.map(|(max, ratio)| Throttle::new(max, ratio));
         let shared = Shared {
             pool,
             replay_limit: s.replay_limit,
@@ -114,7 +113,6 @@ where
             config: s.service_config,
             throttle,
             counters,
-            rng: Mutex::new(SplitMix64::from_entropy()),
         };
         Ok(Balancer { shared: Arc::new(shared) })
     }
@@ -135,7 +133,7 @@ where
         req: Request<B>,
     ) -> impl Future<Output = Result<Response<UpstreamBody>, Status>> + Send + 'static {
         let shared = self.shared.clone();
-        async move { forward(&shared, req).await.map_err(Status::from) }
+        async move { forward(&shared, req).await }
     }
 }
 

@@ -5,17 +5,17 @@
 
 use std::{fmt, net::SocketAddr, str::FromStr, sync::Weak, time::Duration};
 
-use grpc_h3::client::H3Client;
-use hyper::client::conn::http2::SendRequest;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::{net::TcpStream, sync::oneshot, time::Instant};
+use tokio::time::Instant;
 use tracing::{debug, info};
 
-use crate::{backoff::Backoff, pool::Pool, replay::BoxError, rng::SplitMix64};
+use crate::{
+    backoff::Backoff,
+    pool::Pool,
+    replay::BoxError,
+    rng::SplitMix64,
+    transport::{self, Connected},
+};
 
-/// Pings every second and gives up after one more: a silent peer is noticed within 2 s.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(1);
 /// In `auto`, how long HTTP/3 gets before falling back, and when it is tried again.
 const H3_ATTEMPT: Duration = Duration::from_secs(1);
 const H3_RETRY: Duration = Duration::from_secs(30);
@@ -52,21 +52,6 @@ impl fmt::Display for Protocol {
     }
 }
 
-/// A connection that can take requests.
-pub(crate) enum Upstream<B> {
-    H2(SendRequest<B>),
-    H3(H3Client),
-}
-
-impl<B> Clone for Upstream<B> {
-    fn clone(&self) -> Self {
-        match self {
-            Upstream::H2(s) => Upstream::H2(s.clone()),
-            Upstream::H3(c) => Upstream::H3(c.clone()),
-        }
-    }
-}
-
 /// QUIC settings for HTTP/3 upstreams.
 #[derive(Debug, Clone)]
 pub(crate) struct H3 {
@@ -82,12 +67,6 @@ pub(crate) struct Connector {
     pub h3: Option<H3>,
 }
 
-/// A live connection, and why it ended once it does.
-struct Connected<B> {
-    upstream: Upstream<B>,
-    ended: oneshot::Receiver<String>,
-}
-
 impl Connector {
     async fn connect<B>(&self, addr: SocketAddr, h3_failed: &mut Option<Instant>) -> Result<Connected<B>, String>
     where
@@ -95,9 +74,9 @@ impl Connector {
         B::Error: Into<BoxError> + Send,
     {
         match (self.protocol, &self.h3) {
-            (Protocol::H3, Some(h3)) => connect_h3(h3, addr, self.connect_timeout).await,
+            (Protocol::H3, Some(h3)) => transport::h3::connect(h3, addr, self.connect_timeout).await,
             (Protocol::Auto, Some(h3)) if h3_failed.is_none_or(|t| t.elapsed() >= H3_RETRY) => {
-                match connect_h3(h3, addr, H3_ATTEMPT.min(self.connect_timeout)).await {
+                match transport::h3::connect(h3, addr, H3_ATTEMPT.min(self.connect_timeout)).await {
                     Ok(c) => {
                         *h3_failed = None;
                         Ok(c)
@@ -105,11 +84,11 @@ impl Connector {
                     Err(why) => {
                         info!(%addr, %why, "HTTP/3 unavailable; falling back to HTTP/2");
                         *h3_failed = Some(Instant::now());
-                        connect_h2(addr, self.connect_timeout).await
+                        transport::h2::connect(addr, self.connect_timeout).await
                     }
                 }
             }
-            _ => connect_h2(addr, self.connect_timeout).await,
+            _ => transport::h2::connect(addr, self.connect_timeout).await,
         }
     }
 }
@@ -129,17 +108,17 @@ where
             Ok(mut c) => {
                 backoff.reset();
                 let Some(p) = pool.upgrade() else { return };
-                debug!(%addr, h3 = matches!(c.upstream, Upstream::H3(_)), "Connected");
+                debug!(%addr, protocol = c.upstream.protocol(), "Connected");
                 p.set_conn(addr, Some(c.upstream.clone()), None);
                 drop(p);
                 loop {
                     // On an HTTP/2 fallback in auto, try HTTP/3 again now and then.
-                    let retry_h3 = connector.protocol == Protocol::Auto && matches!(c.upstream, Upstream::H2(_));
+                    let retry_h3 = connector.protocol == Protocol::Auto && c.upstream.protocol() == "h2";
                     tokio::select! {
                         why = &mut c.ended => break why.unwrap_or_else(|_| "connection task ended".to_owned()),
                         () = tokio::time::sleep(H3_RETRY), if retry_h3 => {
                             let Some(h3) = &connector.h3 else { continue };
-                            if let Ok(upgraded) = connect_h3::<B>(h3, addr, H3_ATTEMPT).await {
+                            if let Ok(upgraded) = transport::h3::connect::<B>(h3, addr, H3_ATTEMPT).await {
                                 info!(%addr, "HTTP/3 available again; switching from HTTP/2");
                                 let Some(p) = pool.upgrade() else { return };
                                 p.set_conn(addr, Some(upgraded.upstream.clone()), None);
@@ -158,56 +137,6 @@ where
         drop(p);
         tokio::time::sleep(backoff.next_delay(&mut rng)).await;
     }
-}
-
-async fn connect_h2<B>(addr: SocketAddr, timeout: Duration) -> Result<Connected<B>, String>
-where
-    B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
-    B::Error: Into<BoxError>,
-{
-    let tcp = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-        Ok(Ok(tcp)) => tcp,
-        Ok(Err(e)) => return Err(format!("connect: {e}")),
-        Err(_) => return Err(format!("connect: timed out after {timeout:?}")),
-    };
-    let _ = tcp.set_nodelay(true);
-    let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .keep_alive_interval(KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-        .keep_alive_while_idle(true)
-        .initial_stream_window_size(1 << 20)
-        .initial_connection_window_size(4 << 20)
-        .handshake(TokioIo::new(tcp))
-        .await
-        .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
-    let (tx, ended) = oneshot::channel();
-    // The driver outlives the pool's interest so in-flight streams finish on removal.
-    tokio::spawn(async move {
-        let why = match conn.await {
-            Ok(()) => "connection closed (GOAWAY)".to_owned(),
-            Err(e) => format!("connection lost: {e}"),
-        };
-        let _ = tx.send(why);
-    });
-    Ok(Connected { upstream: Upstream::H2(send), ended })
-}
-
-async fn connect_h3<B>(h3: &H3, addr: SocketAddr, timeout: Duration) -> Result<Connected<B>, String> {
-    let (client, driver) =
-        match tokio::time::timeout(timeout, grpc_h3::client::connect(&h3.endpoint, addr, &h3.server_name)).await {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => return Err(format!("HTTP/3 connect: {e}")),
-            Err(_) => return Err(format!("HTTP/3 connect: timed out after {timeout:?}")),
-        };
-    let (tx, ended) = oneshot::channel();
-    tokio::spawn(async move {
-        let e = driver.await;
-        let why =
-            if e.is_h3_no_error() { "connection closed (GOAWAY)".to_owned() } else { format!("connection lost: {e}") };
-        let _ = tx.send(why);
-    });
-    Ok(Connected { upstream: Upstream::H3(client), ended })
 }
 
 /// A client QUIC endpoint trusting `ca`, bound to any local port.

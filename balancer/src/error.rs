@@ -18,9 +18,13 @@ pub enum Error {
     /// A request message was larger than allowed.
     #[error(transparent)]
     TooLarge(#[from] crate::frame::TooLarge),
-    /// The endpoint failed the call before sending response headers.
-    #[error("upstream {addr} failed: {source}")]
-    Upstream { addr: std::net::SocketAddr, source: crate::replay::BoxError },
+    /// The endpoint failed the call without a gRPC status: a reset, a lost connection,
+    /// a refused stream or an HTTP error, mapped to `code` as gRPC maps them.
+    #[error("upstream {addr} failed: {why}")]
+    Upstream { code: lb_core::Code, addr: std::net::SocketAddr, why: String },
+    /// The caller went away.
+    #[error("cancelled by the caller")]
+    Cancelled,
     /// The HTTP/3 settings could not be used (CA file, UDP socket).
     #[error("HTTP/3: {0}")]
     H3(String),
@@ -32,6 +36,8 @@ impl Error {
         match self {
             Error::Deadline { .. } => tonic::Code::DeadlineExceeded,
             Error::TooLarge(_) => tonic::Code::ResourceExhausted,
+            Error::Upstream { code, .. } => crate::code::to_tonic(*code),
+            Error::Cancelled => tonic::Code::Cancelled,
             _ => tonic::Code::Unavailable,
         }
     }

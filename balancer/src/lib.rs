@@ -41,6 +41,7 @@ pub mod replay;
 pub mod response;
 pub mod signal;
 pub mod telemetry;
+mod transport;
 mod wire;
 
 pub use lb_core::{backoff, duration, frame, pick, retry, rng};

@@ -1,5 +1,7 @@
 //! The IO around the pure picker: the endpoints' connections (kept up by
-//! [`crate::connect`]) and the discovery loop that feeds membership in. Connection tasks
+//! [`crate::connect`]) and the discovery loop that feeds membership in. Discovery and
+//! connection events change the [`EndpointSet`] under a mutex and publish an immutable
+//! [`Snapshot`]; calls pick from the latest snapshot without any lock. Connection tasks
 //! hold only a `Weak` to the pool, so dropping the last [`crate::Balancer`] stops
 //! everything.
 
@@ -10,6 +12,7 @@ use std::{
     time::Duration,
 };
 
+use arc_swap::ArcSwap;
 use tokio::{
     sync::{Notify, watch},
     task::AbortHandle,
@@ -18,9 +21,10 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use crate::{
-    connect::{Connector, Upstream, connect_loop},
+    connect::{Connector, connect_loop},
     discover::{Discovery, Lookup},
-    pick::{EndpointSet, Tier},
+    pick::{Cursors, EndpointSet, Pick, Snapshot, Tier},
+    transport::Upstream,
 };
 
 pub(crate) struct Pool<B> {
@@ -28,13 +32,25 @@ pub(crate) struct Pool<B> {
     /// The target as an HTTP authority, for requests that come without one.
     pub(crate) authority: http::uri::Authority,
     pub(crate) connector: Arc<Connector>,
+    /// Written by discovery and connection events only, never by calls.
     state: Mutex<State<B>>,
+    /// The ready endpoints as of the last change: what calls pick from.
+    snapshot: ArcSwap<Snapshot<Upstream<B>>>,
+    /// Round-robin positions per method, kept across snapshots.
+    cursors: Cursors,
     /// Bumped whenever an endpoint comes or goes, for calls waiting for one.
     changed: watch::Sender<()>,
     /// Number of ready endpoints, for health reporting.
     ready: watch::Sender<usize>,
     /// Asks discovery to resolve now.
     pub(crate) refresh: Arc<Notify>,
+}
+
+/// An endpoint picked for an attempt.
+pub(crate) struct Picked<B> {
+    pub addr: SocketAddr,
+    pub tier: Tier,
+    pub upstream: Upstream<B>,
 }
 
 struct State<B> {
@@ -78,6 +94,8 @@ where
                 dns_error: None,
                 resolved_once: false,
             }),
+            snapshot: ArcSwap::from_pointee(Snapshot::default()),
+            cursors: Cursors::new(),
             changed: watch::Sender::new(()),
             ready: watch::Sender::new(0),
             refresh: Arc::new(Notify::new()),
@@ -90,30 +108,48 @@ where
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Picks a ready endpoint now, if any: local first, untried first.
-    pub(crate) fn pick(&self, tried: &[SocketAddr]) -> Option<(SocketAddr, Tier, Upstream<B>)> {
-        let mut st = self.lock();
-        let (addr, tier) = st.set.pick(tried, Instant::now().into_std())?;
-        let send = st.conns.get(&addr)?.send.clone()?;
-        Some((addr, tier, send))
+    /// Picks a ready endpoint for `method` now: local first, round-robin per method,
+    /// endpoints in `avoid` only when no other is ready, those in `exclude` never.
+    /// Otherwise says until when a new local endpoint is being waited for, if one is.
+    pub(crate) fn pick(
+        &self,
+        method: &str,
+        avoid: &[SocketAddr],
+        exclude: &[SocketAddr],
+    ) -> Result<Picked<B>, Option<Instant>> {
+        let snapshot = self.snapshot.load();
+        let now = Instant::now().into_std();
+        let skip: Vec<SocketAddr>;
+        let avoid = if exclude.is_empty() {
+            avoid
+        } else {
+            skip = avoid.iter().chain(exclude).copied().collect();
+            &skip
+        };
+        match snapshot.pick(&self.cursors, method, avoid, now) {
+            Pick::Endpoint { addr, .. } if exclude.contains(&addr) => Err(None),
+            Pick::Endpoint { addr, tier, handle } => Ok(Picked { addr, tier, upstream: handle.clone() }),
+            Pick::WaitUntil(t) => Err(Some(Instant::from_std(t))),
+            Pick::NoneReady => Err(None),
+        }
     }
 
-    /// Waits until an endpoint is ready or `until` passes.
+    /// Like [`Pool::pick`], waiting until an endpoint is ready or `until` passes.
     pub(crate) async fn wait_pick(
         &self,
-        tried: &[SocketAddr],
+        method: &str,
+        avoid: &[SocketAddr],
+        exclude: &[SocketAddr],
         until: Instant,
-    ) -> Option<(SocketAddr, Tier, Upstream<B>)> {
-        if let Some(p) = self.pick(tried) {
-            return Some(p);
-        }
+    ) -> Option<Picked<B>> {
         let mut changed = self.changed.subscribe();
         loop {
-            if let Some(p) = self.pick(tried) {
-                return Some(p);
-            }
+            changed.borrow_and_update();
+            let grace = match self.pick(method, avoid, exclude) {
+                Ok(p) => return Some(p),
+                Err(grace) => grace,
+            };
             // Wake when something changes, or when a new local endpoint's grace ends.
-            let grace = self.lock().set.grace_until(Instant::now().into_std()).map(Instant::from_std);
             let wake = grace.map_or(until, |g| g.min(until));
             match tokio::time::timeout_at(wake, changed.changed()).await {
                 Ok(Ok(())) => {}
@@ -122,18 +158,6 @@ where
                 Err(_) => {}
             }
         }
-    }
-
-    /// The call on `addr` failed before it was processed: stop sending there.
-    pub(crate) fn mark_failed(&self, addr: SocketAddr, why: &str) {
-        let mut st = self.lock();
-        if let Some(conn) = st.conns.get_mut(&addr) {
-            conn.send = None;
-            conn.last_error = Some(why.to_owned());
-        }
-        st.set.set_ready(addr, false);
-        self.publish(&st);
-        self.refresh.notify_one();
     }
 
     pub(crate) fn ready_count(&self) -> watch::Receiver<usize> {
@@ -204,6 +228,8 @@ where
     }
 
     fn publish(&self, st: &State<B>) {
+        let snapshot = st.set.snapshot(|addr| st.conns.get(&addr).and_then(|c| c.send.clone()));
+        self.snapshot.store(Arc::new(snapshot));
         self.ready.send_if_modified(|n| std::mem::replace(n, st.set.ready_count()) != *n);
         self.changed.send_replace(());
     }

@@ -1,21 +1,46 @@
-//! gRPC on the wire, as the call path reads and writes it: `grpc-timeout`,
-//! `grpc-status`, `grpc-retry-pushback-ms`, absolute URIs, and which HTTP/2 failures
-//! mean the endpoint never processed a call. Pure.
+//! gRPC on the wire, as the call path reads and writes it: `grpc-timeout`, what a
+//! response's headers say (`grpc-status`, `grpc-retry-pushback-ms`, an HTTP error),
+//! absolute URIs. Pure.
 
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue, Uri};
 use lb_core::Code;
 
-use crate::retry::Pushback;
+use lb_core::retry::Pushback;
 
-/// A malformed `grpc-status` is UNKNOWN, as gRPC clients treat it.
-pub(crate) fn status_code(v: &HeaderValue) -> Code {
-    Code::from_header(v.as_bytes())
+/// What a response's headers say about the attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Head {
+    /// Headers of a response whose messages and status follow: the call commits.
+    Headers,
+    /// Trailers-only: the whole response is this status.
+    TrailersOnly { code: Code, pushback: Pushback },
+    /// Not a gRPC response (an HTTP error page): the status gRPC maps its HTTP status to.
+    NotGrpc { code: Code },
 }
 
+impl Head {
+    pub(crate) fn read<T>(resp: &http::Response<T>) -> Head {
+        let h = resp.headers();
+        if let Some(code) = h.get("grpc-status") {
+            return Head::TrailersOnly { code: Code::from_header(code.as_bytes()), pushback: pushback(h) };
+        }
+        if resp.status() != http::StatusCode::OK {
+            return Head::NotGrpc { code: Code::from_http_status(resp.status().as_u16()) };
+        }
+        Head::Headers
+    }
+}
+
+/// `grpc-retry-pushback-ms`; a repeated header is as malformed as a bad value.
 pub(crate) fn pushback(h: &HeaderMap) -> Pushback {
-    Pushback::parse(h.get("grpc-retry-pushback-ms").map(HeaderValue::as_bytes))
+    let mut values = h.get_all("grpc-retry-pushback-ms").iter();
+    match (values.next(), values.next()) {
+        (first, None) => Pushback::parse(first.map(HeaderValue::as_bytes)),
+        (Some(_), Some(_)) => Pushback::Stop,
+        (None, Some(_)) => Pushback::None,
+    }
 }
 
 /// HTTP/2 needs a scheme and an authority; tonic clients built on a bare service send
@@ -28,22 +53,6 @@ pub(crate) fn absolute(uri: Uri, authority: &http::uri::Authority) -> Uri {
     parts.scheme.get_or_insert(http::uri::Scheme::HTTP);
     parts.authority.get_or_insert_with(|| authority.clone());
     Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"))
-}
-
-/// Whether the endpoint certainly did not process the call: the stream was refused,
-/// was above a GOAWAY's last stream id, or the connection died before any response.
-pub(crate) fn unprocessed(err: &hyper::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
-    while let Some(e) = source {
-        if let Some(h2) = e.downcast_ref::<h2::Error>() {
-            return h2.reason() == Some(h2::Reason::REFUSED_STREAM) || h2.is_go_away() || h2.is_io();
-        }
-        if e.downcast_ref::<std::io::Error>().is_some() {
-            return true;
-        }
-        source = e.source();
-    }
-    err.is_closed() || err.is_canceled()
 }
 
 /// Parses a `grpc-timeout` header: up to 8 digits and a unit (H, M, S, m, u, n).
@@ -96,10 +105,27 @@ mod tests {
     }
 
     #[test]
-    fn malformed_statuses_are_unknown() {
-        assert_eq!(status_code(&HeaderValue::from_static("14")), Code::Unavailable);
-        for bad in ["", "x", "17", "-1", "1.0"] {
-            assert_eq!(status_code(&HeaderValue::from_str(bad).unwrap()), Code::Unknown, "{bad:?}");
-        }
+    fn response_heads_are_read_as_grpc_reads_them() {
+        let resp = |status: u16, headers: &[(&str, &str)]| {
+            let mut r = http::Response::builder().status(status);
+            for (k, v) in headers {
+                r = r.header(*k, *v);
+            }
+            Head::read(&r.body(()).unwrap())
+        };
+        assert_eq!(resp(200, &[("content-type", "application/grpc")]), Head::Headers);
+        assert_eq!(
+            resp(200, &[("grpc-status", "14"), ("grpc-retry-pushback-ms", "20")]),
+            Head::TrailersOnly { code: Code::Unavailable, pushback: Pushback::After(Duration::from_millis(20)) }
+        );
+        let twice = [("grpc-status", "14"), ("grpc-retry-pushback-ms", "20"), ("grpc-retry-pushback-ms", "20")];
+        assert_eq!(resp(200, &twice), Head::TrailersOnly { code: Code::Unavailable, pushback: Pushback::Stop });
+        assert_eq!(
+            resp(200, &[("grpc-status", "garbage")]),
+            Head::TrailersOnly { code: Code::Unknown, pushback: Pushback::None }
+        );
+        assert_eq!(resp(503, &[("content-type", "text/html")]), Head::NotGrpc { code: Code::Unavailable });
+        assert_eq!(resp(404, &[]), Head::NotGrpc { code: Code::Unimplemented });
+        assert_eq!(resp(500, &[]), Head::NotGrpc { code: Code::Unknown });
     }
 }

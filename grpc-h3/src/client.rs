@@ -29,19 +29,19 @@ pub struct H3Client {
 #[error("{error}")]
 pub struct SendError {
     pub error: StreamError,
-    /// The server certainly did not process it (rejected, or above its GOAWAY).
-    pub unprocessed: bool,
+    /// The request stream was opened: the server may have seen the request.
+    pub sent: bool,
 }
 
 impl SendError {
-    fn new(error: StreamError) -> Self {
-        let unprocessed = match &error {
-            StreamError::RemoteTerminate { code, .. } => *code == Code::H3_REQUEST_REJECTED,
-            StreamError::StreamError { .. } | StreamError::HeaderTooBig { .. } => false,
-            // The connection closed (GOAWAY, lost peer) before any response header.
-            _ => true,
-        };
-        SendError { error, unprocessed }
+    /// The server refused the request unprocessed (HTTP/3 REQUEST_REJECTED).
+    pub fn is_rejected(&self) -> bool {
+        matches!(&self.error, StreamError::RemoteTerminate { code, .. } if *code == Code::H3_REQUEST_REJECTED)
+    }
+
+    /// The server reset the request with H3_REQUEST_CANCELLED.
+    pub fn is_cancelled(&self) -> bool {
+        matches!(&self.error, StreamError::RemoteTerminate { code, .. } if *code == Code::H3_REQUEST_CANCELLED)
     }
 }
 
@@ -67,14 +67,18 @@ impl H3Client {
         B::Error: Into<BoxError> + Send,
     {
         let (parts, body) = req.into_parts();
-        let stream = self.send.send_request(Request::from_parts(parts, ())).await.map_err(SendError::new)?;
+        let stream = self
+            .send
+            .send_request(Request::from_parts(parts, ()))
+            .await
+            .map_err(|error| SendError { error, sent: false })?;
         let (tx, mut rx) = stream.split();
         let (cancel, cancelled) = oneshot::channel();
         tokio::spawn(pump(tx, body, cancelled));
         let guard = Cancel(cancel);
         match rx.recv_response().await {
             Ok(resp) => Ok(resp.map(|()| H3Body::with_guard(rx, Box::new(guard)))),
-            Err(e) => Err(SendError::new(e)),
+            Err(error) => Err(SendError { error, sent: true }),
         }
     }
 }

@@ -249,6 +249,11 @@ impl Call {
         }
     }
 
+    /// What is left of the deadline at `now`: the `grpc-timeout` to send.
+    pub fn time_left(&self, now: Duration) -> Option<Duration> {
+        self.setup.deadline.map(|d| d.saturating_sub(now))
+    }
+
     pub fn is_done(&self) -> bool {
         self.done
     }
@@ -521,7 +526,7 @@ impl Call {
     }
 
     fn send(&self, id: AttemptId, now: Duration, hedge: bool) -> Send {
-        let left = self.setup.deadline.map(|d| d.saturating_sub(now));
+        let left = self.time_left(now);
         let wait_until = match (self.setup.wait_for_ready && !hedge, self.setup.deadline) {
             (false, _) => None,
             (true, Some(d)) => Some(d),

@@ -1,0 +1,100 @@
+//! HTTP/2 over TCP: the connection (keepalive pings every second, a silent peer dropped
+//! within 2 s), sending, and what each failure means for gRPC (PROTOCOL-HTTP2's
+//! mapping of RST_STREAM codes; a stream above a remote GOAWAY was refused).
+
+use std::{net::SocketAddr, time::Duration};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use lb_core::{Code, call::Ended};
+use tokio::{net::TcpStream, sync::oneshot};
+
+use super::{Body, Connected, Failure, Upstream};
+use crate::replay::BoxError;
+
+/// Pings every second and gives up after one more: a silent peer is noticed within 2 s.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(1);
+
+pub(crate) async fn connect<B>(addr: SocketAddr, timeout: Duration) -> Result<Connected<B>, String>
+where
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    let tcp = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(tcp)) => tcp,
+        Ok(Err(e)) => return Err(format!("connect: {e}")),
+        Err(_) => return Err(format!("connect: timed out after {timeout:?}")),
+    };
+    let _ = tcp.set_nodelay(true);
+    let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
+        .initial_stream_window_size(1 << 20)
+        .initial_connection_window_size(4 << 20)
+        .handshake(TokioIo::new(tcp))
+        .await
+        .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+    let (tx, ended) = oneshot::channel();
+    // The driver outlives the pool's interest so in-flight streams finish on removal.
+    tokio::spawn(async move {
+        let why = match conn.await {
+            Ok(()) => "connection closed (GOAWAY)".to_owned(),
+            Err(e) => format!("connection lost: {e}"),
+        };
+        let _ = tx.send(why);
+    });
+    Ok(Connected { upstream: Upstream::H2(send), ended })
+}
+
+pub(super) async fn send<B>(mut send: SendRequest<B>, req: Request<B>) -> Result<Response<Body>, Failure>
+where
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    match send.try_send_request(req).await {
+        Ok(resp) => Ok(resp.map(Body::H2)),
+        Err(mut e) => {
+            // hyper hands the request back when it never reached the connection.
+            let unsent = e.take_message().is_some();
+            let error = e.into_error();
+            let ended = if unsent { Ended::NotSent } else { classify(&error) };
+            Err(Failure { ended, error: error.into() })
+        }
+    }
+}
+
+/// What a failed HTTP/2 request means: refused unprocessed, or failed with a status.
+fn classify(err: &hyper::Error) -> Ended {
+    match find_h2(err) {
+        Some(h2) if h2.is_remote() && (h2.is_go_away() || h2.reason() == Some(h2::Reason::REFUSED_STREAM)) => {
+            // A stream above the server's GOAWAY, or refused: the server never saw it.
+            Ended::Refused
+        }
+        _ => Ended::Failed { code: code_of(err) },
+    }
+}
+
+/// The gRPC status for an HTTP/2 failure after the request went out: a reset's code
+/// mapped as PROTOCOL-HTTP2 says, UNAVAILABLE for a lost connection.
+pub(super) fn code_of(err: &hyper::Error) -> Code {
+    match find_h2(err) {
+        Some(h2) if h2.is_reset() => h2.reason().map_or(Code::Internal, |r| Code::from_h2_reason(r.into())),
+        _ => Code::Unavailable,
+    }
+}
+
+fn find_h2(err: &hyper::Error) -> Option<&h2::Error> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = source {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return Some(h2);
+        }
+        source = e.source();
+    }
+    None
+}

@@ -1,0 +1,60 @@
+//! HTTP/3 over QUIC: the connection (keep-alive and idle timeout in grpc-h3), sending,
+//! and what each failure means: a request whose stream never opened was not sent, one
+//! the server rejected (REQUEST_REJECTED) was refused, anything else went out.
+
+use std::{net::SocketAddr, time::Duration};
+
+use bytes::Bytes;
+use grpc_h3::client::H3Client;
+use h3::error::StreamError;
+use http::{Request, Response};
+use lb_core::{Code, call::Ended};
+use tokio::sync::oneshot;
+
+use super::{Body, Connected, Failure, Upstream};
+use crate::{connect::H3, replay::BoxError};
+
+pub(crate) async fn connect<B>(h3: &H3, addr: SocketAddr, timeout: Duration) -> Result<Connected<B>, String> {
+    let (client, driver) =
+        match tokio::time::timeout(timeout, grpc_h3::client::connect(&h3.endpoint, addr, &h3.server_name)).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return Err(format!("HTTP/3 connect: {e}")),
+            Err(_) => return Err(format!("HTTP/3 connect: timed out after {timeout:?}")),
+        };
+    let (tx, ended) = oneshot::channel();
+    tokio::spawn(async move {
+        let e = driver.await;
+        let why =
+            if e.is_h3_no_error() { "connection closed (GOAWAY)".to_owned() } else { format!("connection lost: {e}") };
+        let _ = tx.send(why);
+    });
+    Ok(Connected { upstream: Upstream::H3(client), ended })
+}
+
+pub(super) async fn send<B>(mut client: H3Client, req: Request<B>) -> Result<Response<Body>, Failure>
+where
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError> + Send,
+{
+    match client.send(req).await {
+        Ok(resp) => Ok(resp.map(Body::H3)),
+        Err(e) => {
+            let ended = if !e.sent {
+                Ended::NotSent
+            } else if e.is_rejected() {
+                Ended::Refused
+            } else {
+                Ended::Failed { code: if e.is_cancelled() { Code::Cancelled } else { Code::Unavailable } }
+            };
+            Err(Failure { ended, error: e.into() })
+        }
+    }
+}
+
+/// The gRPC status for an HTTP/3 body that failed mid-response.
+pub(super) fn code_of(err: &StreamError) -> Code {
+    match err {
+        StreamError::RemoteTerminate { code, .. } if *code == h3::error::Code::H3_REQUEST_CANCELLED => Code::Cancelled,
+        _ => Code::Unavailable,
+    }
+}
