@@ -323,6 +323,9 @@ where
     }
 
     fn finish(&mut self, how: Finish) -> Result<Response<UpstreamBody>, tonic::Status> {
+        if let Some(too_large) = self.body.too_large() {
+            return Err(Error::TooLarge(too_large).into()); // why the attempt failed
+        }
         let pool = &self.shared.pool;
         let target = pool.target.clone();
         let error = match how {

@@ -39,6 +39,12 @@ impl SendError {
         matches!(&self.error, StreamError::RemoteTerminate { code, .. } if *code == Code::H3_REQUEST_REJECTED)
     }
 
+    /// The connection closed gracefully (H3_NO_ERROR, after a GOAWAY) before this request
+    /// got an answer: a server that drains answers every request it accepted first.
+    pub fn is_graceful_close(&self) -> bool {
+        self.error.is_h3_no_error()
+    }
+
     /// The server reset the request with H3_REQUEST_CANCELLED.
     pub fn is_cancelled(&self) -> bool {
         matches!(&self.error, StreamError::RemoteTerminate { code, .. } if *code == Code::H3_REQUEST_CANCELLED)

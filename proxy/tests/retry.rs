@@ -89,23 +89,39 @@ async fn a_trailers_only_status_is_retried_and_reports_previous_attempts() {
     assert!(retried >= 8, "calls that tried s1 first came back retried: {retried}");
 }
 
+// gRFC A6: response headers commit the call. A client that waits for them before it
+// writes (tonic, grpc-go's Header(), grpcio's initial_metadata()) gets them under a
+// retry policy too, and a status in trailers after them is the call's, not retried.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_status_in_trailers_after_headers_is_retried_on_another_replica() {
+async fn headers_commit_a_retried_call_and_a_later_status_reaches_the_caller() {
     let config = config_file(&retry_config(3, "0.01s", r#""UNAVAILABLE""#));
     let c = Cluster::start(Protocol::H2, LOCALS, &["--service-config", &config]).await;
     c.wait_for(&["s1", "s2"]).await;
     let mut echo = EchoClient::new(c.channel().await);
+    let mut seen = std::collections::BTreeMap::new();
     for _ in 0..4 {
         let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tx.send(EchoMessage { text: "fail:s1".into(), server: String::new() }).await.unwrap();
-        let resp = echo.chat(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap();
+        // Nothing written yet: the headers must come anyway.
+        let resp =
+            tokio::time::timeout(Duration::from_secs(2), echo.chat(tokio_stream::wrappers::ReceiverStream::new(rx)))
+                .await
+                .expect("response headers before the first message")
+                .unwrap();
+        assert_eq!(previous_attempts(resp.metadata()), 0);
         let mut replies = resp.into_inner();
-        // s1 answers headers then UNAVAILABLE in trailers; s2 echoes.
-        let first = replies.next().await.unwrap().expect("retried on s2");
-        assert_eq!((first.text.as_str(), first.server.as_str()), ("fail:s1", "s2"));
-        tx.send(EchoMessage { text: "more".into(), server: String::new() }).await.unwrap();
-        assert_eq!(replies.next().await.unwrap().unwrap().text, "more", "the stream goes on, committed to s2");
+        tx.send(EchoMessage { text: "fail:s1".into(), server: String::new() }).await.unwrap();
+        match replies.next().await.unwrap() {
+            Ok(m) => {
+                assert_eq!(m.server, "s2", "only s1 fails");
+                *seen.entry("s2").or_insert(0) += 1;
+            }
+            Err(status) => {
+                assert_eq!((status.code(), status.message()), (Code::Unavailable, "s1 fails fail:s1"), "not retried");
+                *seen.entry("s1").or_insert(0) += 1;
+            }
+        }
     }
+    assert_eq!(seen, [("s1", 2), ("s2", 2)].into(), "round-robin over both, s1's failures reach the caller");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,6 +1,7 @@
 //! HTTP/3 over QUIC: the connection (keep-alive and idle timeout in grpc-h3), sending,
 //! and what each failure means: a request whose stream never opened was not sent, one
-//! the server rejected (REQUEST_REJECTED) was refused, anything else went out.
+//! the server rejected (REQUEST_REJECTED) or left unanswered when it closed gracefully
+//! (H3_NO_ERROR after its GOAWAY) was refused, anything else went out.
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -41,7 +42,7 @@ where
         Err(e) => {
             let ended = if !e.sent {
                 Ended::NotSent
-            } else if e.is_rejected() {
+            } else if e.is_rejected() || e.is_graceful_close() {
                 Ended::Refused
             } else {
                 Ended::Failed { code: if e.is_cancelled() { Code::Cancelled } else { Code::Unavailable } }

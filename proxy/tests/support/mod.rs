@@ -14,6 +14,8 @@ pub use balancer::Protocol;
 
 pub const TARGET: &str = "server.test";
 pub const LOCAL: &str = "node-a.server.test";
+/// The sandbox's default service config: retry UNAVAILABLE, with the throttle.
+pub const SANDBOX_CONFIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/service-config.json");
 
 struct Member {
     host: u8,
@@ -144,6 +146,23 @@ impl Cluster {
 
     pub async fn channel(&self) -> Channel {
         Channel::from_shared(format!("http://{}", self.proxy)).unwrap().connect().await.unwrap()
+    }
+
+    /// Waits until the proxy's own health says NOT_SERVING (no replica ready), or
+    /// panics after 5 s.
+    pub async fn wait_not_serving(&self) {
+        use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+        let mut health = HealthClient::new(self.channel().await);
+        let until = Instant::now() + Duration::from_secs(5);
+        loop {
+            let status =
+                health.check(HealthCheckRequest { service: String::new() }).await.map(|r| r.into_inner().status());
+            if status.as_ref().is_ok_and(|s| *s == ServingStatus::NotServing) {
+                return;
+            }
+            assert!(Instant::now() < until, "the proxy still serving 5 s after its replicas died: {status:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Calls until every replica in `names` has answered once, or panics after 5 s.
