@@ -161,9 +161,18 @@ class Test:
 
 def serve(listen: str, name: str, state: str) -> grpc.Server:
     # Every streaming call holds a worker thread: 100 concurrent streams need 100.
+    # The proxy pings each connection every second to notice a dead replica within 2 s.
+    # grpc-core (like grpc-go) refuses pings more often than every 5 minutes while it
+    # sends nothing, and answers GOAWAY "too_many_pings": a server behind the proxy
+    # must permit them, as gRPC's keepalive guide says for any client keepalive.
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=300),
-        options=[("grpc.so_reuseport", 0)],
+        options=[
+            ("grpc.so_reuseport", 0),
+            ("grpc.http2.min_ping_interval_without_data_ms", 1000),
+            ("grpc.http2.max_ping_strikes", 0),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ],
     )
     server.add_generic_rpc_handlers((Test(name, state).handler(),))
     if server.add_insecure_port(listen) == 0:
