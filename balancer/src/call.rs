@@ -195,17 +195,23 @@ where
             let timer = self.call.poll_timeout().and_then(|d| self.started.checked_add(d));
             tokio::select! {
                 Some(step) = self.running.next() => {
+                    self.check_buffer(); // before the event: it decides whether to retry
                     if let Ok((id, step)) = step {
                         self.on_step(id, step);
                     }
                 }
                 () = tokio::time::sleep_until(timer.unwrap_or_else(Instant::now)), if timer.is_some() => {
+                    self.check_buffer();
                     self.call.on_timeout(self.now(), self.shared.throttle.as_ref());
                 }
             }
-            if !self.body.is_replayable() {
-                self.call.on_buffer_full();
-            }
+        }
+    }
+
+    /// The body outgrew the replay buffer while attempts read it: tell the call.
+    fn check_buffer(&mut self) {
+        if !self.body.is_replayable() {
+            self.call.on_buffer_full();
         }
     }
 

@@ -151,7 +151,7 @@ async fn server_pushback_sets_the_delay_and_a_negative_one_stops_retries() {
     let pushback = |ms: i64| move |_: &str| Faults { fail_rate: 1.0, fail_pushback_ms: Some(ms), ..Faults::default() };
     let c = Cluster::start_with(Protocol::H2, &[("s1", "node-a")], &["--service-config", &config], pushback(300)).await;
     let mut client = c.client().await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    c.wait_serving().await;
     let started = Instant::now();
     let err = client.say_hello(hello()).await.unwrap_err();
     assert_eq!(previous_attempts(err.metadata()), 2, "{err:?}");
@@ -159,7 +159,7 @@ async fn server_pushback_sets_the_delay_and_a_negative_one_stops_retries() {
 
     let c = Cluster::start_with(Protocol::H2, &[("s1", "node-a")], &["--service-config", &config], pushback(-1)).await;
     let mut client = c.client().await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    c.wait_serving().await;
     let err = client.say_hello(hello()).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
     assert_eq!(previous_attempts(err.metadata()), 0, "negative pushback: no retry");
@@ -172,30 +172,44 @@ async fn a_request_over_the_replay_buffer_is_committed_and_not_retried() {
     let c = Cluster::start_with(Protocol::H2, LOCALS, &args, failing("s1", 1.0, Code::Unavailable)).await;
     c.wait_for(&["s2"]).await;
     let mut client = c.client().await;
-    let mut big_failed = 0;
-    for _ in 0..50 {
-        client.say_hello(hello()).await.expect("small requests are retried onto s2");
-        let big = proto::HelloRequest { name: "x".repeat(1000) };
-        big_failed += u32::from(client.say_hello(big).await.is_err());
-        if big_failed >= 3 {
+    // Small requests are retried onto s2; once one was, s1 is in the rotation too.
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        let resp = client.say_hello(hello()).await.expect("small requests are retried onto s2");
+        assert_eq!(resp.get_ref().server, "s2");
+        if previous_attempts(resp.metadata()) > 0 {
             break;
         }
+        assert!(Instant::now() < until, "s1 never tried");
     }
-    assert!(big_failed >= 3, "big requests that hit s1 are not retried: {big_failed} failed");
+    // Round-robin alternates the first attempt between s1 and s2: the big requests that
+    // start on s1 fail there, unretried; those on s2 succeed.
+    let (mut failed, mut answered) = (0, 0);
+    for _ in 0..10 {
+        match client.say_hello(proto::HelloRequest { name: "x".repeat(1000) }).await {
+            Ok(_) => answered += 1,
+            Err(e) => {
+                assert_eq!((e.code(), previous_attempts(e.metadata())), (Code::Unavailable, 0), "{e:?}");
+                failed += 1;
+            }
+        }
+    }
+    assert_eq!((failed, answered), (5, 5), "a request over the buffer is never sent again");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_deadline_bounds_every_attempt_and_backoff() {
-    let config = config_file(&retry_config(5, "0.2s", r#""UNAVAILABLE""#));
+    // Attempts of 100 ms, 10 ms apart, five allowed: the fourth is in flight at 350 ms.
+    let config = config_file(&retry_config(5, "0.01s", r#""UNAVAILABLE""#));
     let slow_fail = |_: &str| Faults { fail_rate: 1.0, delay: Duration::from_millis(100), ..Faults::default() };
     let c = Cluster::start_with(Protocol::H2, LOCALS, &["--service-config", &config], slow_fail).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    c.wait_serving().await;
     let path = "/hello.HelloService/SayHello";
     let started = Instant::now();
     let h = support::raw_call(c.proxy, path, &[("grpc-timeout", "350m")], support::frame(b"")).await;
     let took = started.elapsed();
-    assert!(took < Duration::from_millis(700), "5 attempts of 100 ms + backoffs would take > 1 s; took {took:?}");
-    assert_ne!(h["grpc-status"], "0");
+    assert_eq!(h["grpc-status"], "4", "the proxy answers DEADLINE_EXCEEDED itself: {h:?}");
+    assert!(took < Duration::from_millis(700), "5 attempts of 100 ms would take > 500 ms; took {took:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -215,9 +229,13 @@ async fn hedging_beats_a_slow_replica_and_cancels_the_loser() {
         assert_eq!(reply.server, "s2");
         assert!(started.elapsed() < Duration::from_millis(800), "not held up by s1: {:?}", started.elapsed());
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
     let s1 = &c.replica("s1").echo;
     assert!(s1.calls() >= 3, "s1 got the first attempt of about half the calls: {}", s1.calls());
+    // The resets reach s1 a moment after the winners' replies reach us.
+    let until = Instant::now() + Duration::from_secs(2);
+    while s1.cancelled() < s1.calls() && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert_eq!(s1.cancelled(), s1.calls(), "every losing attempt on s1 was cancelled");
 }
 
@@ -230,7 +248,7 @@ async fn throttling_stops_a_retry_storm_when_every_replica_fails() {
     for json in [storm, throttled] {
         let config = config_file(&json);
         let c = Cluster::start_with(Protocol::H2, LOCALS, &["--service-config", &config], all_fail).await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        c.wait_serving().await;
         let mut client = c.client().await;
         let mut n = 0;
         for _ in 0..50 {
@@ -239,7 +257,9 @@ async fn throttling_stops_a_retry_storm_when_every_replica_fails() {
         retries.push(n);
     }
     assert_eq!(retries[0], 200, "without a throttle: 4 retries for each of 50 calls");
-    assert!(retries[1] <= 10, "the bucket stops retries at half its 10 tokens: {} retries", retries[1]);
+    // The first call fails 5 times (10 -> 5 tokens): 4 retries while more than half was
+    // left; after that the bucket never allows one.
+    assert_eq!(retries[1], 4, "the bucket stops retries at half its 10 tokens");
 }
 
 fn hedging_config(delay: &str) -> String {

@@ -9,6 +9,7 @@ use proto::{HelloRequest, hello_service_client::HelloServiceClient};
 use testkit::{Dns, Replica, Subnet, replica::Faults};
 use tokio::{sync::oneshot, task::JoinHandle, time::Instant};
 use tonic::transport::Channel;
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
 
 pub use balancer::Protocol;
 
@@ -151,16 +152,25 @@ impl Cluster {
     /// Waits until the proxy's own health says NOT_SERVING (no replica ready), or
     /// panics after 5 s.
     pub async fn wait_not_serving(&self) {
-        use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+        self.wait_health(ServingStatus::NotServing).await;
+    }
+
+    /// Waits until the proxy's own health says SERVING (a replica is ready, whether or
+    /// not its calls succeed), or panics after 5 s.
+    pub async fn wait_serving(&self) {
+        self.wait_health(ServingStatus::Serving).await;
+    }
+
+    async fn wait_health(&self, want: ServingStatus) {
         let mut health = HealthClient::new(self.channel().await);
         let until = Instant::now() + Duration::from_secs(5);
         loop {
             let status =
                 health.check(HealthCheckRequest { service: String::new() }).await.map(|r| r.into_inner().status());
-            if status.as_ref().is_ok_and(|s| *s == ServingStatus::NotServing) {
+            if status.as_ref().is_ok_and(|s| *s == want) {
                 return;
             }
-            assert!(Instant::now() < until, "the proxy still serving 5 s after its replicas died: {status:?}");
+            assert!(Instant::now() < until, "the proxy not {want:?} after 5 s: {status:?}");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
