@@ -145,6 +145,11 @@ async fn connection<S, RB>(
     quic.close(Code::H3_NO_ERROR.value().try_into().unwrap_or_default(), b"");
 }
 
+/// In the extensions of every request served over HTTP/3 (tonic keeps extensions, not
+/// the HTTP version), so a handler can tell which protocol carried its call.
+#[derive(Debug, Clone, Copy)]
+pub struct Http3;
+
 async fn handle<S, RB>(resolver: h3::server::RequestResolver<h3_quinn::Connection, Bytes>, svc: S, info: TcpConnectInfo)
 where
     S: Service<Request<ServerBody>, Response = Response<RB>, Error = Infallible>,
@@ -158,6 +163,7 @@ where
     let (mut send, recv) = stream.split();
     let mut req = req.map(|()| H3Body::new(recv));
     req.extensions_mut().insert(info);
+    req.extensions_mut().insert(Http3);
     let Ok(resp) = svc.oneshot(req).await;
     let (parts, body) = resp.into_parts();
     tokio::pin!(body);

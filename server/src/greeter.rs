@@ -6,7 +6,10 @@ use std::{net::SocketAddr, pin::Pin, sync::Arc};
 use proto::{HelloRequest, HelloResponse, HelloStreamRequest, hello_service_server::HelloService};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::{Stream, wrappers::ReceiverStream};
-use tonic::{Request, Response, Status, metadata::MetadataMap};
+use tonic::{
+    Request, Response, Status,
+    metadata::{MetadataMap, MetadataValue},
+};
 
 use crate::config::Config;
 
@@ -65,8 +68,12 @@ type HelloStream = Pin<Box<dyn Stream<Item = Result<HelloResponse, Status>> + Se
 impl HelloService for Greeter {
     async fn say_hello(&self, req: Request<HelloRequest>) -> Result<Response<HelloResponse>, Status> {
         let local = req.local_addr();
+        let protocol = if req.extensions().get::<grpc_h3::server::Http3>().is_some() { "h3" } else { "h2" };
         self.inject().await?;
-        Ok(Response::new(self.reply(&req.get_ref().name, local, 0)))
+        let mut resp = Response::new(self.reply(&req.get_ref().name, local, 0));
+        // Which protocol carried the call, for tests and curious users (grpcurl -v).
+        resp.metadata_mut().insert("x-served-over", MetadataValue::from_static(protocol));
+        Ok(resp)
     }
 
     type SayHelloStreamStream = HelloStream;
