@@ -6,7 +6,7 @@ mod support;
 use std::{net::SocketAddr, time::Duration};
 
 use proto::{HelloRequest, HelloStreamRequest, hello_service_client::HelloServiceClient};
-use support::{Cluster, Protocol, hello, tally};
+use support::{Cluster, Protocol, hello};
 use testkit::replica::Faults;
 use tokio_stream::StreamExt;
 
@@ -35,7 +35,7 @@ async fn auto_uses_http3_where_served_and_falls_back_to_http2_elsewhere() {
     let mut client = c.client().await;
     let mut carried = std::collections::BTreeMap::new();
     for _ in 0..100 {
-        let resp = client.say_hello(support::hello()).await.expect("no call fails");
+        let resp = client.say_hello(hello()).await.expect("no call fails");
         let protocol = resp.metadata().get("x-served-over").unwrap().to_str().unwrap().to_owned();
         *carried.entry((resp.into_inner().server, protocol)).or_insert(0) += 1;
     }
