@@ -3,14 +3,14 @@
 //! idle timeout 2 s), reconnecting with the jittered [`Backoff`]. In `auto`, HTTP/3 is
 //! tried first, HTTP/2 is the fallback, and HTTP/3 is tried again every 30 s.
 
-use std::{fmt, net::SocketAddr, str::FromStr, sync::Weak, time::Duration};
+use std::{fmt, net::SocketAddr, str::FromStr, sync::Arc, time::Duration};
 
-use tokio::time::Instant;
+use tokio::{sync::mpsc::UnboundedSender, time::Instant};
 use tracing::{debug, info};
 
 use crate::{
     backoff::Backoff,
-    pool::Pool,
+    pool::Update,
     replay::BoxError,
     rng::SplitMix64,
     transport::{self, Connected},
@@ -93,8 +93,9 @@ impl Connector {
     }
 }
 
-/// Keeps one connection to `addr` up for as long as the endpoint is known.
-pub(crate) async fn connect_loop<B>(pool: Weak<Pool<B>>, addr: SocketAddr)
+/// Keeps one connection to `addr` up until the membership task aborts it, telling that
+/// task each time the connection comes up or goes away.
+pub(crate) async fn connect_loop<B>(connector: Arc<Connector>, addr: SocketAddr, updates: UnboundedSender<Update<B>>)
 where
     B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError> + Send,
@@ -102,15 +103,15 @@ where
     let mut backoff = Backoff::default();
     let mut rng = SplitMix64::from_entropy();
     let mut h3_failed = None;
+    let send = |update| updates.send(update).is_ok();
     loop {
-        let Some(connector) = pool.upgrade().map(|p| p.connector.clone()) else { return };
         let why = match connector.connect::<B>(addr, &mut h3_failed).await {
             Ok(mut c) => {
                 backoff.reset();
-                let Some(p) = pool.upgrade() else { return };
                 debug!(%addr, protocol = c.upstream.protocol(), "Connected");
-                p.set_conn(addr, Some(c.upstream.clone()), None);
-                drop(p);
+                if !send(Update::Connected { addr, upstream: c.upstream.clone() }) {
+                    return;
+                }
                 loop {
                     // On an HTTP/2 fallback in auto, try HTTP/3 again now and then.
                     let retry_h3 = connector.protocol == Protocol::Auto && c.upstream.protocol() == "h2";
@@ -120,8 +121,9 @@ where
                             let Some(h3) = &connector.h3 else { continue };
                             if let Ok(upgraded) = transport::h3::connect::<B>(h3, addr, H3_ATTEMPT).await {
                                 info!(%addr, "HTTP/3 available again; switching from HTTP/2");
-                                let Some(p) = pool.upgrade() else { return };
-                                p.set_conn(addr, Some(upgraded.upstream.clone()), None);
+                                if !send(Update::Connected { addr, upstream: upgraded.upstream.clone() }) {
+                                    return;
+                                }
                                 c = upgraded; // the HTTP/2 connection drains and closes
                             }
                         }
@@ -131,10 +133,9 @@ where
             Err(why) => why,
         };
         debug!(%addr, %why, "Not connected");
-        let Some(p) = pool.upgrade() else { return };
-        p.set_conn(addr, None, Some(why));
-        p.refresh.notify_one();
-        drop(p);
+        if !send(Update::Disconnected { addr, why }) {
+            return;
+        }
         tokio::time::sleep(backoff.next_delay(&mut rng)).await;
     }
 }

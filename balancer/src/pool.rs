@@ -1,20 +1,20 @@
-//! The IO around the pure picker: the endpoints' connections (kept up by
-//! [`crate::connect`]) and the discovery loop that feeds membership in. Discovery and
-//! connection events change the [`EndpointSet`] under a mutex and publish an immutable
-//! [`Snapshot`]; calls pick from the latest snapshot without any lock. Connection tasks
-//! hold only a `Weak` to the pool, so dropping the last [`crate::Balancer`] stops
-//! everything.
+//! The IO around the pure picker. One task owns membership and connection state: it
+//! applies the [`Update`]s that discovery and the connection tasks ([`crate::connect`])
+//! send it, opens and closes connections, and publishes an immutable [`Snapshot`] after
+//! each change. Calls pick from the latest snapshot without any lock and never wait on
+//! that task. It holds only a `Weak` to the pool, so dropping the last
+//! [`crate::Balancer`] stops everything.
 
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    sync::{Arc, Mutex, MutexGuard, Weak},
+    sync::{Arc, Weak},
     time::Duration,
 };
 
 use arc_swap::ArcSwap;
 use tokio::{
-    sync::{Notify, watch},
+    sync::{Notify, mpsc, watch},
     task::AbortHandle,
     time::Instant,
 };
@@ -32,12 +32,12 @@ pub(crate) struct Pool<B> {
     /// The target as an HTTP authority, for requests that come without one.
     pub(crate) authority: http::uri::Authority,
     pub(crate) connector: Arc<Connector>,
-    /// Written by discovery and connection events only, never by calls.
-    state: Mutex<State<B>>,
     /// The ready endpoints as of the last change: what calls pick from.
     snapshot: ArcSwap<Snapshot<Upstream<B>>>,
     /// Round-robin positions per method, kept across snapshots.
     cursors: Cursors,
+    /// Each endpoint and why it is not ready, for error messages.
+    status: ArcSwap<String>,
     /// Bumped whenever an endpoint comes or goes, for calls waiting for one.
     changed: watch::Sender<()>,
     /// Number of ready endpoints, for health reporting.
@@ -53,6 +53,17 @@ pub(crate) struct Picked<B> {
     pub upstream: Upstream<B>,
 }
 
+/// What changes membership or connection state, sent to the task that owns them.
+pub(crate) enum Update<B> {
+    /// Discovery answered (or failed).
+    Resolved(Lookup),
+    /// A connection to `addr` is up and takes requests.
+    Connected { addr: SocketAddr, upstream: Upstream<B> },
+    /// The connection to `addr` is gone or could not be made.
+    Disconnected { addr: SocketAddr, why: String },
+}
+
+/// Owned by the membership task alone.
 struct State<B> {
     set: EndpointSet,
     conns: HashMap<SocketAddr, Conn<B>>,
@@ -81,31 +92,25 @@ where
     B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send,
 {
-    /// Starts discovery; connections open as endpoints appear.
+    /// Starts discovery and the membership task; connections open as endpoints appear.
     pub(crate) fn spawn(discovery: Discovery, interval: Duration, connector: Connector) -> Arc<Self> {
         let target = discovery.target().to_string();
         let pool = Arc::new(Pool {
             authority: target.parse().unwrap_or_else(|_| http::uri::Authority::from_static("localhost")),
             target,
             connector: Arc::new(connector),
-            state: Mutex::new(State {
-                set: EndpointSet::default(),
-                conns: HashMap::new(),
-                dns_error: None,
-                resolved_once: false,
-            }),
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
             cursors: Cursors::new(),
+            status: ArcSwap::from_pointee("not resolved yet".to_owned()),
             changed: watch::Sender::new(()),
             ready: watch::Sender::new(0),
             refresh: Arc::new(Notify::new()),
         });
-        tokio::spawn(discover(Arc::downgrade(&pool), pool.refresh.clone(), discovery, interval));
+        let (updates, rx) = mpsc::unbounded_channel();
+        tokio::spawn(discover(updates.clone(), pool.refresh.clone(), discovery, interval));
+        let state = State { set: EndpointSet::default(), conns: HashMap::new(), dns_error: None, resolved_once: false };
+        tokio::spawn(own(Arc::downgrade(&pool), state, updates, rx));
         pool
-    }
-
-    fn lock(&self) -> MutexGuard<'_, State<B>> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Picks a ready endpoint for `method` now: local first, round-robin per method,
@@ -166,85 +171,121 @@ where
 
     /// What the pool knows, for an error message: each endpoint and why it is not ready.
     pub(crate) fn describe(&self) -> String {
-        let st = self.lock();
-        let mut parts = Vec::new();
-        if let Some(e) = &st.dns_error {
-            parts.push(e.clone());
-        } else if st.set.is_empty() {
-            parts.push(if st.resolved_once { "the name has no addresses" } else { "not resolved yet" }.to_owned());
-        }
-        for (addr, local) in st.set.addrs() {
-            let place = if local { "local" } else { "remote" };
-            let why = st.conns.get(&addr).and_then(|c| c.last_error.as_deref()).unwrap_or("connecting");
-            parts.push(format!("{addr} ({place}): {why}"));
-        }
-        parts.join("; ")
-    }
-
-    fn apply(self: &Arc<Self>, lookup: Lookup) {
-        let mut st = self.lock();
-        let resolved = match lookup {
-            Lookup::Found(r) => r,
-            Lookup::Failed(e) => {
-                if st.dns_error.as_ref() != Some(&e) {
-                    warn!(target = %self.target, error = %e, "DNS lookup failed; keeping known endpoints");
-                }
-                st.dns_error = Some(e);
-                return;
-            }
-        };
-        st.dns_error = None;
-        if !st.resolved_once && resolved.all.is_empty() {
-            warn!(target = %self.target, "Target has no addresses yet");
-        }
-        st.resolved_once = true;
-        let changes = st.set.apply(&resolved, Instant::now().into_std());
-        for addr in changes.removed {
-            info!(%addr, "Removing endpoint");
-            if let Some(conn) = st.conns.remove(&addr) {
-                conn.task.abort(); // in-flight calls keep their streams
-            }
-        }
-        for addr in changes.added {
-            let local = resolved.local.contains(&addr);
-            info!(%addr, local, "Adding endpoint");
-            let task = tokio::spawn(connect_loop(Arc::downgrade(self), addr)).abort_handle();
-            st.conns.insert(addr, Conn { send: None, last_error: None, task });
-        }
-        debug!(endpoints = st.set.len(), local = resolved.local.len(), "Membership updated");
-        self.publish(&st);
-    }
-
-    pub(crate) fn set_conn(&self, addr: SocketAddr, send: Option<Upstream<B>>, why: Option<String>) {
-        let mut st = self.lock();
-        let Some(conn) = st.conns.get_mut(&addr) else { return };
-        let ready = send.is_some();
-        conn.send = send;
-        if why.is_some() || ready {
-            conn.last_error = why;
-        }
-        st.set.set_ready(addr, ready);
-        self.publish(&st);
+        self.status.load().as_ref().clone()
     }
 
     fn publish(&self, st: &State<B>) {
         let snapshot = st.set.snapshot(|addr| st.conns.get(&addr).and_then(|c| c.send.clone()));
         self.snapshot.store(Arc::new(snapshot));
+        self.status.store(Arc::new(st.describe()));
         self.ready.send_if_modified(|n| std::mem::replace(n, st.set.ready_count()) != *n);
         self.changed.send_replace(());
     }
 }
 
-async fn discover<B>(pool: Weak<Pool<B>>, refresh: Arc<Notify>, discovery: Discovery, interval: Duration)
+impl<B> State<B>
 where
     B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send,
 {
+    fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(e) = &self.dns_error {
+            parts.push(e.clone());
+        } else if self.set.is_empty() {
+            parts.push(if self.resolved_once { "the name has no addresses" } else { "not resolved yet" }.to_owned());
+        }
+        for (addr, local) in self.set.addrs() {
+            let place = if local { "local" } else { "remote" };
+            let why = self.conns.get(&addr).and_then(|c| c.last_error.as_deref()).unwrap_or("connecting");
+            parts.push(format!("{addr} ({place}): {why}"));
+        }
+        parts.join("; ")
+    }
+
+    /// Applies one update; says whether anything changed.
+    fn apply(&mut self, update: Update<B>, pool: &Pool<B>, updates: &mpsc::UnboundedSender<Update<B>>) -> bool {
+        match update {
+            Update::Resolved(Lookup::Failed(e)) => {
+                if self.dns_error.as_ref() != Some(&e) {
+                    warn!(target = %pool.target, error = %e, "DNS lookup failed; keeping known endpoints");
+                }
+                self.dns_error = Some(e);
+            }
+            Update::Resolved(Lookup::Found(resolved)) => {
+                self.dns_error = None;
+                if !self.resolved_once && resolved.all.is_empty() {
+                    warn!(target = %pool.target, "Target has no addresses yet");
+                }
+                self.resolved_once = true;
+                let changes = self.set.apply(&resolved, Instant::now().into_std());
+                for addr in changes.removed {
+                    info!(%addr, "Removing endpoint");
+                    if let Some(conn) = self.conns.remove(&addr) {
+                        conn.task.abort(); // in-flight calls keep their streams
+                    }
+                }
+                for addr in changes.added {
+                    let local = resolved.local.contains(&addr);
+                    info!(%addr, local, "Adding endpoint");
+                    let task = tokio::spawn(connect_loop(pool.connector.clone(), addr, updates.clone()));
+                    self.conns.insert(addr, Conn { send: None, last_error: None, task: task.abort_handle() });
+                }
+                debug!(endpoints = self.set.len(), local = resolved.local.len(), "Membership updated");
+            }
+            Update::Connected { addr, upstream } => {
+                let Some(conn) = self.conns.get_mut(&addr) else { return false };
+                conn.send = Some(upstream);
+                conn.last_error = None;
+                self.set.set_ready(addr, true);
+            }
+            Update::Disconnected { addr, why } => {
+                let Some(conn) = self.conns.get_mut(&addr) else { return false };
+                conn.send = None;
+                conn.last_error = Some(why);
+                self.set.set_ready(addr, false);
+                pool.refresh.notify_one(); // the endpoint may have moved: resolve now
+            }
+        }
+        true
+    }
+}
+
+/// The membership task: applies updates in order and publishes after each batch, until
+/// the pool is dropped.
+async fn own<B>(
+    pool: Weak<Pool<B>>,
+    mut state: State<B>,
+    updates: mpsc::UnboundedSender<Update<B>>,
+    mut rx: mpsc::UnboundedReceiver<Update<B>>,
+) where
+    B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send,
+{
+    while let Some(update) = rx.recv().await {
+        let Some(pool) = pool.upgrade() else { return };
+        let mut changed = state.apply(update, &pool, &updates);
+        while let Ok(more) = rx.try_recv() {
+            changed |= state.apply(more, &pool, &updates);
+        }
+        if changed {
+            pool.publish(&state);
+        }
+    }
+}
+
+/// Resolves every `interval`, and at once when asked, until the membership task is gone.
+async fn discover<B>(
+    updates: mpsc::UnboundedSender<Update<B>>,
+    refresh: Arc<Notify>,
+    discovery: Discovery,
+    interval: Duration,
+) {
     loop {
         let lookup = discovery.lookup().await;
-        let Some(p) = pool.upgrade() else { return };
-        p.apply(lookup);
-        drop(p);
+        if updates.send(Update::Resolved(lookup)).is_err() {
+            return;
+        }
         tokio::select! {
             () = tokio::time::sleep(interval) => {}
             () = refresh.notified() => {}
