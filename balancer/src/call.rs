@@ -105,6 +105,8 @@ struct Driver<'a, B> {
     body: ReplayBody<B>,
     started: Instant,
     call: Call,
+    /// The method's `waitForReady`, for the message when no endpoint was ready.
+    wait_for_ready: bool,
     slots: Vec<Slot>,
     running: FuturesUnordered<AttemptFuture<B>>,
     rng: SplitMix64,
@@ -129,12 +131,8 @@ where
         Some(m) if m.hedging.is_some() => Policy::Hedging(m.hedging.clone().unwrap_or_else(|| unreachable!())),
         _ => Policy::None,
     };
-    let setup = Setup {
-        deadline,
-        wait_for_ready: method.and_then(|m| m.wait_for_ready) != Some(false),
-        connect_timeout: shared.pool.connector.connect_timeout,
-        policy,
-    };
+    let wait_for_ready = method.and_then(|m| m.wait_for_ready) != Some(false);
+    let setup = Setup { deadline, wait_for_ready, connect_timeout: shared.pool.connector.connect_timeout, policy };
     let body = ReplayBody::new(body, shared.replay_limit, shared.max_message, shared.budget.clone());
     let mut driver = Driver {
         shared,
@@ -142,6 +140,7 @@ where
         body,
         started,
         call: Call::new(setup),
+        wait_for_ready,
         slots: Vec::new(),
         running: FuturesUnordered::new(),
         rng: SplitMix64::from_entropy(),
@@ -204,6 +203,9 @@ where
                     self.check_buffer();
                     self.call.on_timeout(self.now(), self.shared.throttle.as_ref());
                 }
+                // The state machine always leaves something in flight or due until it
+                // finishes; if that ever broke, fail the call rather than the process.
+                else => return Err(tonic::Status::internal("call engine stalled with nothing in flight")),
             }
         }
     }
@@ -234,7 +236,8 @@ where
                 error: None,
             });
         }
-        match self.shared.pool.pick(self.method(), &send.avoid, &send.exclude) {
+        let may_wait = send.wait_until.is_some();
+        match self.shared.pool.pick(self.method(), &send.avoid, &send.exclude, may_wait) {
             Ok(picked) => self.start(send, picked),
             Err(_) => match send.wait_until {
                 None => self.call.on_no_endpoint(id, self.now()),
@@ -336,9 +339,12 @@ where
         let target = pool.target.clone();
         let error = match how {
             Finish::Forward(id) => return Ok(self.commit(id)),
-            Finish::Status(_, Reason::Deadline) => Error::Deadline { target, tried: pool.describe() },
+            Finish::Status(_, Reason::Deadline) => {
+                Error::Deadline { target, attempts: self.call.stats().attempts, tried: pool.describe() }
+            }
             Finish::Status(_, Reason::NoEndpoint) => {
-                Error::NoEndpoint { target, waited: pool.connector.connect_timeout, tried: pool.describe() }
+                let waited = if self.wait_for_ready { pool.connector.connect_timeout } else { Duration::ZERO };
+                Error::NoEndpoint { target, waited, tried: pool.describe() }
             }
             Finish::Status(code, Reason::Attempt(id)) => {
                 let slot = &mut self.slots[id.0 as usize];

@@ -9,12 +9,14 @@ pub enum Error {
     /// The resolver could not be built (e.g. an unreadable /etc/resolv.conf).
     #[error("DNS resolver: {0}")]
     Resolver(String),
-    /// No endpoint became ready within the connect timeout and the call had no deadline.
-    #[error("no ready endpoint for {target} after {waited:?}: {tried}")]
+    /// No endpoint became ready within the connect timeout (the call had no deadline),
+    /// or none was ready at once for a fail-fast call (`waited` is zero).
+    #[error("no ready endpoint for {target}{}: {tried}", after(*waited))]
     NoEndpoint { target: String, waited: Duration, tried: String },
-    /// The call's own deadline passed while it waited for an endpoint.
-    #[error("deadline exceeded waiting for a ready endpoint for {target}: {tried}")]
-    Deadline { target: String, tried: String },
+    /// The call's own deadline passed: while it waited for an endpoint, between
+    /// attempts, or with attempts in flight (which the proxy then cancelled).
+    #[error("deadline exceeded calling {target} after {attempts} attempt(s): {tried}")]
+    Deadline { target: String, attempts: u32, tried: String },
     /// A request message was larger than allowed.
     #[error(transparent)]
     TooLarge(#[from] crate::frame::TooLarge),
@@ -28,6 +30,10 @@ pub enum Error {
     /// The HTTP/3 settings could not be used (CA file, UDP socket).
     #[error("HTTP/3: {0}")]
     H3(String),
+}
+
+fn after(waited: Duration) -> String {
+    if waited.is_zero() { " (fail-fast: waitForReady is false)".to_owned() } else { format!(" after {waited:?}") }
 }
 
 impl Error {

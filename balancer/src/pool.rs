@@ -23,7 +23,7 @@ use tracing::{debug, info, warn};
 use crate::{
     connect::{Connector, connect_loop},
     discover::{Discovery, Lookup},
-    pick::{Cursors, EndpointSet, Pick, Snapshot, Tier},
+    pick::{Constraints, Cursors, EndpointSet, Pick, Snapshot, Tier},
     transport::Upstream,
 };
 
@@ -114,25 +114,19 @@ where
     }
 
     /// Picks a ready endpoint for `method` now: local first, round-robin per method,
-    /// endpoints in `avoid` only when no other is ready, those in `exclude` never.
-    /// Otherwise says until when a new local endpoint is being waited for, if one is.
+    /// endpoints in `avoid` only when no other is ready, those in `exclude` never. When
+    /// none is ready and `may_wait`, says until when a new local endpoint is being
+    /// waited for, if one is; a caller that may not wait goes remote at once instead.
     pub(crate) fn pick(
         &self,
         method: &str,
         avoid: &[SocketAddr],
         exclude: &[SocketAddr],
+        may_wait: bool,
     ) -> Result<Picked<B>, Option<Instant>> {
         let snapshot = self.snapshot.load();
-        let now = Instant::now().into_std();
-        let skip: Vec<SocketAddr>;
-        let avoid = if exclude.is_empty() {
-            avoid
-        } else {
-            skip = avoid.iter().chain(exclude).copied().collect();
-            &skip
-        };
-        match snapshot.pick(&self.cursors, method, avoid, now) {
-            Pick::Endpoint { addr, .. } if exclude.contains(&addr) => Err(None),
+        let constraints = Constraints { avoid, exclude, may_wait };
+        match snapshot.pick_with(&self.cursors, method, &constraints, Instant::now().into_std()) {
             Pick::Endpoint { addr, tier, handle } => Ok(Picked { addr, tier, upstream: handle.clone() }),
             Pick::WaitUntil(t) => Err(Some(Instant::from_std(t))),
             Pick::NoneReady => Err(None),
@@ -150,7 +144,7 @@ where
         let mut changed = self.changed.subscribe();
         loop {
             changed.borrow_and_update();
-            let grace = match self.pick(method, avoid, exclude) {
+            let grace = match self.pick(method, avoid, exclude, true) {
                 Ok(p) => return Some(p),
                 Err(grace) => grace,
             };

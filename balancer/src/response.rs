@@ -38,10 +38,10 @@ impl Body for UpstreamBody {
             return Poll::Ready(None);
         }
         match ready!(self.inner.poll_frame(cx)) {
-            Some(Err(code)) => {
+            Some(Err((code, error))) => {
                 self.done = true;
-                let why = if code == lb_core::Code::Unavailable { "lost" } else { "reset" };
-                let status = Status::new(to_tonic(code), format!("upstream {} {why} mid-response", self.addr));
+                let status =
+                    Status::new(to_tonic(code), format!("upstream {} failed mid-response: {error}", self.addr));
                 let mut trailers = HeaderMap::new();
                 status.add_header(&mut trailers).map_err(|e| Box::new(e) as BoxError)?;
                 Poll::Ready(Some(Ok(Frame::trailers(trailers))))

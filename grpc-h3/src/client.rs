@@ -5,7 +5,10 @@
 use std::{future::Future, net::SocketAddr};
 
 use bytes::Bytes;
-use h3::error::{Code, ConnectionError, StreamError};
+use h3::{
+    error::{Code, ConnectionError, StreamError},
+    quic::ConnectionErrorIncoming,
+};
 use http::{Request, Response};
 use http_body::Body;
 use http_body_util::BodyExt;
@@ -39,10 +42,18 @@ impl SendError {
         matches!(&self.error, StreamError::RemoteTerminate { code, .. } if *code == Code::H3_REQUEST_REJECTED)
     }
 
-    /// The connection closed gracefully (H3_NO_ERROR, after a GOAWAY) before this request
-    /// got an answer: a server that drains answers every request it accepted first.
+    /// The server closed the connection gracefully (H3_NO_ERROR, after its GOAWAY) before
+    /// this request got an answer. A draining server answers the requests it accepted
+    /// first, so this one was not accepted, unless the server's drain deadline cut its
+    /// requests short: a server should reset those rather than close over them.
     pub fn is_graceful_close(&self) -> bool {
-        self.error.is_h3_no_error()
+        matches!(
+            &self.error,
+            StreamError::ConnectionError {
+                0: ConnectionError::Remote { 0: ConnectionErrorIncoming::ApplicationClose { error_code }, .. },
+                ..
+            } if *error_code == Code::H3_NO_ERROR.value()
+        )
     }
 
     /// The server reset the request with H3_REQUEST_CANCELLED.

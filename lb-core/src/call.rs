@@ -279,11 +279,16 @@ impl Call {
         if !first_placement {
             return; // a transparent resend
         }
-        if let Mode::Hedging { policy, schedule, .. } = &mut self.mode {
-            match schedule {
+        match &mut self.mode {
+            Mode::Plain => {}
+            Mode::Retry { .. } => self.stats.retries += u32::from(self.placed > 0),
+            Mode::Hedging { policy, schedule, .. } => match schedule {
                 None => *schedule = Some(HedgeSchedule::new(policy, now)),
-                Some(s) => s.on_started(now),
-            }
+                Some(s) => {
+                    s.on_started(now);
+                    self.stats.hedges += 1;
+                }
+            },
         }
         self.placed += 1;
         self.stats.attempts = self.placed;
@@ -291,6 +296,11 @@ impl Call {
 
     /// No endpoint could take the attempt (by its `wait_until`).
     pub fn on_no_endpoint(&mut self, id: AttemptId, now: Duration) {
+        self.no_endpoint(id, now);
+        self.settle();
+    }
+
+    fn no_endpoint(&mut self, id: AttemptId, now: Duration) {
         if self.live(id, AttemptState::Placing).is_none() {
             return;
         }
@@ -339,6 +349,11 @@ impl Call {
         rng: &mut dyn Rng,
         throttle: Option<&Throttle>,
     ) {
+        self.ended(id, how, now, rng, throttle);
+        self.settle();
+    }
+
+    fn ended(&mut self, id: AttemptId, how: Ended, now: Duration, rng: &mut dyn Rng, throttle: Option<&Throttle>) {
         if self.in_flight_state(id).is_none() {
             return;
         }
@@ -380,6 +395,11 @@ impl Call {
 
     /// A timer from [`Call::poll_timeout`] fired.
     pub fn on_timeout(&mut self, now: Duration, throttle: Option<&Throttle>) {
+        self.timeout(now, throttle);
+        self.settle();
+    }
+
+    fn timeout(&mut self, now: Duration, throttle: Option<&Throttle>) {
         if self.done {
             return;
         }
@@ -392,7 +412,6 @@ impl Call {
             Mode::Retry { backoff_until, .. } => {
                 if backoff_until.is_some_and(|t| t <= now) {
                     *backoff_until = None;
-                    self.stats.retries += 1;
                     self.send_new(now, false);
                 }
             }
@@ -405,9 +424,29 @@ impl Call {
         if !self.buffer_full && !self.done {
             self.buffer_full = true;
             self.stats.committed_by_buffer = true;
-            if let Mode::Hedging { schedule: Some(s), .. } = &mut self.mode {
-                s.stop();
+            match &mut self.mode {
+                Mode::Plain => {}
+                Mode::Retry { backoff_until, .. } => *backoff_until = None,
+                Mode::Hedging { schedule, .. } => schedule.iter_mut().for_each(HedgeSchedule::stop),
             }
+            self.settle();
+        }
+    }
+
+    /// Ends the call when nothing is in flight or being placed and nothing is due:
+    /// whatever stopped the last attempt (throttle, buffer, pushback), its failure is
+    /// the answer.
+    fn settle(&mut self) {
+        if self.done || self.placing() || self.in_flight().next().is_some() {
+            return;
+        }
+        let pending = match &self.mode {
+            Mode::Plain => false,
+            Mode::Retry { backoff_until, .. } => backoff_until.is_some(),
+            Mode::Hedging { schedule, .. } => schedule.as_ref().and_then(HedgeSchedule::next_due).is_some(),
+        };
+        if let Some(last) = self.last_failure.filter(|_| !pending) {
+            self.finish(last);
         }
     }
 
@@ -443,6 +482,7 @@ impl Call {
                     return self.finish(finish); // the backoff would outlive the deadline
                 }
                 *backoff_until = Some(at);
+                self.last_failure = Some(finish);
             }
             Verdict::Stop(reason) => {
                 self.stats.throttled |= reason == StopReason::Throttled;
@@ -477,15 +517,13 @@ impl Call {
             }
         }
         self.try_hedge(now, throttle);
-        if !self.done && !self.placing() && self.in_flight().next().is_none() && self.poll_timeout_hedge().is_none() {
-            self.finish(finish); // nothing in flight and nothing more to come
-        }
     }
 
     /// Starts the hedge that is due, if the throttle allows.
     fn try_hedge(&mut self, now: Duration, throttle: Option<&Throttle>) {
+        let placing = self.placing();
         let Mode::Hedging { schedule: Some(s), blocked: false, .. } = &mut self.mode else { return };
-        if !s.is_due(now) || self.buffer_full {
+        if !s.is_due(now) || self.buffer_full || placing {
             return;
         }
         if throttle.is_some_and(|t| !t.allows()) {
@@ -493,15 +531,7 @@ impl Call {
             self.stats.throttled = true;
             return;
         }
-        self.stats.hedges += 1;
         self.send_new(now, true);
-    }
-
-    fn poll_timeout_hedge(&self) -> Option<Duration> {
-        match &self.mode {
-            Mode::Hedging { schedule, .. } => schedule.as_ref().and_then(HedgeSchedule::next_due),
-            _ => None,
-        }
     }
 
     /// A new attempt, counted toward `maxAttempts` once placed.

@@ -30,7 +30,7 @@ use std::{
 };
 
 pub use cursors::Cursors;
-pub use snapshot::{Pick, Snapshot};
+pub use snapshot::{Constraints, Pick, Snapshot};
 
 /// How long a new local endpoint's first connection is waited for.
 pub const LOCAL_GRACE: Duration = Duration::from_millis(500);

@@ -68,6 +68,9 @@ where
     }
 }
 
+/// A response body's failure: the gRPC status it amounts to, and what happened.
+pub(crate) type BodyError = (Code, BoxError);
+
 /// A response body over either protocol.
 pub enum Body {
     H2(hyper::body::Incoming),
@@ -75,11 +78,11 @@ pub enum Body {
 }
 
 impl Body {
-    /// The next frame; a failure comes as the gRPC status it amounts to.
-    pub(crate) fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Code>>> {
+    /// The next frame; a failure comes with the gRPC status it amounts to.
+    pub(crate) fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self {
-            Body::H2(b) => Pin::new(b).poll_frame(cx).map_err(|e| h2::code_of(&e)),
-            Body::H3(b) => Pin::new(b).poll_frame(cx).map_err(|e| h3::code_of(&e)),
+            Body::H2(b) => Pin::new(b).poll_frame(cx).map_err(|e| (h2::code_of(&e), e.into())),
+            Body::H3(b) => Pin::new(b).poll_frame(cx).map_err(|e| (h3::code_of(&e), e.into())),
         }
     }
 

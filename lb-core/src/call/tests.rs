@@ -434,3 +434,47 @@ fn huge_deadlines_and_delays_saturate() {
     c.on_ended(id(0), huge, ms(6), &mut Top, None);
     assert_eq!(c.poll_timeout(), Some(Duration::MAX));
 }
+
+// Review findings: a call must never be left with nothing in flight and nothing due.
+#[test]
+fn a_throttled_hedge_after_a_pushback_ends_the_call_with_the_last_status() {
+    let t = Throttle::new(2.0, 0.1);
+    let mut c = placed(hedging(3, 200), None);
+    let pushed = Ended::Status { code: Code::Unavailable, pushback: Pushback::After(ms(500)) };
+    c.on_ended(id(0), pushed, ms(10), &mut Top, Some(&t));
+    assert_eq!(drain(&mut c), [], "the next hedge waits for the pushback");
+    assert_eq!(c.poll_timeout(), Some(ms(510)));
+    c.on_timeout(ms(510), Some(&t));
+    assert_eq!(drain(&mut c), [Action::Finish(Finish::Forward(id(0)))], "throttled, nothing in flight: over");
+}
+
+#[test]
+fn a_full_buffer_during_a_hedge_pushback_ends_the_call() {
+    let mut c = placed(hedging(3, 200), None);
+    let pushed = Ended::Status { code: Code::Unavailable, pushback: Pushback::After(ms(500)) };
+    c.on_ended(id(0), pushed, ms(10), &mut Top, None);
+    c.on_buffer_full();
+    assert_eq!(drain(&mut c), [Action::Finish(Finish::Forward(id(0)))]);
+    assert_eq!(c.poll_timeout(), None);
+}
+
+#[test]
+fn a_full_buffer_during_a_backoff_ends_the_call_with_the_last_status() {
+    let mut c = placed(retry(3, 10), None);
+    end(&mut c, 0, status(Code::Unavailable), 5);
+    c.on_buffer_full();
+    assert_eq!(drain(&mut c), [Action::Finish(Finish::Forward(id(0)))]);
+}
+
+#[test]
+fn a_hedge_that_found_no_endpoint_is_not_counted() {
+    let mut c = placed(hedging(3, 0), None);
+    c.on_timeout(ms(0), None);
+    drain(&mut c);
+    c.on_no_endpoint(id(1), ms(0));
+    assert_eq!(c.stats().hedges, 0);
+    end(&mut c, 0, status(Code::Unavailable), 40);
+    drain(&mut c);
+    c.on_placed(id(2), ep(1), ms(40));
+    assert_eq!(c.stats(), Stats { attempts: 2, hedges: 1, ..Stats::default() });
+}

@@ -49,19 +49,28 @@ impl<T> Snapshot<T> {
     /// that already went to the endpoints in `avoid`, by the module's rules; `now` ends
     /// the wait for a new local endpoint.
     pub fn pick(&self, cursors: &Cursors, method: &str, avoid: &[SocketAddr], now: Instant) -> Pick<'_, T> {
-        let untried = |addr: &SocketAddr| !avoid.contains(addr);
+        self.pick_with(cursors, method, &Constraints { avoid, exclude: &[], may_wait: true }, now)
+    }
+
+    /// [`Snapshot::pick`] with endpoints never to pick (`exclude`: a hedge's siblings in
+    /// flight), and, for callers that cannot wait (`may_wait: false`), no waiting for a
+    /// new local endpoint's grace: they go remote at once.
+    pub fn pick_with(&self, cursors: &Cursors, method: &str, c: &Constraints<'_>, now: Instant) -> Pick<'_, T> {
+        let allowed = |addr: &SocketAddr| !c.exclude.contains(addr);
+        let untried = |addr: &SocketAddr| allowed(addr) && !c.avoid.contains(addr);
         let slot = cursors.slot(method);
         let local = |ok: &dyn Fn(&SocketAddr) -> bool| self.pick_in(Tier::Local, slot, ok);
         let remote = |ok: &dyn Fn(&SocketAddr) -> bool| self.pick_in(Tier::Remote, slot, ok);
         if let Some(p) = local(&untried) {
             return p;
         }
-        if self.tiers[Tier::Local as usize].is_empty()
+        if c.may_wait
+            && self.tiers[Tier::Local as usize].is_empty()
             && let Some(grace) = self.grace_until.filter(|t| *t > now)
         {
             return Pick::WaitUntil(grace);
         }
-        remote(&untried).or_else(|| local(&|_| true)).or_else(|| remote(&|_| true)).unwrap_or(Pick::NoneReady)
+        remote(&untried).or_else(|| local(&allowed)).or_else(|| remote(&allowed)).unwrap_or(Pick::NoneReady)
     }
 
     /// The first endpoint of `tier` that is `ok`, from the slot's cursor on, leaving the
@@ -84,6 +93,17 @@ impl<T> Snapshot<T> {
             }
         }
     }
+}
+
+/// What a pick must respect besides locality and the rotation.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Constraints<'a> {
+    /// Endpoints the call already tried: others first, while any is ready.
+    pub avoid: &'a [SocketAddr],
+    /// Endpoints never to pick.
+    pub exclude: &'a [SocketAddr],
+    /// Whether the caller may wait for a new local endpoint's grace.
+    pub may_wait: bool,
 }
 
 impl<T> Default for Snapshot<T> {

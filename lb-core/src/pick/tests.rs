@@ -260,3 +260,35 @@ fn concurrent_picks_spread_exactly_evenly() {
     let counts: Vec<usize> = counts.iter().map(|c| c.load(Ordering::Relaxed)).collect();
     assert_eq!(counts, [400, 400, 400], "600 picks of each method over 3 endpoints");
 }
+
+#[test]
+fn excluded_endpoints_are_never_picked_and_do_not_hide_free_ones() {
+    let set = cluster();
+    let cursors = Cursors::new();
+    let s = snap(&set);
+    let c = Constraints { avoid: &[a(1), a(2)], exclude: &[a(1)], may_wait: true };
+    // 1 is excluded and 2 was tried: the untried remote 3, every time.
+    for _ in 0..3 {
+        match s.pick_with(&cursors, SAY_HELLO, &c, late()) {
+            Pick::Endpoint { addr, .. } => assert_eq!(addr, a(3), "untried remote before tried local"),
+            other => panic!("{other:?}"),
+        }
+    }
+    let c = Constraints { avoid: &[a(1), a(2), a(3)], exclude: &[a(1), a(3)], may_wait: true };
+    assert!(matches!(s.pick_with(&cursors, SAY_HELLO, &c, late()), Pick::Endpoint { addr, .. } if addr == a(2)));
+    let c = Constraints { avoid: &[], exclude: &[a(1), a(2), a(3)], may_wait: true };
+    assert_eq!(s.pick_with(&cursors, SAY_HELLO, &c, late()), Pick::NoneReady);
+}
+
+#[test]
+fn a_caller_that_cannot_wait_skips_the_local_grace() {
+    let mut set = EndpointSet::default();
+    set.apply(&Resolved { all: vec![a(1), a(3)], local: vec![a(1)] }, t0());
+    set.set_ready(a(3), true);
+    let cursors = Cursors::new();
+    let s = snap(&set);
+    let waiting = Constraints { may_wait: true, ..Constraints::default() };
+    assert!(matches!(s.pick_with(&cursors, SAY_HELLO, &waiting, t0()), Pick::WaitUntil(_)));
+    let hurried = Constraints { may_wait: false, ..Constraints::default() };
+    assert!(matches!(s.pick_with(&cursors, SAY_HELLO, &hurried, t0()), Pick::Endpoint { addr, .. } if addr == a(3)));
+}
