@@ -3,8 +3,9 @@
 //!
 //! Several attempts may read at once (hedging): the one that reaches the end of the
 //! buffer pulls from the source and wakes the others. Once the call is committed
-//! ([`ReplayBody::commit`]) and the buffer is freed; once the body outgrows the limit,
-//! it can no longer be replayed ([`ReplayBody::is_replayable`]).
+//! ([`ReplayBody::commit`]) nothing more is buffered, and the buffer is freed when the
+//! committed attempt has read it; once the body outgrows the limit, it can no longer be
+//! replayed ([`ReplayBody::is_replayable`]).
 //!
 //! It also watches the gRPC length prefixes going by and fails the body when a message
 //! is larger than allowed ([`ReplayBody::too_large`]).
@@ -46,6 +47,9 @@ struct Shared<B> {
     budget: Budget,
     /// Buffering stopped: committed, over the limit, or the source failed.
     replay_lost: bool,
+    /// The call is committed to one attempt: its reader may still be replaying buffered
+    /// chunks, so they go only once it has caught up with the source.
+    committed: bool,
     source_done: bool,
     trailers: Option<HeaderMap>,
     frames: FrameScan,
@@ -97,6 +101,7 @@ impl<B> ReplayBody<B> {
             limit,
             budget,
             replay_lost: false,
+            committed: false,
             source_done: false,
             trailers: None,
             frames: FrameScan::new(max_message),
@@ -121,9 +126,12 @@ impl<B> ReplayBody<B> {
         self.lock().too_large
     }
 
-    /// The call is committed to one attempt: stop buffering and free the buffer.
+    /// The call is committed to one attempt: stop buffering, and free the buffer as soon
+    /// as that attempt's reader no longer needs it (it may be replaying it still).
     pub fn commit(&self) {
-        self.lock().drop_buffer();
+        let mut s = self.lock();
+        s.replay_lost = true;
+        s.committed = true;
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Shared<B>> {
@@ -187,6 +195,9 @@ where
             let chunk = s.chunks[this.pos - s.offset].clone();
             this.pos += 1;
             return Poll::Ready(Some(Ok(Frame::data(chunk))));
+        }
+        if s.committed && !s.chunks.is_empty() {
+            s.drop_buffer(); // the committed reader has caught up: nobody needs it
         }
         if s.source_done {
             this.finished = true;
@@ -316,7 +327,8 @@ mod tests {
 
     #[tokio::test]
     async fn commit_frees_the_buffer_and_forbids_replay() {
-        let body = ReplayBody::new(source(&["ab", "cd"], false), 1024, u32::MAX, Budget::new(1 << 20));
+        let budget = Budget::new(1 << 20);
+        let body = ReplayBody::new(source(&["ab", "cd"], false), 1024, u32::MAX, budget.clone());
         let mut first = body.replay();
         let f = first.frame().await.unwrap().unwrap();
         assert_eq!(f.into_data().unwrap(), "ab");
@@ -324,6 +336,28 @@ mod tests {
         assert!(!body.is_replayable());
         let f = first.frame().await.unwrap().unwrap();
         assert_eq!(f.into_data().unwrap(), "cd", "the committed attempt keeps streaming");
+        assert_eq!(budget.used(), 0, "caught up with the source: the buffer is freed");
         assert!(first.frame().await.is_none());
+    }
+
+    // Review finding: committing to an attempt that is still replaying the buffer (a
+    // retry or a hedge whose server answered headers before reading) must not cut it off.
+    #[tokio::test]
+    async fn a_committed_replay_that_is_behind_reads_the_whole_body() {
+        let budget = Budget::new(1 << 20);
+        let body = ReplayBody::new(source(&["ab", "cd", "ef", "gh"], true), 1024, u32::MAX, budget.clone());
+        let mut first = body.replay();
+        for want in ["ab", "cd", "ef"] {
+            assert_eq!(first.frame().await.unwrap().unwrap().into_data().unwrap(), want);
+        }
+        drop(first); // the first attempt failed
+        let mut retry = body.replay();
+        assert_eq!(retry.frame().await.unwrap().unwrap().into_data().unwrap(), "ab");
+        body.commit(); // the retry's server sent headers
+        assert_eq!(budget.used(), 6, "still needed by the retry");
+        let (rest, trailers) = read_all(retry).await.unwrap();
+        assert_eq!(rest, b"cdefgh");
+        assert_eq!(trailers.unwrap()["x-end"], "1");
+        assert_eq!(budget.used(), 0);
     }
 }
