@@ -3,14 +3,10 @@
 //! timers) and the IO's outcomes into its events. Every decision is the state
 //! machine's; this module only waits and sends.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc, task::Poll, time::Duration};
 
 use bytes::Bytes;
-use futures_util::{
-    StreamExt,
-    future::{AbortHandle, Abortable, BoxFuture},
-    stream::FuturesUnordered,
-};
+use futures_util::future::BoxFuture;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, Version};
 use lb_core::{
     Code,
@@ -18,6 +14,7 @@ use lb_core::{
     retry::{ServiceConfig, Throttle},
     rng::SplitMix64,
 };
+use smallvec::SmallVec;
 use tokio::time::Instant;
 use tracing::debug;
 
@@ -87,11 +84,12 @@ enum Step<B> {
     Failed(Failure),
 }
 
-type AttemptFuture<B> = BoxFuture<'static, Result<(AttemptId, Step<B>), futures_util::future::Aborted>>;
+type AttemptFuture<B> = BoxFuture<'static, Step<B>>;
 
 /// What the driver knows about each attempt beyond the state machine.
-struct Slot {
-    abort: Option<AbortHandle>,
+struct Slot<B> {
+    /// The attempt's IO while it runs; dropping it resets the stream (RST_STREAM CANCEL).
+    io: Option<AttemptFuture<B>>,
     endpoint: Option<SocketAddr>,
     /// A status response kept to forward, or the headers that committed.
     response: Option<Response<transport::Body>>,
@@ -107,8 +105,8 @@ struct Driver<'a, B> {
     call: Call,
     /// The method's `waitForReady`, for the message when no endpoint was ready.
     wait_for_ready: bool,
-    slots: Vec<Slot>,
-    running: FuturesUnordered<AttemptFuture<B>>,
+    /// By attempt id; inline for the usual one or two attempts.
+    slots: SmallVec<[Slot<B>; 2]>,
     rng: SplitMix64,
 }
 
@@ -141,8 +139,7 @@ where
         started,
         call: Call::new(setup),
         wait_for_ready,
-        slots: Vec::new(),
-        running: FuturesUnordered::new(),
+        slots: SmallVec::new(),
         rng: SplitMix64::from_entropy(),
     };
     let result = driver.run().await;
@@ -180,9 +177,7 @@ where
                 match action {
                     Action::Send(send) => self.send(send),
                     Action::Cancel(id) => {
-                        if let Some(abort) = self.slots[id.0 as usize].abort.take() {
-                            abort.abort(); // dropping the stream resets it with CANCEL
-                        }
+                        self.slots[id.0 as usize].io = None; // resets the stream with CANCEL
                     }
                     Action::Commit(id) => return Ok(self.commit(id)),
                     Action::Finish(how) => return self.finish(how),
@@ -193,11 +188,9 @@ where
             }
             let timer = self.call.poll_timeout().and_then(|d| self.started.checked_add(d));
             tokio::select! {
-                Some(step) = self.running.next() => {
+                Some((id, step)) = next_step(&mut self.slots) => {
                     self.check_buffer(); // before the event: it decides whether to retry
-                    if let Ok((id, step)) = step {
-                        self.on_step(id, step);
-                    }
+                    self.on_step(id, step);
                 }
                 () = tokio::time::sleep_until(timer.unwrap_or_else(Instant::now)), if timer.is_some() => {
                     self.check_buffer();
@@ -230,7 +223,7 @@ where
         let id = send.attempt;
         if self.slots.len() <= id.0 as usize {
             self.slots.resize_with(id.0 as usize + 1, || Slot {
-                abort: None,
+                io: None,
                 endpoint: None,
                 response: None,
                 error: None,
@@ -256,8 +249,8 @@ where
         let id = send.attempt;
         let fut = async move {
             match pool.wait_pick(&method, &send.avoid, &send.exclude, until).await {
-                Some(picked) => (id, Step::Placed(picked, send)),
-                None => (id, Step::NoEndpoint),
+                Some(picked) => Step::Placed(picked, send),
+                None => Step::NoEndpoint,
             }
         };
         self.push(id, fut);
@@ -272,17 +265,15 @@ where
         let req = self.head.request(self.body.replay(), &send);
         let fut = async move {
             match picked.upstream.send(req).await {
-                Ok(resp) => (id, Step::Response(resp)),
-                Err(failure) => (id, Step::Failed(failure)),
+                Ok(resp) => Step::Response(resp),
+                Err(failure) => Step::Failed(failure),
             }
         };
         self.push(id, fut);
     }
 
-    fn push(&mut self, id: AttemptId, fut: impl Future<Output = (AttemptId, Step<B>)> + Send + 'static) {
-        let (abort, registration) = AbortHandle::new_pair();
-        self.slots[id.0 as usize].abort = Some(abort);
-        self.running.push(Box::pin(Abortable::new(fut, registration)));
+    fn push(&mut self, id: AttemptId, fut: impl Future<Output = Step<B>> + Send + 'static) {
+        self.slots[id.0 as usize].io = Some(Box::pin(fut));
     }
 
     fn on_step(&mut self, id: AttemptId, step: Step<B>) {
@@ -358,4 +349,22 @@ where
         };
         Err(error.into())
     }
+}
+
+/// The next step of any running attempt; `None` when none runs. A scan rather than a
+/// `FuturesUnordered`: calls have one attempt or a few, and this costs no allocation.
+async fn next_step<B>(slots: &mut [Slot<B>]) -> Option<(AttemptId, Step<B>)> {
+    std::future::poll_fn(|cx| {
+        let mut running = false;
+        for (i, slot) in slots.iter_mut().enumerate() {
+            let Some(io) = &mut slot.io else { continue };
+            running = true;
+            if let Poll::Ready(step) = io.as_mut().poll(cx) {
+                slot.io = None;
+                return Poll::Ready(Some((AttemptId(i as u32), step)));
+            }
+        }
+        if running { Poll::Pending } else { Poll::Ready(None) }
+    })
+    .await
 }

@@ -23,7 +23,9 @@
 //!   ready; others wait up to their deadline (or the connect timeout without one).
 //! - Once the request outgrows the replay buffer, no attempt starts again.
 
-use std::{collections::VecDeque, net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, time::Duration};
+
+use smallvec::SmallVec;
 
 use crate::{
     Code,
@@ -185,9 +187,10 @@ enum Mode {
 pub struct Call {
     setup: Setup,
     mode: Mode,
-    attempts: Vec<Attempt>,
+    // Inline for the common call of one or two attempts: no allocation per call.
+    attempts: SmallVec<[Attempt; 2]>,
     /// Every endpoint an attempt was placed on, in order; retries avoid them.
-    tried: Vec<SocketAddr>,
+    tried: SmallVec<[SocketAddr; 2]>,
     /// Attempts placed, counted toward `maxAttempts`.
     placed: u32,
     refused_once: bool,
@@ -197,7 +200,8 @@ pub struct Call {
     last_failure: Option<Finish>,
     done: bool,
     stats: Stats,
-    actions: VecDeque<Action>,
+    /// Queued for [`Call::poll_action`], oldest first.
+    actions: SmallVec<[Action; 2]>,
 }
 
 impl Call {
@@ -211,8 +215,8 @@ impl Call {
         let mut call = Call {
             setup,
             mode,
-            attempts: Vec::new(),
-            tried: Vec::new(),
+            attempts: SmallVec::new(),
+            tried: SmallVec::new(),
             placed: 0,
             refused_once: false,
             not_sent: 0,
@@ -220,7 +224,7 @@ impl Call {
             last_failure: None,
             done: false,
             stats: Stats::default(),
-            actions: VecDeque::new(),
+            actions: SmallVec::new(),
         };
         call.send_new(Duration::ZERO, false);
         call
@@ -228,7 +232,7 @@ impl Call {
 
     /// The next thing to do, if any.
     pub fn poll_action(&mut self) -> Option<Action> {
-        self.actions.pop_front()
+        (!self.actions.is_empty()).then(|| self.actions.remove(0))
     }
 
     /// When [`Call::on_timeout`] is due: the deadline, a backoff's end, the next hedge.
@@ -337,7 +341,7 @@ impl Call {
         self.attempts[id.0 as usize].state = AttemptState::Over;
         self.cancel_others();
         self.done = true;
-        self.actions.push_back(Action::Commit(id));
+        self.actions.push(Action::Commit(id));
     }
 
     /// The attempt ended without response headers.
@@ -544,7 +548,7 @@ impl Call {
             counted: false,
         });
         let send = self.send(id, now, hedge);
-        self.actions.push_back(Action::Send(send));
+        self.actions.push(Action::Send(send));
     }
 
     /// The same attempt again, transparently: no attempt counted, same number.
@@ -552,7 +556,7 @@ impl Call {
         let hedge = matches!(self.mode, Mode::Hedging { .. }) && self.attempts[id.0 as usize].number > 0;
         self.attempts[id.0 as usize].state = AttemptState::Placing;
         let send = self.send(id, now, hedge);
-        self.actions.push_back(Action::Send(send));
+        self.actions.push(Action::Send(send));
     }
 
     fn send(&self, id: AttemptId, now: Duration, hedge: bool) -> Send {
@@ -567,7 +571,7 @@ impl Call {
             previous_attempts: self.attempts[id.0 as usize].number,
             timeout: left,
             wait_until,
-            avoid: self.tried.clone(),
+            avoid: self.tried.to_vec(),
             exclude: if hedge { self.in_flight().map(|(_, e)| e).collect() } else { Vec::new() },
         }
     }
@@ -575,7 +579,7 @@ impl Call {
     fn finish(&mut self, how: Finish) {
         if !self.done {
             self.done = true;
-            self.actions.push_back(Action::Finish(how));
+            self.actions.push(Action::Finish(how));
         }
     }
 
@@ -583,7 +587,7 @@ impl Call {
         for (i, a) in self.attempts.iter_mut().enumerate() {
             if a.state != AttemptState::Over {
                 a.state = AttemptState::Over;
-                self.actions.push_back(Action::Cancel(AttemptId(i as u32)));
+                self.actions.push(Action::Cancel(AttemptId(i as u32)));
             }
         }
     }

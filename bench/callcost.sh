@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Cost of one forwarded call inside the proxy, counted rather than timed, so it repeats
+# exactly on a noisy machine: heap allocations (valgrind's dhat) and instructions
+# (callgrind) per unary SayHello, as the difference between a run of N1 and of N2 calls
+# (start-up and shutdown cancel out).
+#   bench/callcost.sh [PROXY_BIN] [SERVER_BIN]     (defaults: target/release/{proxy,server})
+set -euo pipefail
+proxy=${1:-target/release/proxy}
+server=${2:-target/release/server}
+client=${CLIENT_BIN:-target/release/client}
+n1=${N1:-200} n2=${N2:-1200}
+command -v valgrind >/dev/null || { echo "callcost: needs valgrind (apt-get install valgrind)" >&2; exit 1; }
+work=$(mktemp -d)
+cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
+pids=()
+trap cleanup EXIT
+
+"$server" --listen 127.0.0.1:50251 --name cost >"$work/server.log" 2>&1 &
+pids+=($!)
+
+# run TOOL CALLS: prints the tool's total (blocks or instructions) for a proxy that forwarded CALLS calls.
+run() {
+  local tool=$1 calls=$2 out="$work/$1-$2.log"
+  valgrind --tool="$tool" --"$tool"-out-file=/dev/null "$proxy" --listen 127.0.0.1:50250 \
+    --target 127.0.0.1:50251 --threads 1 >"$out" 2>&1 &
+  local vg=$!
+  for _ in $(seq 300); do
+    "$client" --proxy 127.0.0.1:50250 --timeout 2s hello >/dev/null 2>&1 && break
+    sleep 0.1
+  done
+  "$client" --proxy 127.0.0.1:50250 load --rate 200 --concurrency 1 --quiet --timeout 5s \
+    --duration "$(awk "BEGIN{print ($calls - 1) / 200}")s" >"$work/load.log" 2>&1 || true
+  kill -TERM "$vg"
+  wait "$vg" || true
+  local done_calls
+  done_calls=$(grep -oE 'ok [0-9]+' "$work/load.log" | head -1 | cut -d' ' -f2)
+  case $tool in
+    dhat) echo "$(grep -oE 'Total: +[0-9,]+ bytes in [0-9,]+ blocks' "$out" | grep -oE '[0-9,]+ blocks' | tr -d ', blocks') $((done_calls + 1))" ;;
+    callgrind) echo "$(grep -oE 'Collected : [0-9]+' "$out" | grep -oE '[0-9]+') $((done_calls + 1))" ;;
+  esac
+}
+
+printf '%-28s %12s\n' "per forwarded call" "$(basename "$(dirname "$(readlink -f "$proxy")")")/$(basename "$proxy")"
+for tool in dhat callgrind; do
+  read -r a ca < <(run "$tool" "$n1")
+  read -r b cb < <(run "$tool" "$n2")
+  label=$([ "$tool" = dhat ] && echo "heap allocations" || echo "instructions")
+  printf '%-28s %12s\n' "$label" "$(awk "BEGIN{printf \"%.0f\", ($b - $a) / ($cb - $ca)}")"
+done
