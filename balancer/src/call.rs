@@ -107,7 +107,10 @@ struct Driver<'a, B> {
     wait_for_ready: bool,
     /// By attempt id; inline for the usual one or two attempts.
     slots: SmallVec<[Slot<B>; 2]>,
-    rng: SplitMix64,
+    /// Backoff jitter, seeded when first needed.
+    rng: Option<SplitMix64>,
+    /// Since `started`, read once per wake-up: every event of that wake-up shares it.
+    now: Duration,
 }
 
 pub(crate) async fn forward<B>(shared: &Shared<B>, req: Request<B>) -> Result<Response<UpstreamBody>, tonic::Status>
@@ -140,7 +143,8 @@ where
         call: Call::new(setup),
         wait_for_ready,
         slots: SmallVec::new(),
-        rng: SplitMix64::from_entropy(),
+        rng: None,
+        now: Duration::ZERO,
     };
     let result = driver.run().await;
     let stats = driver.call.stats();
@@ -189,12 +193,14 @@ where
             let timer = self.call.poll_timeout().and_then(|d| self.started.checked_add(d));
             tokio::select! {
                 Some((id, step)) = next_step(&mut self.slots) => {
+                    self.now = self.started.elapsed();
                     self.check_buffer(); // before the event: it decides whether to retry
                     self.on_step(id, step);
                 }
                 () = tokio::time::sleep_until(timer.unwrap_or_else(Instant::now)), if timer.is_some() => {
+                    self.now = self.started.elapsed();
                     self.check_buffer();
-                    self.call.on_timeout(self.now(), self.shared.throttle.as_ref());
+                    self.call.on_timeout(self.now, self.shared.throttle.as_ref());
                 }
                 // The state machine always leaves something in flight or due until it
                 // finishes; if that ever broke, fail the call rather than the process.
@@ -208,10 +214,6 @@ where
         if !self.body.is_replayable() {
             self.call.on_buffer_full();
         }
-    }
-
-    fn now(&self) -> Duration {
-        self.started.elapsed()
     }
 
     fn method(&self) -> &str {
@@ -233,7 +235,7 @@ where
         match self.shared.pool.pick(self.method(), &send.avoid, &send.exclude, may_wait) {
             Ok(picked) => self.start(send, picked),
             Err(_) => match send.wait_until {
-                None => self.call.on_no_endpoint(id, self.now()),
+                None => self.call.on_no_endpoint(id, self.now),
                 Some(d) => {
                     // Beyond what an Instant holds: a century is forever enough.
                     let until = self.started.checked_add(d).unwrap_or_else(|| Instant::now() + CENTURY);
@@ -260,7 +262,7 @@ where
     fn start(&mut self, send: call::Send, picked: Picked<ReplayBody<B>>) {
         let id = send.attempt;
         debug!(addr = %picked.addr, tier = ?picked.tier, attempt = send.previous_attempts + 1, "Sending");
-        self.call.on_placed(id, picked.addr, self.now());
+        self.call.on_placed(id, picked.addr, self.now);
         self.slots[id.0 as usize].endpoint = Some(picked.addr);
         let req = self.head.request(self.body.replay(), &send);
         let fut = async move {
@@ -277,7 +279,7 @@ where
     }
 
     fn on_step(&mut self, id: AttemptId, step: Step<B>) {
-        let now = self.now();
+        let now = self.now;
         let throttle = self.shared.throttle.as_ref();
         match step {
             Step::Placed(picked, mut send) => {
@@ -311,7 +313,9 @@ where
     }
 
     fn ended(&mut self, id: AttemptId, how: Ended, now: Duration) {
-        self.call.on_ended(id, how, now, &mut self.rng, self.shared.throttle.as_ref());
+        // Seeded on first use: only a retry's backoff needs randomness.
+        let rng = self.rng.get_or_insert_with(SplitMix64::from_entropy);
+        self.call.on_ended(id, how, now, rng, self.shared.throttle.as_ref());
     }
 
     fn commit(&mut self, id: AttemptId) -> Response<UpstreamBody> {

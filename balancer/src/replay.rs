@@ -22,6 +22,7 @@ use std::{
 use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame};
+use smallvec::SmallVec;
 
 use crate::frame::{FrameScan, TooLarge};
 
@@ -37,8 +38,9 @@ pub struct ReplayBody<B> {
 
 struct Shared<B> {
     source: B,
-    /// Data frames `offset..offset + chunks.len()` of the stream.
-    chunks: Vec<Bytes>,
+    /// Data frames `offset..offset + chunks.len()` of the stream; a unary request's one
+    /// frame (or two) is kept inline.
+    chunks: SmallVec<[Bytes; 2]>,
     /// Frames dropped from the buffer (after a commit or an overflow).
     offset: usize,
     buffered: usize,
@@ -95,7 +97,7 @@ impl<B> ReplayBody<B> {
     pub fn new(source: B, limit: usize, max_message: u32, budget: Budget) -> Self {
         let shared = Shared {
             source,
-            chunks: Vec::new(),
+            chunks: SmallVec::new(),
             offset: 0,
             buffered: 0,
             limit,
@@ -144,7 +146,7 @@ impl<B> Shared<B> {
     fn drop_buffer(&mut self) {
         self.replay_lost = true;
         self.offset += self.chunks.len();
-        self.chunks = Vec::new();
+        self.chunks = SmallVec::new();
         self.budget.give(std::mem::take(&mut self.buffered));
     }
 

@@ -74,10 +74,24 @@ pub fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
     })
 }
 
-/// A `grpc-timeout` value for `d`, in milliseconds (at most 8 digits).
+/// A `grpc-timeout` value for `d` in the finest unit whose count fits the 8 digits gRPC
+/// allows (microseconds up to 100 s, then milliseconds, seconds, minutes, hours), rounded
+/// down and at least 1; formatted on the stack, so the header is the only allocation.
 pub(crate) fn encode_timeout(d: Duration) -> HeaderValue {
-    let ms = d.as_millis().clamp(1, 99_999_999);
-    HeaderValue::from_str(&format!("{ms}m")).unwrap_or(HeaderValue::from_static("1m"))
+    const MAX: u128 = 99_999_999;
+    let secs = u128::from(d.as_secs());
+    let units = [(d.as_micros(), b'u'), (d.as_millis(), b'm'), (secs, b'S'), (secs / 60, b'M'), (secs / 3600, b'H')];
+    let (n, unit) = units.into_iter().find(|(n, _)| *n <= MAX).unwrap_or((MAX, b'H'));
+    let mut buf = [0u8; 9];
+    let mut n = n.max(1);
+    let mut i = buf.len() - 1;
+    buf[i] = unit;
+    while n > 0 {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+    HeaderValue::from_bytes(&buf[i..]).unwrap_or(HeaderValue::from_static("1u"))
 }
 
 #[cfg(test)]
@@ -101,7 +115,17 @@ mod tests {
             assert_eq!(t(bad), None, "{bad:?}");
         }
         assert_eq!(grpc_timeout(&HeaderMap::new()), None);
-        assert_eq!(encode_timeout(Duration::from_millis(1500)), "1500m");
+        assert_eq!(encode_timeout(Duration::from_millis(1500)), "1500000u");
+        assert_eq!(encode_timeout(Duration::from_nanos(10)), "1u", "at least 1");
+        assert_eq!(encode_timeout(Duration::from_secs(100)), "100000m");
+        assert_eq!(encode_timeout(Duration::from_secs(30 * 3600)), "108000S", "past 27.8 h: seconds");
+        assert_eq!(encode_timeout(Duration::from_secs(200_000_000)), "3333333M");
+        assert_eq!(encode_timeout(Duration::MAX), "99999999H");
+        for d in [Duration::from_millis(1), Duration::from_secs(7), Duration::from_secs(1 << 40)] {
+            let mut h = HeaderMap::new();
+            h.insert("grpc-timeout", encode_timeout(d));
+            assert!(grpc_timeout(&h).is_some_and(|back| back <= d), "{d:?} round-trips down");
+        }
     }
 
     #[test]
