@@ -5,6 +5,7 @@
 //! proxy (utime+stime from /proc), and the proxy's resident memory; then the medians of
 //! the per-round ratios.
 
+mod picks;
 mod procs;
 
 use std::{path::PathBuf, time::Duration};
@@ -32,6 +33,9 @@ struct Args {
     /// Directory with the release binaries `server` and `proxy`.
     #[arg(long, default_value = "target/release")]
     bin_dir: PathBuf,
+    /// Only the picker: a pick from the lock-free snapshot against one behind a mutex.
+    #[arg(long)]
+    picks: bool,
 }
 
 /// One measurement of one target.
@@ -47,6 +51,10 @@ struct Sample {
 #[tokio::main(flavor = "multi_thread", worker_threads = 1)]
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
+    if a.picks {
+        picks::run();
+        return Ok(());
+    }
     procs::pin_self(0);
     let certs = std::env::temp_dir().join(format!("lb-bench-certs-{}", std::process::id()));
     grpc_h3::certs::generate(&certs, &["127.0.0.1".to_owned()]).map_err(anyhow::Error::msg)?;
