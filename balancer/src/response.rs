@@ -23,6 +23,12 @@ pub struct UpstreamBody {
     done: bool,
 }
 
+impl std::fmt::Debug for UpstreamBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamBody").field("addr", &self.addr).field("done", &self.done).finish_non_exhaustive()
+    }
+}
+
 impl UpstreamBody {
     pub(crate) fn new(inner: transport::Body, addr: SocketAddr) -> Self {
         UpstreamBody { inner, addr, done: false }
