@@ -42,6 +42,9 @@ pub struct Settings {
     pub resolve_interval: Duration,
     /// Bounds each TCP connect, and how long a call without a deadline waits.
     pub connect_timeout: Duration,
+    /// HTTP/2 ping interval to each endpoint (a silent one is dropped 1 s after a
+    /// missed ping); doubled for an endpoint that answers GOAWAY too_many_pings.
+    pub keepalive: Duration,
     /// Request bytes kept per call so it can be replayed or retried elsewhere.
     pub replay_limit: usize,
     /// Request bytes kept by every call together.
@@ -64,6 +67,7 @@ impl Settings {
             dns_server: None,
             resolve_interval: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(5),
+            keepalive: Duration::from_secs(1),
             replay_limit: 1 << 20,
             replay_total: 16 << 20,
             max_message: 4 << 20,
@@ -99,7 +103,8 @@ where
                 Some(H3 { endpoint: client_endpoint(ca).map_err(Error::H3)?, server_name: s.target.host.clone() })
             }
         };
-        let connector = Connector { protocol: s.protocol, connect_timeout: s.connect_timeout, h3 };
+        let connector =
+            Connector { protocol: s.protocol, connect_timeout: s.connect_timeout, keepalive: s.keepalive, h3 };
         let discovery = Discovery::new(s.target, s.local_target, s.dns_server)?;
         let pool = Pool::spawn(discovery, s.resolve_interval, connector);
         let counters = Counters::default();

@@ -6,7 +6,7 @@
 use std::{fmt, net::SocketAddr, str::FromStr, sync::Arc, time::Duration};
 
 use tokio::{sync::mpsc::UnboundedSender, time::Instant};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::{
     backoff::Backoff,
@@ -64,11 +64,28 @@ pub(crate) struct H3 {
 pub(crate) struct Connector {
     pub protocol: Protocol,
     pub connect_timeout: Duration,
+    /// HTTP/2 ping interval to start with; see [`calmer`].
+    pub keepalive: Duration,
     pub h3: Option<H3>,
 }
 
+/// The longest ping interval [`calmer`] backs off to: what gRPC servers accept by
+/// default from a client with no call in flight.
+pub const MAX_KEEPALIVE: Duration = Duration::from_secs(300);
+
+/// The ping interval after a replica answered GOAWAY ENHANCE_YOUR_CALM ("too_many_pings"):
+/// twice as long, up to [`MAX_KEEPALIVE`], as grpc-go does.
+pub fn calmer(keepalive: Duration) -> Duration {
+    keepalive.saturating_mul(2).min(MAX_KEEPALIVE)
+}
+
 impl Connector {
-    async fn connect<B>(&self, addr: SocketAddr, h3_failed: &mut Option<Instant>) -> Result<Connected<B>, String>
+    async fn connect<B>(
+        &self,
+        addr: SocketAddr,
+        keepalive: Duration,
+        h3_failed: &mut Option<Instant>,
+    ) -> Result<Connected<B>, String>
     where
         B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
         B::Error: Into<BoxError> + Send,
@@ -84,11 +101,11 @@ impl Connector {
                     Err(why) => {
                         info!(%addr, %why, "HTTP/3 unavailable; falling back to HTTP/2");
                         *h3_failed = Some(Instant::now());
-                        transport::h2::connect(addr, self.connect_timeout).await
+                        transport::h2::connect(addr, self.connect_timeout, keepalive).await
                     }
                 }
             }
-            _ => transport::h2::connect(addr, self.connect_timeout).await,
+            _ => transport::h2::connect(addr, self.connect_timeout, keepalive).await,
         }
     }
 }
@@ -103,9 +120,10 @@ where
     let mut backoff = Backoff::default();
     let mut rng = SplitMix64::from_entropy();
     let mut h3_failed = None;
+    let mut keepalive = connector.keepalive;
     let send = |update| updates.send(update).is_ok();
     loop {
-        let why = match connector.connect::<B>(addr, &mut h3_failed).await {
+        let why = match connector.connect::<B>(addr, keepalive, &mut h3_failed).await {
             Ok(mut c) => {
                 backoff.reset();
                 debug!(%addr, protocol = c.upstream.protocol(), "Connected");
@@ -116,7 +134,16 @@ where
                     // On an HTTP/2 fallback in auto, try HTTP/3 again now and then.
                     let retry_h3 = connector.protocol == Protocol::Auto && c.upstream.protocol() == "h2";
                     tokio::select! {
-                        why = &mut c.ended => break why.unwrap_or_else(|_| "connection task ended".to_owned()),
+                        end = &mut c.ended => {
+                            let Ok(end) = end else { break "connection task ended".to_owned() };
+                            if end.too_many_pings && keepalive < MAX_KEEPALIVE {
+                                let was_ms = keepalive.as_millis() as u64;
+                                keepalive = calmer(keepalive);
+                                warn!(%addr, was_ms, now_ms = keepalive.as_millis() as u64,
+                                    "Replica refused our pings (GOAWAY too_many_pings); pinging less often");
+                            }
+                            break end.why;
+                        }
                         () = tokio::time::sleep(H3_RETRY), if retry_h3 => {
                             let Some(h3) = &connector.h3 else { continue };
                             if let Ok(upgraded) = transport::h3::connect::<B>(h3, addr, H3_ATTEMPT).await {
@@ -148,4 +175,21 @@ pub(crate) fn client_endpoint(ca: &std::path::Path) -> Result<quinn::Endpoint, S
         .map_err(|e| format!("binding a UDP socket for HTTP/3: {e}"))?;
     endpoint.set_default_client_config(cfg);
     Ok(endpoint)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn too_many_pings_halves_the_ping_rate_up_to_five_minutes() {
+        let mut k = Duration::from_secs(1);
+        let mut seen = Vec::new();
+        for _ in 0..10 {
+            k = calmer(k);
+            seen.push(k.as_secs());
+        }
+        assert_eq!(seen, [2, 4, 8, 16, 32, 64, 128, 256, 300, 300]);
+        assert_eq!(calmer(Duration::MAX), MAX_KEEPALIVE);
+    }
 }

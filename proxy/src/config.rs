@@ -47,6 +47,12 @@ pub struct ServeArgs {
     /// ready replica before failing with UNAVAILABLE.
     #[arg(long, env = "PROXY_CONNECT_TIMEOUT", default_value = "5s", value_parser = duration::parse)]
     pub connect_timeout: Duration,
+    /// HTTP/2 ping interval to each replica: a dead one is noticed one interval plus 1 s
+    /// after its last word. gRPC servers refuse pings more often than every 5 min by
+    /// default (GOAWAY too_many_pings) unless told to permit them; the proxy then pings
+    /// that replica half as often, up to 5 min.
+    #[arg(long, env = "PROXY_KEEPALIVE_INTERVAL", default_value = "1s", value_parser = duration::parse)]
+    pub keepalive_interval: Duration,
     /// Request bytes kept per call so a call a replica never processed can be replayed
     /// on another; larger requests are sent once.
     #[arg(long, env = "PROXY_REPLAY_BUFFER", default_value_t = 1 << 20)]
@@ -100,6 +106,9 @@ impl ServeArgs {
             }
             None => ServiceConfig::default(),
         };
+        if self.keepalive_interval < Duration::from_millis(10) {
+            anyhow::bail!("--keepalive-interval must be at least 10ms, got {:?}", self.keepalive_interval);
+        }
         if self.upstream_protocol != Protocol::H2 && self.ca_cert.is_none() {
             anyhow::bail!("--upstream-protocol {} needs --ca-cert to verify the replicas", self.upstream_protocol);
         }
@@ -109,6 +118,7 @@ impl ServeArgs {
             dns_server: self.dns_server,
             resolve_interval: self.resolve_interval,
             connect_timeout: self.connect_timeout,
+            keepalive: self.keepalive_interval,
             replay_limit: self.replay_buffer,
             replay_total: self.replay_buffer_total,
             max_message: self.max_message_size,
@@ -154,6 +164,15 @@ mod tests {
         assert_eq!(a.local_target, None);
         assert_eq!(a.resolve_interval, Duration::from_secs(1));
         assert_eq!(a.connect_timeout, Duration::from_secs(5));
+        assert_eq!(a.keepalive_interval, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_keepalive_interval_under_10ms_is_refused() {
+        let a = parse(&["--keepalive-interval", "0s"]).unwrap().serve;
+        assert_eq!(a.settings().unwrap_err().to_string(), "--keepalive-interval must be at least 10ms, got 0ns");
+        let a = parse(&["--keepalive-interval", "30s"]).unwrap().serve;
+        assert_eq!(a.settings().unwrap().keepalive, Duration::from_secs(30));
     }
 
     #[test]

@@ -11,14 +11,15 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use lb_core::{Code, call::Ended};
 use tokio::{net::TcpStream, sync::oneshot};
 
-use super::{Body, Connected, Failure, Upstream};
+use super::{Body, Connected, ConnectionEnd, Failure, Upstream};
 use crate::replay::BoxError;
 
-/// Pings every second and gives up after one more: a silent peer is noticed within 2 s.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a ping may go unanswered: a silent peer is noticed one interval plus this
+/// after its last word.
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(1);
 
-pub(crate) async fn connect<B>(addr: SocketAddr, timeout: Duration) -> Result<Connected<B>, String>
+/// Connects and pings every `keepalive` (idle or not), so a dead peer is noticed.
+pub(crate) async fn connect<B>(addr: SocketAddr, timeout: Duration, keepalive: Duration) -> Result<Connected<B>, String>
 where
     B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
@@ -31,7 +32,7 @@ where
     let _ = tcp.set_nodelay(true);
     let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
-        .keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_interval(keepalive)
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
         .keep_alive_while_idle(true)
         .initial_stream_window_size(1 << 20)
@@ -42,11 +43,16 @@ where
     let (tx, ended) = oneshot::channel();
     // The driver outlives the pool's interest so in-flight streams finish on removal.
     tokio::spawn(async move {
-        let why = match conn.await {
-            Ok(()) => "connection closed (GOAWAY)".to_owned(),
-            Err(e) => format!("connection lost: {e}"),
+        let end = match conn.await {
+            Ok(()) => ConnectionEnd { why: "connection closed (GOAWAY)".to_owned(), too_many_pings: false },
+            Err(e) => {
+                let calm = find_h2(&e).is_some_and(|h2| {
+                    h2.is_go_away() && h2.is_remote() && h2.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM)
+                });
+                ConnectionEnd { why: format!("connection lost: {e}"), too_many_pings: calm }
+            }
         };
-        let _ = tx.send(why);
+        let _ = tx.send(end);
     });
     Ok(Connected { upstream: Upstream::H2(send), ended })
 }

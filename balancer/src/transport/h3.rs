@@ -12,7 +12,7 @@ use http::{Request, Response};
 use lb_core::{Code, call::Ended};
 use tokio::sync::oneshot;
 
-use super::{Body, Connected, Failure, Upstream};
+use super::{Body, Connected, ConnectionEnd, Failure, Upstream};
 use crate::{connect::H3, replay::BoxError};
 
 pub(crate) async fn connect<B>(h3: &H3, addr: SocketAddr, timeout: Duration) -> Result<Connected<B>, String> {
@@ -27,7 +27,7 @@ pub(crate) async fn connect<B>(h3: &H3, addr: SocketAddr, timeout: Duration) -> 
         let e = driver.await;
         let why =
             if e.is_h3_no_error() { "connection closed (GOAWAY)".to_owned() } else { format!("connection lost: {e}") };
-        let _ = tx.send(why);
+        let _ = tx.send(ConnectionEnd { why, too_many_pings: false });
     });
     Ok(Connected { upstream: Upstream::H3(client), ended })
 }

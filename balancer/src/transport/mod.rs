@@ -35,10 +35,18 @@ impl<B> Clone for Upstream<B> {
     }
 }
 
-/// A live connection, and why it ended once it does.
+/// A live connection, and how it ended once it does.
 pub(crate) struct Connected<B> {
     pub upstream: Upstream<B>,
-    pub ended: oneshot::Receiver<String>,
+    pub ended: oneshot::Receiver<ConnectionEnd>,
+}
+
+/// Why a connection ended.
+pub(crate) struct ConnectionEnd {
+    pub why: String,
+    /// The replica sent GOAWAY ENHANCE_YOUR_CALM: it refuses pings this often (gRPC
+    /// servers' "too_many_pings").
+    pub too_many_pings: bool,
 }
 
 /// An attempt that got no response headers: how it ended, and the error for messages.
