@@ -74,8 +74,16 @@ over_h2_and_h3! {
         let mut c = Cluster::start(PROTOCOL, LAYOUT, &[]).await;
         c.wait_for(&["s1", "s2"]).await;
         c.set_in_dns("s2", false);
-        tokio::time::sleep(Duration::from_millis(600)).await;
-        let (counts, failures) = tally(&mut c.client().await, 50).await;
+        // Wait for the next resolution: round-robin over s1 and s2 until then, so four
+        // answers from s1 in a row say s2 is gone.
+        let mut client = c.client().await;
+        let (until, mut in_a_row) = (Instant::now() + Duration::from_secs(5), 0);
+        while in_a_row < 4 {
+            assert!(Instant::now() < until, "s2 still in rotation 5 s after leaving DNS");
+            let r = client.say_hello(hello()).await.expect("no call fails");
+            in_a_row = if r.into_inner().server == "s1" { in_a_row + 1 } else { 0 };
+        }
+        let (counts, failures) = tally(&mut client, 50).await;
         assert!(failures.is_empty(), "{failures:?}");
         assert_eq!(counts.get("s1"), Some(&50), "{counts:?}");
     }
