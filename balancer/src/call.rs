@@ -95,6 +95,8 @@ struct Slot<B> {
     response: Option<Response<transport::Body>>,
     /// Why it failed, for the caller's message.
     error: Option<String>,
+    /// Its request body reader, for the commit.
+    reader: usize,
 }
 
 struct Driver<'a, B> {
@@ -226,6 +228,7 @@ where
         if self.slots.len() <= id.0 as usize {
             self.slots.resize_with(id.0 as usize + 1, || Slot {
                 io: None,
+                reader: 0,
                 endpoint: None,
                 response: None,
                 error: None,
@@ -263,8 +266,11 @@ where
         let id = send.attempt;
         debug!(addr = %picked.addr, tier = ?picked.tier, attempt = send.previous_attempts + 1, "Sending");
         self.call.on_placed(id, picked.addr, self.now);
-        self.slots[id.0 as usize].endpoint = Some(picked.addr);
-        let req = self.head.request(self.body.replay(), &send);
+        let body = self.body.replay();
+        let slot = &mut self.slots[id.0 as usize];
+        slot.endpoint = Some(picked.addr);
+        slot.reader = body.reader();
+        let req = self.head.request(body, &send);
         let fut = async move {
             match picked.upstream.send(req).await {
                 Ok(resp) => Step::Response(resp),
@@ -319,8 +325,8 @@ where
     }
 
     fn commit(&mut self, id: AttemptId) -> Response<UpstreamBody> {
-        self.body.commit(); // the replay buffer is no longer needed
         let slot = &mut self.slots[id.0 as usize];
+        self.body.commit(slot.reader); // other attempts' readers fail; the buffer goes
         let addr = slot.endpoint.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
         let resp = slot.response.take().unwrap_or_else(|| unreachable!("committed on its headers"));
         resp.map(|b| UpstreamBody::new(b, addr))

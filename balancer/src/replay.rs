@@ -30,6 +30,9 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 pub struct ReplayBody<B> {
     shared: Arc<Mutex<Shared<B>>>,
+    /// Which reader this is (0 for the handle [`ReplayBody::new`] returns), so a commit
+    /// can name the attempt it keeps.
+    reader: usize,
     /// Data frames this attempt has yielded.
     pos: usize,
     /// This attempt has yielded the trailers (or the end).
@@ -49,9 +52,11 @@ struct Shared<B> {
     budget: Budget,
     /// Buffering stopped: committed, over the limit, or the source failed.
     replay_lost: bool,
-    /// The call is committed to one attempt: its reader may still be replaying buffered
-    /// chunks, so they go only once it has caught up with the source.
-    committed: bool,
+    /// The reader the call is committed to: it may still be replaying buffered chunks,
+    /// so they go only once it has caught up with the source; every other reader fails.
+    committed: Option<usize>,
+    /// Readers handed out so far.
+    readers: usize,
     source_done: bool,
     trailers: Option<HeaderMap>,
     frames: FrameScan,
@@ -103,19 +108,30 @@ impl<B> ReplayBody<B> {
             limit,
             budget,
             replay_lost: false,
-            committed: false,
+            committed: None,
+            readers: 0,
             source_done: false,
             trailers: None,
             frames: FrameScan::new(max_message),
             too_large: None,
             waiters: Vec::new(),
         };
-        ReplayBody { shared: Arc::new(Mutex::new(shared)), pos: 0, finished: false }
+        ReplayBody { shared: Arc::new(Mutex::new(shared)), reader: 0, pos: 0, finished: false }
     }
 
     /// A fresh reader from the start, for the next attempt.
     pub fn replay(&self) -> Self {
-        ReplayBody { shared: self.shared.clone(), pos: 0, finished: false }
+        let reader = {
+            let mut s = self.lock();
+            s.readers += 1;
+            s.readers
+        };
+        ReplayBody { shared: self.shared.clone(), reader, pos: 0, finished: false }
+    }
+
+    /// Which reader this is, for [`ReplayBody::commit`].
+    pub fn reader(&self) -> usize {
+        self.reader
     }
 
     /// Whether another attempt could still send the whole body.
@@ -128,12 +144,16 @@ impl<B> ReplayBody<B> {
         self.lock().too_large
     }
 
-    /// The call is committed to one attempt: stop buffering, and free the buffer as soon
-    /// as that attempt's reader no longer needs it (it may be replaying it still).
-    pub fn commit(&self) {
+    /// The call is committed to the attempt reading with `reader`: stop buffering, fail
+    /// every other reader, and free the buffer as soon as that one no longer needs it (it
+    /// may be replaying it still, or waiting for the client's next message).
+    pub fn commit(&self, reader: usize) {
         let mut s = self.lock();
         s.replay_lost = true;
-        s.committed = true;
+        s.committed = Some(reader);
+        // A reader parked on the source wakes to free the buffer now, not at the client's
+        // next message.
+        s.wake_waiters();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Shared<B>> {
@@ -189,6 +209,9 @@ where
             return Poll::Ready(None);
         }
         let mut s = this.shared.lock().unwrap_or_else(|e| e.into_inner());
+        if s.committed.is_some_and(|r| r != this.reader) {
+            return Poll::Ready(Some(Err("the call is committed to another attempt".into())));
+        }
         let end = s.offset + s.chunks.len();
         if this.pos < s.offset {
             return Poll::Ready(Some(Err("request body already sent to another attempt".into())));
@@ -198,7 +221,7 @@ where
             this.pos += 1;
             return Poll::Ready(Some(Ok(Frame::data(chunk))));
         }
-        if s.committed && !s.chunks.is_empty() {
+        if s.committed.is_some() && !s.chunks.is_empty() {
             s.drop_buffer(); // the committed reader has caught up: nobody needs it
         }
         if s.source_done {
@@ -334,7 +357,7 @@ mod tests {
         let mut first = body.replay();
         let f = first.frame().await.unwrap().unwrap();
         assert_eq!(f.into_data().unwrap(), "ab");
-        body.commit();
+        body.commit(first.reader());
         assert!(!body.is_replayable());
         let f = first.frame().await.unwrap().unwrap();
         assert_eq!(f.into_data().unwrap(), "cd", "the committed attempt keeps streaming");
@@ -355,11 +378,64 @@ mod tests {
         drop(first); // the first attempt failed
         let mut retry = body.replay();
         assert_eq!(retry.frame().await.unwrap().unwrap().into_data().unwrap(), "ab");
-        body.commit(); // the retry's server sent headers
+        body.commit(retry.reader()); // the retry's server sent headers
         assert_eq!(budget.used(), 6, "still needed by the retry");
         let (rest, trailers) = read_all(retry).await.unwrap();
         assert_eq!(rest, b"cdefgh");
         assert_eq!(trailers.unwrap()["x-end"], "1");
         assert_eq!(budget.used(), 0);
+    }
+
+    /// One chunk, then nothing until the test ends: a client that went quiet.
+    struct Quiet(Option<Bytes>);
+
+    impl Body for Quiet {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            match self.0.take() {
+                Some(b) => Poll::Ready(Some(Ok(Frame::data(b)))),
+                None => Poll::Pending,
+            }
+        }
+    }
+
+    // Review finding: a commit while the committed reader waits for the client freed
+    // nothing until the client's next message, holding the shared budget meanwhile.
+    #[tokio::test]
+    async fn a_commit_frees_the_buffer_while_the_client_is_quiet() {
+        let budget = Budget::new(1 << 20);
+        let body = ReplayBody::new(Quiet(Some(Bytes::from_static(b"ab"))), 1024, u32::MAX, budget.clone());
+        let mut reader = body.replay();
+        let id = reader.reader();
+        let task = tokio::spawn(async move { while reader.frame().await.is_some() {} });
+        while budget.used() != 2 {
+            tokio::task::yield_now().await; // the reader took "ab" and waits for more
+        }
+        body.commit(id);
+        for _ in 0..100 {
+            if budget.used() == 0 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(budget.used(), 0, "freed at the commit, not at the client's next message");
+        task.abort();
+    }
+
+    // Review finding: after a commit only the committed reader may read; another
+    // attempt's reader must not free the buffer or take the client's next message.
+    #[tokio::test]
+    async fn after_a_commit_other_readers_fail_and_the_committed_one_reads_on() {
+        let body = ReplayBody::new(source(&["ab", "cd"], false), 1024, u32::MAX, Budget::new(1 << 20));
+        let mut ahead = body.replay();
+        assert_eq!(ahead.frame().await.unwrap().unwrap().into_data().unwrap(), "ab");
+        let behind = body.replay();
+        body.commit(behind.reader());
+        assert!(ahead.frame().await.unwrap().is_err(), "the other attempt gets nothing more");
+        assert_eq!(read_all(behind).await.unwrap().0, b"abcd");
     }
 }
