@@ -1,5 +1,5 @@
 //! Keeping one connection per endpoint up: HTTP/2 over TCP (keepalive pings every
-//! second, a silent peer is dropped within 2 s) or HTTP/3 over QUIC (keep-alive 500 ms,
+//! `--keepalive-interval`, fewer for a replica that refuses them) or HTTP/3 over QUIC (keep-alive 500 ms,
 //! idle timeout 2 s), reconnecting with the jittered [`Backoff`]. In `auto`, HTTP/3 is
 //! tried first, HTTP/2 is the fallback, and HTTP/3 is tried again every 30 s.
 
@@ -13,7 +13,7 @@ use crate::{
     pool::Update,
     replay::BoxError,
     rng::SplitMix64,
-    transport::{self, Connected},
+    transport::{self, Connected, h2::KeepAlive},
 };
 
 /// In `auto`, how long HTTP/3 gets before falling back, and when it is tried again.
@@ -64,26 +64,27 @@ pub(crate) struct H3 {
 pub(crate) struct Connector {
     pub protocol: Protocol,
     pub connect_timeout: Duration,
-    /// HTTP/2 ping interval to start with; see [`calmer`].
+    /// HTTP/2 ping interval to start with (pinging idle connections too); see [`calmer`].
     pub keepalive: Duration,
     pub h3: Option<H3>,
 }
 
 /// The longest ping interval [`calmer`] backs off to: what gRPC servers accept by
-/// default from a client with no call in flight.
+/// default while a call is open.
 pub const MAX_KEEPALIVE: Duration = Duration::from_secs(300);
 
-/// The ping interval after a replica answered GOAWAY ENHANCE_YOUR_CALM ("too_many_pings"):
-/// twice as long, up to [`MAX_KEEPALIVE`], as grpc-go does.
-pub fn calmer(keepalive: Duration) -> Duration {
-    keepalive.saturating_mul(2).min(MAX_KEEPALIVE)
+/// The pings after a replica answered GOAWAY ENHANCE_YOUR_CALM "too_many_pings": twice
+/// as far apart, up to [`MAX_KEEPALIVE`], as grpc-go does, and none while no call is
+/// open (gRPC servers refuse those by default however far apart).
+pub(crate) fn calmer(k: KeepAlive) -> KeepAlive {
+    KeepAlive { interval: k.interval.saturating_mul(2).min(MAX_KEEPALIVE), while_idle: false }
 }
 
 impl Connector {
     async fn connect<B>(
         &self,
         addr: SocketAddr,
-        keepalive: Duration,
+        keepalive: KeepAlive,
         h3_failed: &mut Option<Instant>,
     ) -> Result<Connected<B>, String>
     where
@@ -120,7 +121,7 @@ where
     let mut backoff = Backoff::default();
     let mut rng = SplitMix64::from_entropy();
     let mut h3_failed = None;
-    let mut keepalive = connector.keepalive;
+    let mut keepalive = KeepAlive { interval: connector.keepalive, while_idle: true };
     let send = |update| updates.send(update).is_ok();
     loop {
         let why = match connector.connect::<B>(addr, keepalive, &mut h3_failed).await {
@@ -136,11 +137,11 @@ where
                     tokio::select! {
                         end = &mut c.ended => {
                             let Ok(end) = end else { break "connection task ended".to_owned() };
-                            if end.too_many_pings && keepalive < MAX_KEEPALIVE {
-                                let was_ms = keepalive.as_millis() as u64;
+                            if end.too_many_pings {
+                                let was_ms = keepalive.interval.as_millis() as u64;
                                 keepalive = calmer(keepalive);
-                                warn!(%addr, was_ms, now_ms = keepalive.as_millis() as u64,
-                                    "Replica refused our pings (GOAWAY too_many_pings); pinging less often");
+                                warn!(%addr, was_ms, now_ms = keepalive.interval.as_millis() as u64,
+                                    "Replica refused our pings (GOAWAY too_many_pings); pinging less often, and only during calls");
                             }
                             break end.why;
                         }
@@ -182,14 +183,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn too_many_pings_halves_the_ping_rate_up_to_five_minutes() {
-        let mut k = Duration::from_secs(1);
+    fn too_many_pings_halves_the_ping_rate_up_to_five_minutes_and_stops_idle_pings() {
+        let mut k = KeepAlive { interval: Duration::from_secs(1), while_idle: true };
         let mut seen = Vec::new();
         for _ in 0..10 {
             k = calmer(k);
-            seen.push(k.as_secs());
+            seen.push((k.interval.as_secs(), k.while_idle));
         }
-        assert_eq!(seen, [2, 4, 8, 16, 32, 64, 128, 256, 300, 300]);
-        assert_eq!(calmer(Duration::MAX), MAX_KEEPALIVE);
+        let want = [2, 4, 8, 16, 32, 64, 128, 256, 300, 300].map(|s| (s, false));
+        assert_eq!(seen, want);
+        assert_eq!(calmer(KeepAlive { interval: Duration::MAX, while_idle: true }).interval, MAX_KEEPALIVE);
     }
 }

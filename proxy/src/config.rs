@@ -48,9 +48,9 @@ pub struct ServeArgs {
     #[arg(long, env = "PROXY_CONNECT_TIMEOUT", default_value = "5s", value_parser = duration::parse)]
     pub connect_timeout: Duration,
     /// HTTP/2 ping interval to each replica: a dead one is noticed one interval plus 1 s
-    /// after its last word. gRPC servers refuse pings more often than every 5 min by
-    /// default (GOAWAY too_many_pings) unless told to permit them; the proxy then pings
-    /// that replica half as often, up to 5 min.
+    /// after its last word. gRPC servers refuse pings more often than every 5 min during
+    /// calls, and any between calls, by default (GOAWAY too_many_pings); the proxy then
+    /// pings that replica half as often, up to 5 min, and only during calls.
     #[arg(long, env = "PROXY_KEEPALIVE_INTERVAL", default_value = "1s", value_parser = duration::parse)]
     pub keepalive_interval: Duration,
     /// Request bytes kept per call so a call a replica never processed can be replayed

@@ -1,6 +1,7 @@
-//! HTTP/2 over TCP: the connection (keepalive pings every second, a silent peer dropped
-//! within 2 s), sending, and what each failure means for gRPC (PROTOCOL-HTTP2's
-//! mapping of RST_STREAM codes; a stream above a remote GOAWAY was refused).
+//! HTTP/2 over TCP: the connection (keepalive pings every `--keepalive-interval`, a
+//! silent peer dropped 1 s after a missed ping), sending, and what each failure means
+//! for gRPC (PROTOCOL-HTTP2's mapping of RST_STREAM codes; a stream above a remote
+//! GOAWAY was refused).
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -18,8 +19,19 @@ use crate::replay::BoxError;
 /// after its last word.
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Connects and pings every `keepalive` (idle or not), so a dead peer is noticed.
-pub(crate) async fn connect<B>(addr: SocketAddr, timeout: Duration, keepalive: Duration) -> Result<Connected<B>, String>
+/// How often to ping a connection, and whether also while no call is open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct KeepAlive {
+    pub interval: Duration,
+    pub while_idle: bool,
+}
+
+/// Connects and pings as `keepalive` says, so a dead peer is noticed.
+pub(crate) async fn connect<B>(
+    addr: SocketAddr,
+    timeout: Duration,
+    keepalive: KeepAlive,
+) -> Result<Connected<B>, String>
 where
     B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
@@ -32,9 +44,9 @@ where
     let _ = tcp.set_nodelay(true);
     let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
-        .keep_alive_interval(keepalive)
+        .keep_alive_interval(keepalive.interval)
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-        .keep_alive_while_idle(true)
+        .keep_alive_while_idle(keepalive.while_idle)
         .initial_stream_window_size(1 << 20)
         .initial_connection_window_size(4 << 20)
         .handshake(TokioIo::new(tcp))
@@ -46,8 +58,13 @@ where
         let end = match conn.await {
             Ok(()) => ConnectionEnd { why: "connection closed (GOAWAY)".to_owned(), too_many_pings: false },
             Err(e) => {
+                // gRPC servers say so in the GOAWAY's debug data; h2's own flood limits
+                // send ENHANCE_YOUR_CALM too, and are not about pings.
                 let calm = find_h2(&e).is_some_and(|h2| {
-                    h2.is_go_away() && h2.is_remote() && h2.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM)
+                    h2.is_go_away()
+                        && h2.is_remote()
+                        && h2.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM)
+                        && h2.to_string().contains("too_many_pings")
                 });
                 ConnectionEnd { why: format!("connection lost: {e}"), too_many_pings: calm }
             }
