@@ -9,10 +9,12 @@
 //!   outlive snapshots, so publishing a new snapshot does not restart the rotation.
 //! - Endpoints a call already tried are skipped while any other is ready: untried local,
 //!   untried remote, then tried local, tried remote.
-//! - A local endpoint that was just discovered gets [`LOCAL_GRACE`] to connect before
-//!   calls go remote, so a fresh balancer does not send its first calls to another node
-//!   only because a remote handshake finished first: while no local endpoint is ready and
-//!   one is within its grace, [`Snapshot::pick`] answers [`Pick::WaitUntil`].
+//! - While the balancer starts (no endpoint has been ready yet), a local endpoint gets
+//!   [`LOCAL_GRACE`] to connect before calls go remote, so a fresh balancer does not send
+//!   its first calls to another node only because a remote handshake finished first:
+//!   while no local endpoint is ready and one is within its grace, [`Snapshot::pick`]
+//!   answers [`Pick::WaitUntil`]. A local endpoint found later (a replica restarted
+//!   after a failover) gets none: calls keep going remote until it connects.
 //! - Endpoints are kept in address order, so identical updates give identical rotations.
 //!
 //! # Call order
@@ -84,6 +86,9 @@ struct Endpoint {
 pub struct EndpointSet {
     /// Sorted by address, so picks are stable across identical updates.
     endpoints: Vec<Endpoint>,
+    /// Some endpoint has been ready: the balancer is past its start, and a local
+    /// endpoint found later gets no grace (calls already have somewhere to go).
+    started: bool,
 }
 
 impl EndpointSet {
@@ -108,7 +113,7 @@ impl EndpointSet {
                     Ok(i) => (old[i].ready, old[i].grace_until),
                     Err(_) => {
                         changes.added.push(addr);
-                        (false, local.then(|| now + LOCAL_GRACE))
+                        (false, (local && !self.started).then(|| now + LOCAL_GRACE))
                     }
                 };
                 Endpoint { addr, local, ready, grace_until }
@@ -123,6 +128,7 @@ impl EndpointSet {
         if let Ok(i) = self.endpoints.binary_search_by_key(&addr, |e| e.addr) {
             self.endpoints[i].ready = ready;
             self.endpoints[i].grace_until = None; // connected or failed: no more waiting
+            self.started |= ready;
         }
     }
 

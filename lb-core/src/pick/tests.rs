@@ -292,3 +292,20 @@ fn a_caller_that_cannot_wait_skips_the_local_grace() {
     let hurried = Constraints { may_wait: false, ..Constraints::default() };
     assert!(matches!(s.pick_with(&cursors, SAY_HELLO, &hurried, t0()), Pick::Endpoint { addr, .. } if addr == a(3)));
 }
+
+// Failover showed calls waiting up to 500 ms for restarted local replicas while the
+// remote one served: the grace is for a balancer's start, not for failback.
+#[test]
+fn a_local_endpoint_found_after_the_start_gets_no_grace() {
+    let cursors = Cursors::new();
+    let mut set = EndpointSet::default();
+    set.apply(&Resolved { all: vec![a(3)], local: vec![] }, t0());
+    set.set_ready(a(3), true); // serving from the remote node
+    set.apply(&Resolved { all: vec![a(1), a(3)], local: vec![a(1)] }, t0());
+    assert_eq!(set.grace_until(t0()), None);
+    let remote = Pick::Endpoint { addr: a(3), tier: Tier::Remote, handle: &3 };
+    assert_eq!(snap(&set).pick(&cursors, SAY_HELLO, &[], t0()), remote, "no wait: go remote now");
+    set.set_ready(a(1), true);
+    let local = Pick::Endpoint { addr: a(1), tier: Tier::Local, handle: &1 };
+    assert_eq!(snap(&set).pick(&cursors, SAY_HELLO, &[], t0()), local, "and back as soon as it connects");
+}
