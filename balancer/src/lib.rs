@@ -2,20 +2,22 @@
 //! way a Kubernetes headless Service returns every pod IP.
 //!
 //! # Layout
-//! - [`pick`] (pure): the endpoint set and the local-first round-robin picker.
-//! - [`backoff`] (pure): the reconnect delay; [`rng`] is the randomness it takes.
+//! The pure parts live in `lb-core` and are re-exported here: [`pick`] (the endpoint
+//! set and the snapshot picker), [`retry`] (service config, policies, throttle),
+//! [`backoff`], [`rng`], [`frame`], [`duration`]; the call state machine is
+//! `lb_core::call`. This crate is the IO around them:
 //! - [`discover`]: DNS lookups of the target and local-target names (the only DNS IO).
-//! - `pool`: the endpoints' connections and the discovery loop; [`connect`] keeps each
-//!   connection up over HTTP/2 or HTTP/3.
-//! - [`replay`]: a request body that can be sent again while uncommitted; [`frame`]
-//!   (pure) spots oversized messages in it.
-//! - [`response`]: the response body; a lost endpoint becomes UNAVAILABLE trailers.
-//! - [`retry`] (pure): service config, retry and hedging policies, the throttle.
-//! - `call`: one call's path: wait, send, replay, retry or hedge; [`counters`] counts it;
-//!   `wire` (pure) reads and writes gRPC's headers.
+//! - `pool`: the task that owns membership and connections and publishes the snapshot
+//!   calls pick from; [`connect`] keeps each connection up.
+//! - `transport`: HTTP/2 and HTTP/3 behind one interface: connect, send, and what each
+//!   failure means (not sent, refused, or a status).
+//! - `call`: the driver of one call's state machine; `wire` (pure) reads and writes
+//!   gRPC's headers; [`counters`] counts what calls did.
+//! - [`replay`]: a request body that can be sent again until the call commits.
+//! - [`response`]: the response body; a failure mid-body becomes a status in trailers.
 //! - [`channel`]: [`Balancer`], the `tower::Service` used by the proxy and by clients.
-//! - [`code`], [`duration`], [`probe`], [`signal`], [`telemetry`]: small shared helpers
-//!   for the binaries.
+//! - [`code`], [`probe`], [`signal`], [`telemetry`]: small shared helpers for the
+//!   binaries.
 //!
 //! # As a tonic channel
 //! ```no_run
