@@ -7,6 +7,8 @@
 //! - [`retry`]: the service config, retry and hedging policies, the throttle.
 //! - [`call`]: one call's state machine: attempts, transparent retries, retries,
 //!   hedges, commit, deadline.
+//! - [`outlier`]: A50 outlier detection plus consecutive-failure ejection (not wired into
+//!   the balancer yet).
 //! - [`backoff`]: the reconnect delay; [`rng`]: the randomness it takes.
 //! - [`code`]: gRPC status codes and their HTTP mappings; [`frame`]: gRPC message
 //!   prefixes; [`duration`]: human durations for flags.
@@ -16,6 +18,7 @@ pub mod call;
 pub mod code;
 pub mod duration;
 pub mod frame;
+pub mod outlier;
 pub mod pick;
 pub mod retry;
 pub mod rng;

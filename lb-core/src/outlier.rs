@@ -1,0 +1,272 @@
+//! Outlier detection: gRFC A50's success-rate and failure-percentage ejection, run
+//! every `interval`, plus consecutive-failure ejection at once (as Envoy and linkerd
+//! users expect). Pure: attempt outcomes and the time since the balancer started come
+//! in, ejections and returns come out; the RNG (for `enforcementPercentage`) is passed in.
+//!
+//! Call order: [`Outliers::sync`] when membership changes, [`Outliers::record`] for each
+//! attempt's outcome (a consecutive-failure ejection comes back at once), and
+//! [`Outliers::on_interval`] every `interval`. An ejected endpoint keeps its connection
+//! and takes no calls until it returns: after `baseEjectionTime × times ejected` (at most
+//! `max(baseEjectionTime, maxEjectionTime)`); the multiplier decays by one for every
+//! interval the endpoint spends not ejected. Never more than `maxEjectionPercent` of the
+//! endpoints are ejected, yet always at least one may be.
+//!
+//! Not wired into the balancer yet (issue 9): the picker will skip ejected endpoints.
+
+use std::{net::SocketAddr, time::Duration};
+
+use crate::rng::Rng;
+
+/// A50's `successRateEjection`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SuccessRate {
+    /// In thousandths of a standard deviation: 1900 = 1.9 σ below the mean.
+    pub stdev_factor: u32,
+    pub enforcement_percentage: u32,
+    pub minimum_hosts: u32,
+    pub request_volume: u32,
+}
+
+/// A50's `failurePercentageEjection`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FailurePercentage {
+    pub threshold: u32,
+    pub enforcement_percentage: u32,
+    pub minimum_hosts: u32,
+    pub request_volume: u32,
+}
+
+/// The detection settings, with A50's defaults in [`OutlierConfig::default`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutlierConfig {
+    pub interval: Duration,
+    pub base_ejection_time: Duration,
+    pub max_ejection_time: Duration,
+    pub max_ejection_percent: u32,
+    pub success_rate: Option<SuccessRate>,
+    pub failure_percentage: Option<FailurePercentage>,
+    /// Failures in a row that eject at once.
+    pub consecutive_failures: Option<u32>,
+}
+
+impl Default for OutlierConfig {
+    fn default() -> Self {
+        OutlierConfig {
+            interval: Duration::from_secs(10),
+            base_ejection_time: Duration::from_secs(30),
+            max_ejection_time: Duration::from_secs(300),
+            max_ejection_percent: 10,
+            success_rate: None,
+            failure_percentage: None,
+            consecutive_failures: None,
+        }
+    }
+}
+
+/// What detection decided about an endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    Ejected { addr: SocketAddr, why: Why, times: u32 },
+    Returned { addr: SocketAddr },
+}
+
+/// Which rule ejected an endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Why {
+    ConsecutiveFailures(u32),
+    /// Its success rate, in thousandths, under the threshold, in thousandths.
+    SuccessRate {
+        rate: u32,
+        threshold: u32,
+    },
+    /// Its failure percentage over the threshold.
+    FailurePercentage(u32),
+}
+
+#[derive(Debug, Clone)]
+struct Endpoint {
+    addr: SocketAddr,
+    /// This interval's (successes, failures); swapped into `last` at each interval.
+    counting: (u32, u32),
+    last: (u32, u32),
+    consecutive: u32,
+    /// When it was last ejected, while it is.
+    ejected_at: Option<Duration>,
+    /// A50's ejection multiplier.
+    times: u32,
+}
+
+/// Every endpoint's counts and ejection state.
+#[derive(Debug, Clone, Default)]
+pub struct Outliers {
+    config: OutlierConfig,
+    /// Sorted by address.
+    endpoints: Vec<Endpoint>,
+}
+
+impl Default for Endpoint {
+    fn default() -> Self {
+        Endpoint {
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            counting: (0, 0),
+            last: (0, 0),
+            consecutive: 0,
+            ejected_at: None,
+            times: 0,
+        }
+    }
+}
+
+impl Outliers {
+    pub fn new(config: OutlierConfig) -> Self {
+        Outliers { config, endpoints: Vec::new() }
+    }
+
+    /// Membership is now `addrs`: new endpoints start clean, gone ones are forgotten.
+    pub fn sync(&mut self, addrs: &[SocketAddr]) {
+        let mut addrs = addrs.to_vec();
+        addrs.sort_unstable();
+        addrs.dedup();
+        let old = std::mem::take(&mut self.endpoints);
+        self.endpoints = addrs
+            .into_iter()
+            .map(|addr| match old.binary_search_by_key(&addr, |e| e.addr) {
+                Ok(i) => old[i].clone(),
+                Err(_) => Endpoint { addr, ..Endpoint::default() },
+            })
+            .collect();
+    }
+
+    pub fn is_ejected(&self, addr: SocketAddr) -> bool {
+        self.find(addr).is_some_and(|i| self.endpoints[i].ejected_at.is_some())
+    }
+
+    /// An attempt on `addr` ended: `failed` when with a failure status or a lost
+    /// connection (not the caller's own cancel or deadline). Returns the ejection a run
+    /// of consecutive failures caused, if any.
+    pub fn record(&mut self, addr: SocketAddr, failed: bool, now: Duration) -> Option<Event> {
+        let i = self.find(addr)?;
+        let e = &mut self.endpoints[i];
+        if failed {
+            e.counting.1 += 1;
+            e.consecutive += 1;
+        } else {
+            e.counting.0 += 1;
+            e.consecutive = 0;
+        }
+        let threshold = self.config.consecutive_failures?;
+        let e = &self.endpoints[i];
+        if e.consecutive >= threshold && e.ejected_at.is_none() && self.may_eject() {
+            return Some(self.eject(i, Why::ConsecutiveFailures(self.endpoints[i].consecutive), now));
+        }
+        None
+    }
+
+    /// The interval passed: swap the counts, eject by success rate and failure
+    /// percentage, return endpoints whose time is up, decay the multipliers.
+    pub fn on_interval(&mut self, now: Duration, rng: &mut impl Rng) -> Vec<Event> {
+        let mut events = Vec::new();
+        for e in &mut self.endpoints {
+            e.last = std::mem::take(&mut e.counting);
+        }
+        if let Some(sr) = self.config.success_rate {
+            self.eject_by_success_rate(sr, now, rng, &mut events);
+        }
+        if let Some(fp) = self.config.failure_percentage {
+            self.eject_by_failure_percentage(fp, now, rng, &mut events);
+        }
+        let (base, max) =
+            (self.config.base_ejection_time, self.config.max_ejection_time.max(self.config.base_ejection_time));
+        for e in &mut self.endpoints {
+            match e.ejected_at {
+                Some(at) => {
+                    let time = base.saturating_mul(e.times).min(max);
+                    if now >= at.saturating_add(time) {
+                        e.ejected_at = None;
+                        e.consecutive = 0;
+                        events.push(Event::Returned { addr: e.addr });
+                    }
+                }
+                None => e.times = e.times.saturating_sub(1),
+            }
+        }
+        events
+    }
+
+    fn eject_by_success_rate(&mut self, sr: SuccessRate, now: Duration, rng: &mut impl Rng, events: &mut Vec<Event>) {
+        let rates: Vec<(usize, f64)> = self
+            .candidates(sr.request_volume)
+            .map(|i| {
+                let (ok, failed) = self.endpoints[i].last;
+                (i, f64::from(ok) / f64::from(ok + failed))
+            })
+            .collect();
+        if rates.len() < sr.minimum_hosts as usize || rates.is_empty() {
+            return;
+        }
+        let n = rates.len() as f64;
+        let mean = rates.iter().map(|r| r.1).sum::<f64>() / n;
+        let stdev = (rates.iter().map(|r| (r.1 - mean).powi(2)).sum::<f64>() / n).sqrt();
+        let threshold = mean - stdev * f64::from(sr.stdev_factor) / 1000.0;
+        for (i, rate) in rates {
+            if rate < threshold && self.may_eject() && rng.below(100) < u64::from(sr.enforcement_percentage) {
+                let why =
+                    Why::SuccessRate { rate: (rate * 1000.0) as u32, threshold: (threshold * 1000.0).max(0.0) as u32 };
+                events.push(self.eject(i, why, now));
+            }
+        }
+    }
+
+    fn eject_by_failure_percentage(
+        &mut self,
+        fp: FailurePercentage,
+        now: Duration,
+        rng: &mut impl Rng,
+        events: &mut Vec<Event>,
+    ) {
+        let candidates: Vec<usize> = self.candidates(fp.request_volume).collect();
+        if candidates.len() < fp.minimum_hosts as usize {
+            return;
+        }
+        for i in candidates {
+            let (ok, failed) = self.endpoints[i].last;
+            let percent = failed * 100 / (ok + failed);
+            if self.endpoints[i].ejected_at.is_none()
+                && percent > fp.threshold
+                && self.may_eject()
+                && rng.below(100) < u64::from(fp.enforcement_percentage)
+            {
+                events.push(self.eject(i, Why::FailurePercentage(percent), now));
+            }
+        }
+    }
+
+    /// Endpoints not ejected with at least `volume` calls in the last interval.
+    fn candidates(&self, volume: u32) -> impl Iterator<Item = usize> + '_ {
+        self.endpoints.iter().enumerate().filter_map(move |(i, e)| {
+            let calls = e.last.0 + e.last.1;
+            (e.ejected_at.is_none() && calls >= volume.max(1)).then_some(i)
+        })
+    }
+
+    /// Fewer than `maxEjectionPercent` of the endpoints are ejected (checked before each
+    /// ejection, as A50 does), or none is: one may always go.
+    fn may_eject(&self) -> bool {
+        let ejected = self.endpoints.iter().filter(|e| e.ejected_at.is_some()).count();
+        ejected == 0 || (ejected * 100) < self.config.max_ejection_percent as usize * self.endpoints.len()
+    }
+
+    fn eject(&mut self, i: usize, why: Why, now: Duration) -> Event {
+        let e = &mut self.endpoints[i];
+        e.ejected_at = Some(now);
+        e.times = e.times.saturating_add(1);
+        Event::Ejected { addr: e.addr, why, times: e.times }
+    }
+
+    fn find(&self, addr: SocketAddr) -> Option<usize> {
+        self.endpoints.binary_search_by_key(&addr, |e| e.addr).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests;

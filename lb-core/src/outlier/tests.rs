@@ -1,0 +1,160 @@
+//! Outlier detection as exact sequences: which call ejects, when an endpoint returns,
+//! the percentage cap, the multiplier growing and decaying.
+
+use std::{net::SocketAddr, time::Duration};
+
+use super::*;
+use crate::rng::tests::Top;
+
+fn ep(n: u8) -> SocketAddr {
+    SocketAddr::from(([10, 0, 0, n], 50051))
+}
+
+fn s(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+fn outliers(config: OutlierConfig, n: u8) -> Outliers {
+    let mut o = Outliers::new(config);
+    o.sync(&(1..=n).map(ep).collect::<Vec<_>>());
+    o
+}
+
+fn consecutive(threshold: u32, max_percent: u32) -> OutlierConfig {
+    OutlierConfig {
+        consecutive_failures: Some(threshold),
+        max_ejection_percent: max_percent,
+        ..OutlierConfig::default()
+    }
+}
+
+/// `calls` calls on `addr`, the first `failed` of them failing.
+fn calls(o: &mut Outliers, addr: SocketAddr, calls: u32, failed: u32) {
+    for i in 0..calls {
+        o.record(addr, i < failed, s(0));
+    }
+}
+
+#[test]
+fn the_fifth_failure_in_a_row_ejects_and_a_success_resets_the_count() {
+    let mut o = outliers(consecutive(5, 100), 3);
+    for _ in 0..4 {
+        assert_eq!(o.record(ep(1), true, s(1)), None);
+    }
+    assert_eq!(o.record(ep(1), false, s(1)), None, "a success resets the count");
+    for _ in 0..4 {
+        assert_eq!(o.record(ep(1), true, s(2)), None);
+    }
+    let ejected = Event::Ejected { addr: ep(1), why: Why::ConsecutiveFailures(5), times: 1 };
+    assert_eq!(o.record(ep(1), true, s(2)), Some(ejected));
+    assert!(o.is_ejected(ep(1)));
+    assert_eq!(o.record(ep(1), true, s(2)), None, "already out");
+}
+
+#[test]
+fn an_ejected_endpoint_returns_after_base_times_multiplier_which_decays() {
+    let mut o = outliers(consecutive(1, 100), 2);
+    o.record(ep(1), true, s(0));
+    assert_eq!(o.on_interval(s(10), &mut Top), []);
+    assert_eq!(o.on_interval(s(20), &mut Top), []);
+    assert_eq!(o.on_interval(s(30), &mut Top), [Event::Returned { addr: ep(1) }], "30 s × 1");
+    // Ejected again at once: twice as long.
+    let again = o.record(ep(1), true, s(31));
+    assert_eq!(again, Some(Event::Ejected { addr: ep(1), why: Why::ConsecutiveFailures(1), times: 2 }));
+    assert_eq!(o.on_interval(s(90), &mut Top), []);
+    assert_eq!(o.on_interval(s(91), &mut Top), [Event::Returned { addr: ep(1) }], "30 s × 2");
+    // Two intervals not ejected: the multiplier decays back to 0.
+    o.on_interval(s(101), &mut Top);
+    o.on_interval(s(111), &mut Top);
+    let fresh = o.record(ep(1), true, s(112));
+    assert_eq!(fresh, Some(Event::Ejected { addr: ep(1), why: Why::ConsecutiveFailures(1), times: 1 }));
+}
+
+#[test]
+fn the_ejection_time_stops_at_the_maximum() {
+    let config = OutlierConfig { max_ejection_time: s(50), ..consecutive(1, 100) };
+    let mut o = outliers(config, 1);
+    for times in 1..=4 {
+        let at = s(1000 * u64::from(times));
+        assert!(matches!(o.record(ep(1), true, at), Some(Event::Ejected { times: t, .. }) if t == times));
+        let back = if times == 1 { 30 } else { 50 };
+        assert_eq!(o.on_interval(at + s(back - 1), &mut Top), [], "times {times}");
+        assert_eq!(o.on_interval(at + s(back), &mut Top), [Event::Returned { addr: ep(1) }], "times {times}");
+    }
+}
+
+#[test]
+fn at_most_max_ejection_percent_yet_always_one() {
+    let mut o = outliers(consecutive(1, 10), 3);
+    assert!(o.record(ep(1), true, s(0)).is_some(), "10 % of 3 rounds to none: one is allowed anyway");
+    assert_eq!(o.record(ep(2), true, s(0)), None, "a second would be 66 %");
+    // As A50 counts: eject while fewer than the percentage are out (25 % < 50 %).
+    let mut o = outliers(consecutive(1, 50), 4);
+    assert!(o.record(ep(1), true, s(0)).is_some());
+    assert!(o.record(ep(2), true, s(0)).is_some(), "25 % out, under 50 %: one more");
+    assert!(o.record(ep(3), true, s(0)).is_none(), "50 % out: no more");
+    let mut o = outliers(consecutive(1, 0), 2);
+    assert!(o.record(ep(1), true, s(0)).is_some(), "even at 0 %, one may go");
+}
+
+#[test]
+fn failure_percentage_ejects_only_with_enough_hosts_and_calls() {
+    let fp = FailurePercentage { threshold: 85, enforcement_percentage: 100, minimum_hosts: 5, request_volume: 50 };
+    let config = OutlierConfig { failure_percentage: Some(fp), max_ejection_percent: 100, ..OutlierConfig::default() };
+    let mut o = outliers(config.clone(), 5);
+    calls(&mut o, ep(1), 50, 45);
+    for n in 2..=5 {
+        calls(&mut o, ep(n), 50, 0);
+    }
+    let out = o.on_interval(s(10), &mut Top);
+    assert_eq!(out, [Event::Ejected { addr: ep(1), why: Why::FailurePercentage(90), times: 1 }]);
+
+    let mut o = outliers(config.clone(), 5);
+    calls(&mut o, ep(1), 49, 49);
+    for n in 2..=5 {
+        calls(&mut o, ep(n), 50, 0);
+    }
+    assert_eq!(o.on_interval(s(10), &mut Top), [], "49 calls are under the request volume");
+
+    let mut o = outliers(config, 4);
+    calls(&mut o, ep(1), 50, 50);
+    for n in 2..=4 {
+        calls(&mut o, ep(n), 50, 0);
+    }
+    assert_eq!(o.on_interval(s(10), &mut Top), [], "4 hosts are under the minimum of 5");
+}
+
+#[test]
+fn success_rate_ejects_below_mean_minus_the_stdev_factor() {
+    let sr = SuccessRate { stdev_factor: 1900, enforcement_percentage: 100, minimum_hosts: 5, request_volume: 100 };
+    let config = OutlierConfig { success_rate: Some(sr), max_ejection_percent: 100, ..OutlierConfig::default() };
+    let mut o = outliers(config, 5);
+    calls(&mut o, ep(1), 100, 50);
+    for n in 2..=5 {
+        calls(&mut o, ep(n), 100, 0);
+    }
+    // Rates 0.5, 1, 1, 1, 1: mean 0.9, σ 0.2, threshold 0.9 − 1.9 × 0.2 = 0.52.
+    let out = o.on_interval(s(10), &mut Top);
+    assert_eq!(out, [Event::Ejected { addr: ep(1), why: Why::SuccessRate { rate: 500, threshold: 520 }, times: 1 }]);
+    // The counts start over each interval: nothing new to judge.
+    assert_eq!(o.on_interval(s(20), &mut Top), []);
+}
+
+#[test]
+fn enforcement_percentage_zero_never_ejects() {
+    let fp = FailurePercentage { threshold: 0, enforcement_percentage: 0, minimum_hosts: 1, request_volume: 1 };
+    let config = OutlierConfig { failure_percentage: Some(fp), max_ejection_percent: 100, ..OutlierConfig::default() };
+    let mut o = outliers(config, 2);
+    calls(&mut o, ep(1), 10, 10);
+    assert_eq!(o.on_interval(s(10), &mut Top), []);
+}
+
+#[test]
+fn membership_changes_forget_gone_endpoints_and_keep_the_rest() {
+    let mut o = outliers(consecutive(1, 100), 2);
+    o.record(ep(1), true, s(0));
+    o.sync(&[ep(1), ep(3)]);
+    assert!(o.is_ejected(ep(1)), "kept across the update");
+    assert!(!o.is_ejected(ep(2)));
+    assert_eq!(o.record(ep(2), true, s(1)), None, "unknown endpoints are ignored");
+}
