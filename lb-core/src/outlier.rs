@@ -15,7 +15,9 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use crate::rng::Rng;
+use crate::{retry::policy::CodeSet, rng::Rng};
+
+pub mod config;
 
 /// A50's `successRateEjection`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -47,6 +49,8 @@ pub struct OutlierConfig {
     pub failure_percentage: Option<FailurePercentage>,
     /// Failures in a row that eject at once.
     pub consecutive_failures: Option<u32>,
+    /// The statuses that count as failures, for every rule.
+    pub codes: CodeSet,
 }
 
 impl Default for OutlierConfig {
@@ -59,6 +63,7 @@ impl Default for OutlierConfig {
             success_rate: None,
             failure_percentage: None,
             consecutive_failures: None,
+            codes: config::default_codes(),
         }
     }
 }

@@ -15,6 +15,10 @@ pub struct ServiceConfig {
     pub methods: Vec<MethodConfig>,
     /// `(maxTokens, tokenRatio)`.
     pub throttling: Option<(f64, f64)>,
+    /// From `loadBalancingConfig`: outlier detection around round-robin, when chosen.
+    pub outlier: Option<crate::outlier::OutlierConfig>,
+    /// `healthCheckConfig.serviceName`: each endpoint's `grpc.health.v1.Health/Watch`.
+    pub health_check_service: Option<String>,
 }
 
 /// What applies to the methods a `name[]` entry matches.
@@ -37,19 +41,19 @@ pub struct ConfigError {
     pub rule: String,
 }
 
-fn err(path: &Path, rule: impl fmt::Display) -> ConfigError {
+pub(crate) fn err(path: &Path, rule: impl fmt::Display) -> ConfigError {
     ConfigError { path: path.to_string(), rule: rule.to_string() }
 }
 
 /// A JSON path like `methodConfig[0].retryPolicy.maxAttempts`.
 #[derive(Debug, Clone, Default)]
-struct Path(String);
+pub(crate) struct Path(String);
 
 impl Path {
-    fn key(&self, k: &str) -> Path {
+    pub(crate) fn key(&self, k: &str) -> Path {
         if self.0.is_empty() { Path(k.to_owned()) } else { Path(format!("{}.{k}", self.0)) }
     }
-    fn index(&self, i: usize) -> Path {
+    pub(crate) fn index(&self, i: usize) -> Path {
         Path(format!("{}[{i}]", self.0))
     }
 }
@@ -82,6 +86,14 @@ impl ServiceConfig {
                 }
                 cfg.methods.push(m);
             }
+        }
+        if let Some(lb) = obj.get("loadBalancingConfig") {
+            cfg.outlier = crate::outlier::config::parse(lb, &root_path.key("loadBalancingConfig"))?;
+        }
+        if let Some(h) = obj.get("healthCheckConfig") {
+            let p = root_path.key("healthCheckConfig");
+            h.as_object().ok_or_else(|| err(&p, "must be an object"))?;
+            cfg.health_check_service = Some(string(h, &p, "serviceName")?.unwrap_or_default());
         }
         if let Some(t) = obj.get("retryThrottling") {
             let p = root_path.key("retryThrottling");
@@ -183,7 +195,7 @@ fn attempts(v: &Value, p: &Path, clamp: u32) -> Result<u32, ConfigError> {
     Ok((n as u32).min(clamp))
 }
 
-fn string(v: &Value, p: &Path, key: &str) -> Result<Option<String>, ConfigError> {
+pub(crate) fn string(v: &Value, p: &Path, key: &str) -> Result<Option<String>, ConfigError> {
     match v.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
@@ -191,7 +203,7 @@ fn string(v: &Value, p: &Path, key: &str) -> Result<Option<String>, ConfigError>
     }
 }
 
-fn number(v: &Value, p: &Path, key: &str) -> Result<Option<f64>, ConfigError> {
+pub(crate) fn number(v: &Value, p: &Path, key: &str) -> Result<Option<f64>, ConfigError> {
     match v.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) => Ok(n.as_f64()),
@@ -199,7 +211,7 @@ fn number(v: &Value, p: &Path, key: &str) -> Result<Option<f64>, ConfigError> {
     }
 }
 
-fn codes(v: &Value, p: &Path, key: &str) -> Result<CodeSet, ConfigError> {
+pub(crate) fn codes(v: &Value, p: &Path, key: &str) -> Result<CodeSet, ConfigError> {
     let kp = p.key(key);
     let mut set = CodeSet::default();
     let Some(list) = v.get(key) else { return Ok(set) };
@@ -221,7 +233,7 @@ fn codes(v: &Value, p: &Path, key: &str) -> Result<CodeSet, ConfigError> {
 }
 
 /// A protobuf JSON duration: decimal seconds with an `s` suffix, like "0.5s".
-fn duration(s: &str, p: &Path) -> Result<Duration, ConfigError> {
+pub(crate) fn duration(s: &str, p: &Path) -> Result<Duration, ConfigError> {
     let bad = || err(p, format!("expected a duration like \"0.5s\", got {s:?}"));
     /// google.protobuf.Duration's range: about 10,000 years.
     const MAX_SECS: f64 = 315_576_000_000.0;
