@@ -15,6 +15,8 @@
 //!   while no local endpoint is ready and one is within its grace, [`Snapshot::pick`]
 //!   answers [`Pick::WaitUntil`]. A local endpoint found later (a replica restarted
 //!   after a failover) gets none: calls keep going remote until it connects.
+//! - Endpoints outlier detection ejected ([`EndpointSet::set_ejected`]) take no calls, per
+//!   tier, unless every ready endpoint is ejected: then they all do (panic mode).
 //! - Endpoints are kept in address order, so identical updates give identical rotations.
 //!
 //! # Call order
@@ -78,6 +80,8 @@ struct Endpoint {
     ready: bool,
     /// Until when calls wait for this new endpoint's first connection (local only).
     grace_until: Option<Instant>,
+    /// Outlier detection took it out of rotation; it keeps its connection.
+    ejected: bool,
 }
 
 /// Every known endpoint with its locality and readiness. Owned by one task; calls pick
@@ -116,10 +120,18 @@ impl EndpointSet {
                         (false, (local && !self.started).then(|| now + LOCAL_GRACE))
                     }
                 };
-                Endpoint { addr, local, ready, grace_until }
+                let ejected = old.binary_search_by_key(&addr, |e| e.addr).is_ok_and(|i| old[i].ejected);
+                Endpoint { addr, local, ready, grace_until, ejected }
             })
             .collect();
         changes
+    }
+
+    /// Outlier detection ejected `addr`, or let it back. Unknown addresses are ignored.
+    pub fn set_ejected(&mut self, addr: SocketAddr, ejected: bool) {
+        if let Ok(i) = self.endpoints.binary_search_by_key(&addr, |e| e.addr) {
+            self.endpoints[i].ejected = ejected;
+        }
     }
 
     /// Records a connection coming up or going away. Unknown addresses are ignored
@@ -137,7 +149,11 @@ impl EndpointSet {
     /// ready endpoint, in address order.
     pub fn snapshot<T>(&self, mut handle: impl FnMut(SocketAddr) -> Option<T>) -> Snapshot<T> {
         let mut tiers = [Vec::new(), Vec::new()];
-        for e in self.endpoints.iter().filter(|e| e.ready) {
+        // Ejected endpoints take no calls, per tier (ejecting every local one fails over
+        // to remote ones), unless every ready endpoint is ejected: then all take calls
+        // rather than none (Envoy's panic mode).
+        let panic = !self.endpoints.iter().any(|e| e.ready && !e.ejected);
+        for e in self.endpoints.iter().filter(|e| e.ready && (panic || !e.ejected)) {
             if let Some(h) = handle(e.addr) {
                 tiers[Tier::of(e.local) as usize].push((e.addr, h));
             }

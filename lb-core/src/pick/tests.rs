@@ -309,3 +309,18 @@ fn a_local_endpoint_found_after_the_start_gets_no_grace() {
     let local = Pick::Endpoint { addr: a(1), tier: Tier::Local, handle: &1 };
     assert_eq!(snap(&set).pick(&cursors, SAY_HELLO, &[], t0()), local, "and back as soon as it connects");
 }
+
+#[test]
+fn ejected_endpoints_take_no_calls_per_tier_unless_every_ready_one_is_ejected() {
+    let (mut set, cursors) = (cluster(), Cursors::new());
+    set.set_ejected(a(1), true);
+    assert_eq!(picks(&snap(&set), &cursors, 3), [2, 2, 2], "1 ejected: 2 takes the local share");
+    set.set_ejected(a(2), true);
+    assert_eq!(picks(&snap(&set), &cursors, 2), [3, 3], "every local ejected: fail over to remote");
+    set.set_ejected(a(3), true);
+    assert_eq!(picks(&snap(&set), &cursors, 4), [2, 1, 2, 1], "all ejected: panic mode, the locals again");
+    set.set_ejected(a(1), false);
+    assert_eq!(picks(&snap(&set), &cursors, 2), [1, 1], "one back: it takes the calls");
+    set.apply(&Resolved { all: vec![a(1), a(2), a(3)], local: vec![a(1), a(2)] }, t0());
+    assert_eq!(picks(&snap(&set), &cursors, 2), [1, 1], "ejection survives a discovery update");
+}
