@@ -90,7 +90,6 @@ type AttemptFuture<B> = BoxFuture<'static, Step<B>>;
 struct Slot<B> {
     /// The attempt's IO while it runs; dropping it resets the stream (RST_STREAM CANCEL).
     io: Option<AttemptFuture<B>>,
-    endpoint: Option<SocketAddr>,
     /// A status response kept to forward, or the headers that committed.
     response: Option<Response<transport::Body>>,
     /// Why it failed, for the caller's message.
@@ -129,9 +128,9 @@ where
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     };
-    let policy = match method {
-        Some(m) if m.retry.is_some() => Policy::Retry(m.retry.clone().unwrap_or_else(|| unreachable!())),
-        Some(m) if m.hedging.is_some() => Policy::Hedging(m.hedging.clone().unwrap_or_else(|| unreachable!())),
+    let policy = match method.map(|m| (&m.retry, &m.hedging)) {
+        Some((Some(retry), _)) => Policy::Retry(retry.clone()),
+        Some((None, Some(hedging))) => Policy::Hedging(hedging.clone()),
         _ => Policy::None,
     };
     let wait_for_ready = method.and_then(|m| m.wait_for_ready) != Some(false);
@@ -218,6 +217,11 @@ where
         }
     }
 
+    /// Where the attempt was placed: every attempt that ends or commits was.
+    fn endpoint(&self, id: AttemptId) -> SocketAddr {
+        self.call.endpoint(id).unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
     fn method(&self) -> &str {
         self.head.uri.path()
     }
@@ -226,13 +230,7 @@ where
     fn send(&mut self, send: call::Send) {
         let id = send.attempt;
         if self.slots.len() <= id.0 as usize {
-            self.slots.resize_with(id.0 as usize + 1, || Slot {
-                io: None,
-                reader: 0,
-                endpoint: None,
-                response: None,
-                error: None,
-            });
+            self.slots.resize_with(id.0 as usize + 1, || Slot { io: None, reader: 0, response: None, error: None });
         }
         let may_wait = send.wait_until.is_some();
         match self.shared.pool.pick(self.method(), &send.avoid, &send.exclude, may_wait) {
@@ -267,9 +265,7 @@ where
         debug!(addr = %picked.addr, tier = ?picked.tier, attempt = send.previous_attempts + 1, "Sending");
         self.call.on_placed(id, picked.addr, self.now);
         let body = self.body.replay();
-        let slot = &mut self.slots[id.0 as usize];
-        slot.endpoint = Some(picked.addr);
-        slot.reader = body.reader();
+        self.slots[id.0 as usize].reader = body.reader();
         let req = self.head.request(body, &send);
         let fut = async move {
             match picked.upstream.send(req).await {
@@ -309,9 +305,7 @@ where
                 }
             },
             Step::Failed(Failure { ended, error }) => {
-                if let Some(addr) = self.slots[id.0 as usize].endpoint {
-                    debug!(%addr, ?ended, %error, "Attempt failed");
-                }
+                debug!(addr = ?self.call.endpoint(id), ?ended, %error, "Attempt failed");
                 self.slots[id.0 as usize].error = Some(error.to_string());
                 self.ended(id, ended, now);
             }
@@ -327,9 +321,8 @@ where
     fn commit(&mut self, id: AttemptId) -> Response<UpstreamBody> {
         let slot = &mut self.slots[id.0 as usize];
         self.body.commit(slot.reader); // other attempts' readers fail; the buffer goes
-        let addr = slot.endpoint.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
-        let resp = slot.response.take().unwrap_or_else(|| unreachable!("committed on its headers"));
-        resp.map(|b| UpstreamBody::new(b, addr))
+        let resp = slot.response.take().unwrap_or_else(|| unreachable!("committed on its response"));
+        resp.map(|b| UpstreamBody::new(b, self.endpoint(id)))
     }
 
     fn finish(&mut self, how: Finish) -> Result<Response<UpstreamBody>, tonic::Status> {
@@ -348,12 +341,8 @@ where
                 Error::NoEndpoint { target, waited, tried: pool.describe() }
             }
             Finish::Status(code, Reason::Attempt(id)) => {
-                let slot = &mut self.slots[id.0 as usize];
-                Error::Upstream {
-                    code,
-                    addr: slot.endpoint.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))),
-                    why: slot.error.take().unwrap_or_default(),
-                }
+                let why = self.slots[id.0 as usize].error.take().unwrap_or_default();
+                Error::Upstream { code, addr: self.endpoint(id), why }
             }
             Finish::Status(_, Reason::Cancelled) => Error::Cancelled,
         };

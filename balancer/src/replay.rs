@@ -287,8 +287,12 @@ mod tests {
     use super::*;
     use http_body_util::BodyExt;
 
-    /// A body that yields the given frames, one per poll.
-    struct Frames(VecDeque<Frame<Bytes>>);
+    /// A body that yields the given frames, one per poll, then ends, or with `quiet`
+    /// waits forever: a client that went quiet.
+    struct Frames {
+        frames: VecDeque<Frame<Bytes>>,
+        quiet: bool,
+    }
 
     impl Body for Frames {
         type Data = Bytes;
@@ -297,7 +301,10 @@ mod tests {
             mut self: Pin<&mut Self>,
             _: &mut Context<'_>,
         ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-            Poll::Ready(self.0.pop_front().map(Ok))
+            match self.frames.pop_front() {
+                None if self.quiet => Poll::Pending,
+                next => Poll::Ready(next.map(Ok)),
+            }
         }
     }
 
@@ -308,7 +315,7 @@ mod tests {
             t.insert("x-end", "1".parse().unwrap());
             frames.push_back(Frame::trailers(t));
         }
-        Frames(frames)
+        Frames { frames, quiet: false }
     }
 
     async fn read_all(b: ReplayBody<Frames>) -> Result<(Vec<u8>, Option<HeaderMap>), BoxError> {
@@ -386,29 +393,13 @@ mod tests {
         assert_eq!(budget.used(), 0);
     }
 
-    /// One chunk, then nothing until the test ends: a client that went quiet.
-    struct Quiet(Option<Bytes>);
-
-    impl Body for Quiet {
-        type Data = Bytes;
-        type Error = std::convert::Infallible;
-        fn poll_frame(
-            mut self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-            match self.0.take() {
-                Some(b) => Poll::Ready(Some(Ok(Frame::data(b)))),
-                None => Poll::Pending,
-            }
-        }
-    }
-
     // Review finding: a commit while the committed reader waits for the client freed
     // nothing until the client's next message, holding the shared budget meanwhile.
     #[tokio::test]
     async fn a_commit_frees_the_buffer_while_the_client_is_quiet() {
         let budget = Budget::new(1 << 20);
-        let body = ReplayBody::new(Quiet(Some(Bytes::from_static(b"ab"))), 1024, u32::MAX, budget.clone());
+        let quiet = Frames { quiet: true, ..source(&["ab"], false) };
+        let body = ReplayBody::new(quiet, 1024, u32::MAX, budget.clone());
         let mut reader = body.replay();
         let id = reader.reader();
         let task = tokio::spawn(async move { while reader.frame().await.is_some() {} });

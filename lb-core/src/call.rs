@@ -150,8 +150,8 @@ pub struct Stats {
 enum AttemptState {
     /// Sent to the driver, not yet on an endpoint.
     Placing,
-    /// On this endpoint, awaiting its response.
-    InFlight(SocketAddr),
+    /// On its endpoint, awaiting its response.
+    InFlight,
     Over,
 }
 
@@ -206,11 +206,11 @@ pub struct Call {
 
 impl Call {
     /// A new call at time zero; its first action sends attempt 0.
-    pub fn new(setup: Setup) -> Call {
-        let mode = match &setup.policy {
+    pub fn new(mut setup: Setup) -> Call {
+        let mode = match std::mem::take(&mut setup.policy) {
             Policy::None => Mode::Plain,
-            Policy::Retry(p) => Mode::Retry { policy: p.clone(), state: RetryState::default(), backoff_until: None },
-            Policy::Hedging(p) => Mode::Hedging { policy: p.clone(), schedule: None, blocked: false },
+            Policy::Retry(policy) => Mode::Retry { policy, state: RetryState::default(), backoff_until: None },
+            Policy::Hedging(policy) => Mode::Hedging { policy, schedule: None, blocked: false },
         };
         let mut call = Call {
             setup,
@@ -274,7 +274,7 @@ impl Call {
     /// The attempt is on `endpoint` and its request is on its way.
     pub fn on_placed(&mut self, id: AttemptId, endpoint: SocketAddr, now: Duration) {
         let Some(a) = self.live(id, AttemptState::Placing) else { return };
-        a.state = AttemptState::InFlight(endpoint);
+        a.state = AttemptState::InFlight;
         a.endpoint = Some(endpoint);
         let first_placement = !std::mem::replace(&mut a.counted, true);
         if !self.tried.contains(&endpoint) {
@@ -332,7 +332,7 @@ impl Call {
 
     /// Response headers arrived: the call commits to this attempt.
     pub fn on_headers(&mut self, id: AttemptId, throttle: Option<&Throttle>) {
-        if self.in_flight_state(id).is_none() {
+        if self.live(id, AttemptState::InFlight).is_none() {
             return;
         }
         if let Some(t) = throttle {
@@ -358,7 +358,7 @@ impl Call {
     }
 
     fn ended(&mut self, id: AttemptId, how: Ended, now: Duration, rng: &mut dyn Rng, throttle: Option<&Throttle>) {
-        if self.in_flight_state(id).is_none() {
+        if self.live(id, AttemptState::InFlight).is_none() {
             return;
         }
         self.attempts[id.0 as usize].state = AttemptState::Over;
@@ -593,21 +593,12 @@ impl Call {
     }
 
     fn in_flight(&self) -> impl Iterator<Item = (AttemptId, SocketAddr)> + '_ {
-        self.attempts.iter().enumerate().filter_map(|(i, a)| match a.state {
-            AttemptState::InFlight(e) => Some((AttemptId(i as u32), e)),
-            _ => None,
-        })
+        let running = self.attempts.iter().enumerate().filter(|(_, a)| a.state == AttemptState::InFlight);
+        running.filter_map(|(i, a)| Some((AttemptId(i as u32), a.endpoint?)))
     }
 
     fn placing(&self) -> bool {
         self.attempts.iter().any(|a| a.state == AttemptState::Placing)
-    }
-
-    fn in_flight_state(&self, id: AttemptId) -> Option<SocketAddr> {
-        match self.attempts.get(id.0 as usize)?.state {
-            AttemptState::InFlight(e) if !self.done => Some(e),
-            _ => None,
-        }
     }
 
     fn live(&mut self, id: AttemptId, state: AttemptState) -> Option<&mut Attempt> {
