@@ -191,7 +191,11 @@ where
         }
         for (addr, local) in self.set.addrs() {
             let place = if local { "local" } else { "remote" };
-            let why = self.conns.get(&addr).and_then(|c| c.last_error.as_deref()).unwrap_or("connecting");
+            let why = match self.conns.get(&addr) {
+                Some(c) if c.send.is_some() => "ready",
+                Some(Conn { last_error: Some(e), .. }) => e.as_str(),
+                _ => "connecting",
+            };
             parts.push(format!("{addr} ({place}): {why}"));
         }
         parts.join("; ")

@@ -209,6 +209,11 @@ async fn the_deadline_bounds_every_attempt_and_backoff() {
     let h = support::raw_call(c.proxy, path, &[("grpc-timeout", "350m")], support::frame(b"")).await;
     let took = started.elapsed();
     assert_eq!(h["grpc-status"], "4", "the proxy answers DEADLINE_EXCEEDED itself: {h:?}");
+    // Three or four attempts fit in 350 ms; the proxy's own answer says how many came before.
+    let previous = h.get("grpc-previous-rpc-attempts").and_then(|v| v.to_str().ok()?.parse::<u32>().ok());
+    assert!(matches!(previous, Some(2 | 3)), "previous attempts on the proxy's own answer: {h:?}");
+    let message = h["grpc-message"].to_str().unwrap();
+    assert!(message.contains("(local):%20ready"), "says the replicas were ready, not connecting: {message}");
     assert!(took < Duration::from_millis(700), "5 attempts of 100 ms would take > 500 ms; took {took:?}");
 }
 
