@@ -7,8 +7,8 @@
 //! - [`retry`]: the service config, retry and hedging policies, the throttle.
 //! - [`call`]: one call's state machine: attempts, transparent retries, retries,
 //!   hedges, commit, deadline.
-//! - [`outlier`]: A50 outlier detection plus consecutive-failure ejection (not wired into
-//!   the balancer yet).
+//! - [`outlier`]: A50 outlier detection plus consecutive-failure ejection.
+//! - [`health`]: A17 health checking: the Watch request, its answers, what they mean.
 //! - [`backoff`]: the reconnect delay; [`rng`]: the randomness it takes.
 //! - [`code`]: gRPC status codes and their HTTP mappings; [`frame`]: gRPC message
 //!   prefixes; [`duration`]: human durations for flags.
@@ -18,6 +18,7 @@ pub mod call;
 pub mod code;
 pub mod duration;
 pub mod frame;
+pub mod health;
 pub mod outlier;
 pub mod pick;
 pub mod retry;

@@ -3,19 +3,26 @@
 //! users expect). Pure: attempt outcomes and the time since the balancer started come
 //! in, ejections and returns come out; the RNG (for `enforcementPercentage`) is passed in.
 //!
-//! Call order: [`Outliers::sync`] when membership changes, [`Outliers::record`] for each
-//! attempt's outcome (a consecutive-failure ejection comes back at once), and
-//! [`Outliers::on_interval`] every `interval`. An ejected endpoint keeps its connection
+//! Call order: [`Outliers::sync`] when membership changes; each attempt's outcome goes
+//! to its endpoint's [`Tally`] (handed out by [`Outliers::tally`], shared with calls,
+//! lock-free), and when [`Tally::record`] says a run of failures is long enough,
+//! [`Outliers::check`] ejects at once; [`Outliers::on_interval`] every `interval`.
+//! [`Outliers::record`] does both in one step, for a single owner and for tests. An ejected endpoint keeps its connection
 //! and takes no calls until it returns: after `baseEjectionTime × times ejected` (at most
 //! `max(baseEjectionTime, maxEjectionTime)`); the multiplier decays by one for every
 //! interval the endpoint spends not ejected. Never more than `maxEjectionPercent` of the
 //! endpoints are ejected, yet always at least one may be.
-//!
-//! Not wired into the balancer yet (issue 9): the picker will skip ejected endpoints.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering::Relaxed},
+    },
+    time::Duration,
+};
 
-use crate::{retry::policy::CodeSet, rng::Rng};
+use crate::{Code, retry::policy::CodeSet, rng::Rng};
 
 pub mod config;
 
@@ -88,13 +95,70 @@ pub enum Why {
     FailurePercentage(u32),
 }
 
+/// One endpoint's outcomes since the last interval. Calls record into it concurrently
+/// without a lock; the owner of the [`Outliers`] reads and resets it.
+#[derive(Debug)]
+pub struct Tally {
+    ok: AtomicU32,
+    failed: AtomicU32,
+    /// Failures since the last success.
+    consecutive: AtomicU32,
+    /// The run of failures that ejects; 0 = none does.
+    threshold: u32,
+    codes: CodeSet,
+}
+
+impl Tally {
+    fn new(config: &OutlierConfig) -> Self {
+        Tally {
+            ok: AtomicU32::new(0),
+            failed: AtomicU32::new(0),
+            consecutive: AtomicU32::new(0),
+            threshold: config.consecutive_failures.unwrap_or(0),
+            codes: config.codes,
+        }
+    }
+
+    /// An attempt ended with `code`: a failure when the config lists it.
+    pub fn record_status(&self, code: Code) -> bool {
+        self.record(self.codes.contains(code))
+    }
+
+    /// An attempt ended: `failed` when with a failure status or a lost connection (not
+    /// the caller's own cancel or deadline). True when this failure makes the run
+    /// reach the threshold (or a multiple of it, in case an ejection was refused by
+    /// the percentage cap): the owner should call [`Outliers::check`].
+    pub fn record(&self, failed: bool) -> bool {
+        if !failed {
+            self.ok.fetch_add(1, Relaxed);
+            if self.consecutive.load(Relaxed) != 0 {
+                self.consecutive.store(0, Relaxed);
+            }
+            return false;
+        }
+        self.failed.fetch_add(1, Relaxed);
+        let run = self.consecutive.fetch_add(1, Relaxed) + 1;
+        self.threshold != 0 && run % self.threshold == 0
+    }
+
+    /// Failures since the last success.
+    pub fn consecutive(&self) -> u32 {
+        self.consecutive.load(Relaxed)
+    }
+
+    /// The (successes, failures) since the last call, starting the count over.
+    fn take(&self) -> (u32, u32) {
+        (self.ok.swap(0, Relaxed), self.failed.swap(0, Relaxed))
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Endpoint {
     addr: SocketAddr,
-    /// This interval's (successes, failures); swapped into `last` at each interval.
-    counting: (u32, u32),
+    /// This interval's counts, recorded by calls.
+    tally: Arc<Tally>,
+    /// The last interval's (successes, failures).
     last: (u32, u32),
-    consecutive: u32,
     /// When it was last ejected, while it is.
     ejected_at: Option<Duration>,
     /// A50's ejection multiplier.
@@ -102,24 +166,11 @@ struct Endpoint {
 }
 
 /// Every endpoint's counts and ejection state.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct Outliers {
     config: OutlierConfig,
     /// Sorted by address.
     endpoints: Vec<Endpoint>,
-}
-
-impl Default for Endpoint {
-    fn default() -> Self {
-        Endpoint {
-            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-            counting: (0, 0),
-            last: (0, 0),
-            consecutive: 0,
-            ejected_at: None,
-            times: 0,
-        }
-    }
 }
 
 impl Outliers {
@@ -137,34 +188,54 @@ impl Outliers {
             .into_iter()
             .map(|addr| match old.binary_search_by_key(&addr, |e| e.addr) {
                 Ok(i) => old[i].clone(),
-                Err(_) => Endpoint { addr, ..Endpoint::default() },
+                Err(_) => Endpoint {
+                    addr,
+                    tally: Arc::new(Tally::new(&self.config)),
+                    last: (0, 0),
+                    ejected_at: None,
+                    times: 0,
+                },
             })
             .collect();
+    }
+
+    pub fn config(&self) -> &OutlierConfig {
+        &self.config
+    }
+
+    /// The last interval's (successes, failures) on `addr`, for logs.
+    pub fn last_counts(&self, addr: SocketAddr) -> (u32, u32) {
+        self.find(addr).map_or((0, 0), |i| self.endpoints[i].last)
     }
 
     pub fn is_ejected(&self, addr: SocketAddr) -> bool {
         self.find(addr).is_some_and(|i| self.endpoints[i].ejected_at.is_some())
     }
 
-    /// An attempt on `addr` ended: `failed` when with a failure status or a lost
-    /// connection (not the caller's own cancel or deadline). Returns the ejection a run
-    /// of consecutive failures caused, if any.
+    /// The tally calls record `addr`'s outcomes into, while it is a member.
+    pub fn tally(&self, addr: SocketAddr) -> Option<Arc<Tally>> {
+        self.find(addr).map(|i| self.endpoints[i].tally.clone())
+    }
+
+    /// Records an attempt's outcome on `addr` ([`Tally::record`]) and ejects at once
+    /// when that makes a long enough run of failures.
     pub fn record(&mut self, addr: SocketAddr, failed: bool, now: Duration) -> Option<Event> {
         let i = self.find(addr)?;
-        let e = &mut self.endpoints[i];
-        if failed {
-            e.counting.1 += 1;
-            e.consecutive += 1;
-        } else {
-            e.counting.0 += 1;
-            e.consecutive = 0;
-        }
+        if self.endpoints[i].tally.record(failed) { self.check_one(i, now) } else { None }
+    }
+
+    /// Ejects the endpoints whose run of failures reached the threshold, as far as the
+    /// percentage cap allows: what a [`Tally::record`] that returned true asks for.
+    pub fn check(&mut self, now: Duration) -> Vec<Event> {
+        (0..self.endpoints.len()).filter_map(|i| self.check_one(i, now)).collect()
+    }
+
+    fn check_one(&mut self, i: usize, now: Duration) -> Option<Event> {
         let threshold = self.config.consecutive_failures?;
         let e = &self.endpoints[i];
-        if e.consecutive >= threshold && e.ejected_at.is_none() && self.may_eject() {
-            return Some(self.eject(i, Why::ConsecutiveFailures(self.endpoints[i].consecutive), now));
-        }
-        None
+        let run = e.tally.consecutive();
+        (run >= threshold && e.ejected_at.is_none() && self.may_eject())
+            .then(|| self.eject(i, Why::ConsecutiveFailures(run), now))
     }
 
     /// The interval passed: swap the counts, eject by success rate and failure
@@ -172,7 +243,7 @@ impl Outliers {
     pub fn on_interval(&mut self, now: Duration, rng: &mut impl Rng) -> Vec<Event> {
         let mut events = Vec::new();
         for e in &mut self.endpoints {
-            e.last = std::mem::take(&mut e.counting);
+            e.last = e.tally.take();
         }
         if let Some(sr) = self.config.success_rate {
             self.eject_by_success_rate(sr, now, rng, &mut events);
@@ -188,7 +259,7 @@ impl Outliers {
                     let time = base.saturating_mul(e.times).min(max);
                     if now >= at.saturating_add(time) {
                         e.ejected_at = None;
-                        e.consecutive = 0;
+                        e.tally.consecutive.store(0, Relaxed);
                         events.push(Event::Returned { addr: e.addr });
                     }
                 }

@@ -4,6 +4,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use super::*;
+use crate::Code;
 use crate::rng::tests::Top;
 
 fn ep(n: u8) -> SocketAddr {
@@ -157,4 +158,30 @@ fn membership_changes_forget_gone_endpoints_and_keep_the_rest() {
     assert!(o.is_ejected(ep(1)), "kept across the update");
     assert!(!o.is_ejected(ep(2)));
     assert_eq!(o.record(ep(2), true, s(1)), None, "unknown endpoints are ignored");
+}
+
+#[test]
+fn calls_record_into_the_shared_tally_and_the_owner_ejects_on_its_signal() {
+    let mut o = outliers(consecutive(3, 100), 2);
+    let tally = o.tally(ep(1)).expect("a member has a tally");
+    assert!(!tally.record_status(Code::Unavailable));
+    assert!(!tally.record_status(Code::NotFound), "not a listed code: a success, the run restarts");
+    assert!(!tally.record_status(Code::Internal));
+    assert!(!tally.record(true));
+    assert!(tally.record_status(Code::DataLoss), "the third in a row signals");
+    assert_eq!(o.check(s(5)), [Event::Ejected { addr: ep(1), why: Why::ConsecutiveFailures(3), times: 1 }]);
+    assert_eq!(o.check(s(5)), [], "already out");
+    assert!(!tally.record(true) && !tally.record(true));
+    assert!(tally.record(true), "every further run of the threshold signals again, in case the cap refused");
+    o.on_interval(s(10), &mut Top);
+    assert_eq!(o.last_counts(ep(1)), (1, 7));
+    assert_eq!(o.on_interval(s(35), &mut Top), [Event::Returned { addr: ep(1) }]);
+    assert_eq!(tally.consecutive(), 0, "a returning endpoint starts a fresh run");
+}
+
+#[test]
+fn without_consecutive_failures_a_run_never_signals() {
+    let o = outliers(OutlierConfig::default(), 1);
+    let tally = o.tally(ep(1)).unwrap();
+    assert!((0..100).all(|_| !tally.record(true)));
 }
