@@ -138,7 +138,7 @@ impl Tally {
         }
         self.failed.fetch_add(1, Relaxed);
         let run = self.consecutive.fetch_add(1, Relaxed) + 1;
-        self.threshold != 0 && run % self.threshold == 0
+        self.threshold != 0 && run.is_multiple_of(self.threshold)
     }
 
     /// Failures since the last success.
