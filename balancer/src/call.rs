@@ -21,7 +21,7 @@ use tracing::debug;
 use crate::{
     counters::Counters,
     error::Error,
-    pool::{Picked, Pool},
+    pool::{Outcome, Picked, Pool},
     replay::{BoxError, Budget, ReplayBody},
     response::UpstreamBody,
     transport::{self, Failure},
@@ -96,6 +96,8 @@ struct Slot<B> {
     error: Option<String>,
     /// Its request body reader, for the commit.
     reader: usize,
+    /// Where its outcome goes once known (taken when recorded): outlier detection.
+    outcome: Option<Outcome>,
 }
 
 struct Driver<'a, B> {
@@ -230,7 +232,13 @@ where
     fn send(&mut self, send: call::Send) {
         let id = send.attempt;
         if self.slots.len() <= id.0 as usize {
-            self.slots.resize_with(id.0 as usize + 1, || Slot { io: None, reader: 0, response: None, error: None });
+            self.slots.resize_with(id.0 as usize + 1, || Slot {
+                io: None,
+                reader: 0,
+                response: None,
+                error: None,
+                outcome: None,
+            });
         }
         let may_wait = send.wait_until.is_some();
         match self.shared.pool.pick(self.method(), &send.avoid, &send.exclude, may_wait) {
@@ -265,7 +273,9 @@ where
         debug!(addr = %picked.addr, tier = ?picked.tier, attempt = send.previous_attempts + 1, "Sending");
         self.call.on_placed(id, picked.addr, self.now);
         let body = self.body.replay();
-        self.slots[id.0 as usize].reader = body.reader();
+        let slot = &mut self.slots[id.0 as usize];
+        slot.reader = body.reader();
+        slot.outcome = Some(picked.outcome);
         let req = self.head.request(body, &send);
         let fut = async move {
             match picked.upstream.send(req).await {
@@ -313,6 +323,14 @@ where
     }
 
     fn ended(&mut self, id: AttemptId, how: Ended, now: Duration) {
+        // Outlier detection hears every end but those the endpoint is not to blame for.
+        if let Some(outcome) = self.slots[id.0 as usize].outcome.take() {
+            match how {
+                Ended::NotSent | Ended::Refused => {}
+                Ended::Status { code, .. } => outcome.status(code),
+                Ended::Failed { .. } => outcome.lost(),
+            }
+        }
         // Seeded on first use: only a retry's backoff needs randomness.
         let rng = self.rng.get_or_insert_with(SplitMix64::from_entropy);
         self.call.on_ended(id, how, now, rng, self.shared.throttle.as_ref());
@@ -322,7 +340,9 @@ where
         let slot = &mut self.slots[id.0 as usize];
         self.body.commit(slot.reader); // other attempts' readers fail; the buffer goes
         let resp = slot.response.take().unwrap_or_else(|| unreachable!("committed on its response"));
-        resp.map(|b| UpstreamBody::new(b, self.endpoint(id)))
+        // Committed on headers, the status comes in the trailers: the body records it.
+        let outcome = slot.outcome.take();
+        resp.map(|b| UpstreamBody::new(b, self.endpoint(id), outcome))
     }
 
     fn finish(&mut self, how: Finish) -> Result<Response<UpstreamBody>, tonic::Status> {

@@ -103,10 +103,16 @@ where
                 Some(H3 { endpoint: client_endpoint(ca).map_err(Error::H3)?, server_name: s.target.host.clone() })
             }
         };
-        let connector =
-            Connector { protocol: s.protocol, connect_timeout: s.connect_timeout, keepalive: s.keepalive, h3 };
+        let connector = Connector {
+            protocol: s.protocol,
+            connect_timeout: s.connect_timeout,
+            keepalive: s.keepalive,
+            h3,
+            health_service: s.service_config.health_check_service.as_deref().map(Arc::from),
+            authority: s.target.to_string().parse().unwrap_or_else(|_| http::uri::Authority::from_static("localhost")),
+        };
         let discovery = Discovery::new(s.target, s.local_target, s.dns_server)?;
-        let pool = Pool::spawn(discovery, s.resolve_interval, connector);
+        let pool = Pool::spawn(discovery, s.resolve_interval, connector, s.service_config.outlier.clone());
         let counters = Counters::default();
         counters.spawn_reporter(pool.target.clone());
         let throttle = s.service_config.throttling.map(|(max, ratio)| Throttle::new(max, ratio));

@@ -3,17 +3,25 @@
 //! idle timeout 2 s), reconnecting with the jittered [`Backoff`]. In `auto`, HTTP/3 is
 //! tried first, HTTP/2 is the fallback, and HTTP/3 is tried again every 30 s.
 
-use std::{fmt, net::SocketAddr, str::FromStr, sync::Arc, time::Duration};
+use std::{
+    fmt,
+    net::SocketAddr,
+    str::FromStr,
+    sync::{Arc, atomic::AtomicBool},
+    time::Duration,
+};
 
+use futures_util::future::BoxFuture;
 use tokio::{sync::mpsc::UnboundedSender, time::Instant};
 use tracing::{debug, info, warn};
 
 use crate::{
     backoff::Backoff,
+    health::Watch,
     pool::Update,
     replay::BoxError,
     rng::SplitMix64,
-    transport::{self, Connected, h2::KeepAlive},
+    transport::{self, Connected, FromBytes, Upstream, h2::KeepAlive},
 };
 
 /// In `auto`, how long HTTP/3 gets before falling back, and when it is tried again.
@@ -67,6 +75,10 @@ pub(crate) struct Connector {
     /// HTTP/2 ping interval to start with (pinging idle connections too); see [`calmer`].
     pub keepalive: Duration,
     pub h3: Option<H3>,
+    /// `healthCheckConfig.serviceName`: each connection watches this service's health.
+    pub health_service: Option<Arc<str>>,
+    /// The target as an HTTP authority, for the balancer's own requests.
+    pub authority: http::uri::Authority,
 }
 
 /// The longest ping interval [`calmer`] backs off to: what gRPC servers accept by
@@ -112,16 +124,24 @@ impl Connector {
 }
 
 /// Keeps one connection to `addr` up until the membership task aborts it, telling that
-/// task each time the connection comes up or goes away.
+/// task each time the connection comes up or goes away, and, with health checking on,
+/// what each connection's health watch says.
 pub(crate) async fn connect_loop<B>(connector: Arc<Connector>, addr: SocketAddr, updates: UnboundedSender<Update<B>>)
 where
-    B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + FromBytes + Send + Unpin + 'static,
     B::Error: Into<BoxError> + Send,
 {
     let mut backoff = Backoff::default();
     let mut rng = SplitMix64::from_entropy();
     let mut h3_failed = None;
     let mut keepalive = KeepAlive { interval: connector.keepalive, while_idle: true };
+    let watch = connector.health_service.as_ref().map(|service| Watch {
+        addr,
+        service: service.clone(),
+        authority: connector.authority.clone(),
+        updates: updates.clone(),
+    });
+    let told_unimplemented = AtomicBool::new(false);
     let send = |update| updates.send(update).is_ok();
     loop {
         let why = match connector.connect::<B>(addr, keepalive, &mut h3_failed).await {
@@ -131,6 +151,7 @@ where
                 if !send(Update::Connected { addr, upstream: c.upstream.clone() }) {
                     return;
                 }
+                let mut health = watch_health(watch.as_ref(), &c.upstream, &told_unimplemented);
                 loop {
                     // On an HTTP/2 fallback in auto, try HTTP/3 again now and then.
                     let retry_h3 = connector.protocol == Protocol::Auto && c.upstream.protocol() == "h2";
@@ -153,8 +174,10 @@ where
                                     return;
                                 }
                                 c = upgraded; // the HTTP/2 connection drains and closes
+                                health = watch_health(watch.as_ref(), &c.upstream, &told_unimplemented);
                             }
                         }
+                        () = &mut health => {}
                     }
                 }
             }
@@ -165,6 +188,23 @@ where
             return;
         }
         tokio::time::sleep(backoff.next_delay(&mut rng)).await;
+    }
+}
+
+/// The health watch on one connection, or nothing when health checking is off; it
+/// runs for as long as it is polled.
+fn watch_health<'a, B>(
+    watch: Option<&'a Watch<B>>,
+    upstream: &Upstream<B>,
+    told_unimplemented: &'a AtomicBool,
+) -> BoxFuture<'a, ()>
+where
+    B: http_body::Body<Data = bytes::Bytes> + FromBytes + Send + Unpin + 'static,
+    B::Error: Into<BoxError> + Send,
+{
+    match watch {
+        Some(w) => Box::pin(w.run(upstream.clone(), told_unimplemented)),
+        None => Box::pin(std::future::pending()),
     }
 }
 

@@ -7,8 +7,9 @@
 //! [`backoff`], [`rng`], [`frame`], [`duration`]; the call state machine is
 //! `lb_core::call`. This crate is the IO around them:
 //! - [`discover`]: DNS lookups of the target and local-target names (the only DNS IO).
-//! - `pool`: the task that owns membership and connections and publishes the snapshot
-//!   calls pick from; [`connect`] keeps each connection up.
+//! - `pool`: the task that owns membership, connections, health and ejections, and
+//!   publishes the snapshot calls pick from; [`connect`] keeps each connection up;
+//!   `health` watches each connection's `grpc.health.v1` status.
 //! - `transport`: HTTP/2 and HTTP/3 behind one interface: connect, send, and what each
 //!   failure means (not sent, refused, or a status).
 //! - `call`: the driver of one call's state machine; `wire` (pure) reads and writes
@@ -37,6 +38,7 @@ pub mod connect;
 pub mod counters;
 pub mod discover;
 pub mod error;
+mod health;
 mod pool;
 pub mod probe;
 pub mod replay;

@@ -1,9 +1,12 @@
-//! The IO around the pure picker. One task owns membership and connection state: it
-//! applies the [`Update`]s that discovery and the connection tasks ([`crate::connect`])
-//! send it, opens and closes connections, and publishes an immutable [`Snapshot`] after
-//! each change. Calls pick from the latest snapshot without any lock and never wait on
-//! that task. It holds only a `Weak` to the pool, so dropping the last
-//! [`crate::Balancer`] stops everything.
+//! The IO around the pure picker. One task owns membership, connection, health and
+//! ejection state: it applies the [`Update`]s that discovery, the connection tasks
+//! ([`crate::connect`]) and their health watches ([`crate::health`]) send it, runs
+//! outlier detection ([`Outliers`]) every interval and whenever a call signals a run of
+//! failures, opens and closes connections, and publishes an immutable [`Snapshot`] after
+//! each change. Calls pick from the latest snapshot without any lock, record each
+//! attempt's outcome in its endpoint's [`Tally`] (atomics), and never wait on that task.
+//! It holds only a `Weak` to the pool, so dropping the last [`crate::Balancer`] stops
+//! everything.
 
 use std::{
     collections::HashMap,
@@ -13,6 +16,11 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
+use lb_core::{
+    health::Health,
+    outlier::{Event, OutlierConfig, Outliers, Tally, Why},
+    rng::SplitMix64,
+};
 use tokio::{
     sync::{Notify, mpsc, watch},
     task::AbortHandle,
@@ -24,7 +32,7 @@ use crate::{
     connect::{Connector, connect_loop},
     discover::{Discovery, Lookup},
     pick::{Constraints, Cursors, EndpointSet, Pick, Snapshot, Tier},
-    transport::Upstream,
+    transport::{FromBytes, Upstream},
 };
 
 pub(crate) struct Pool<B> {
@@ -33,7 +41,7 @@ pub(crate) struct Pool<B> {
     pub(crate) authority: http::uri::Authority,
     pub(crate) connector: Arc<Connector>,
     /// The ready endpoints as of the last change: what calls pick from.
-    snapshot: ArcSwap<Snapshot<Upstream<B>>>,
+    snapshot: ArcSwap<Snapshot<Handle<B>>>,
     /// Round-robin positions per method, kept across snapshots.
     cursors: Cursors,
     /// Each endpoint and why it is not ready, for error messages.
@@ -44,13 +52,44 @@ pub(crate) struct Pool<B> {
     ready: watch::Sender<usize>,
     /// Asks discovery to resolve now.
     pub(crate) refresh: Arc<Notify>,
+    /// A call's outcome made a run of failures long enough to eject: check now.
+    pub(crate) nudge: Arc<Notify>,
 }
 
+/// What a call gets for an endpoint it picks: the connection, and where its outcome goes.
+pub(crate) struct Handle<B> {
+    upstream: Upstream<B>,
+    tally: Arc<Tally>,
+}
 /// An endpoint picked for an attempt.
 pub(crate) struct Picked<B> {
     pub addr: SocketAddr,
     pub tier: Tier,
     pub upstream: Upstream<B>,
+    pub outcome: Outcome,
+}
+
+/// Where an attempt's outcome goes, once: its endpoint's tally, and a nudge to the
+/// membership task when it makes a run of failures long enough to eject.
+pub(crate) struct Outcome {
+    tally: Arc<Tally>,
+    nudge: Arc<Notify>,
+}
+
+impl Outcome {
+    /// Ended with `code`: a failure if outlier detection lists it.
+    pub(crate) fn status(self, code: lb_core::Code) {
+        if self.tally.record_status(code) {
+            self.nudge.notify_one();
+        }
+    }
+
+    /// Lost (the connection, a reset, a non-gRPC answer): a failure.
+    pub(crate) fn lost(self) {
+        if self.tally.record(true) {
+            self.nudge.notify_one();
+        }
+    }
 }
 
 /// What changes membership or connection state, sent to the task that owns them.
@@ -61,6 +100,8 @@ pub(crate) enum Update<B> {
     Connected { addr: SocketAddr, upstream: Upstream<B> },
     /// The connection to `addr` is gone or could not be made.
     Disconnected { addr: SocketAddr, why: String },
+    /// The health watch on `addr`'s connection answered or ended.
+    Health { addr: SocketAddr, health: Health },
 }
 
 /// Owned by the membership task alone.
@@ -71,11 +112,21 @@ struct State<B> {
     dns_error: Option<String>,
     /// Discovery has answered at least once.
     resolved_once: bool,
+    /// Outcomes and ejections; `detect` says whether the config asked for detection.
+    outliers: Outliers,
+    detect: bool,
+    /// When the pool started: outlier detection's clock counts from it.
+    started: Instant,
+    rng: SplitMix64,
 }
 
 struct Conn<B> {
     send: Option<Upstream<B>>,
     last_error: Option<String>,
+    /// Healthy until a health watch says otherwise; with health checking on, a new
+    /// connection is not until its first SERVING.
+    health: Health,
+    tally: Arc<Tally>,
     task: AbortHandle,
 }
 
@@ -89,14 +140,21 @@ impl<B> Drop for State<B> {
 
 impl<B> Pool<B>
 where
-    B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + FromBytes + Send + Unpin + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send,
 {
     /// Starts discovery and the membership task; connections open as endpoints appear.
-    pub(crate) fn spawn(discovery: Discovery, interval: Duration, connector: Connector) -> Arc<Self> {
+    /// With `outlier`, endpoints are ejected as it says; without, outcomes are only
+    /// counted.
+    pub(crate) fn spawn(
+        discovery: Discovery,
+        interval: Duration,
+        connector: Connector,
+        outlier: Option<OutlierConfig>,
+    ) -> Arc<Self> {
         let target = discovery.target().to_string();
         let pool = Arc::new(Pool {
-            authority: target.parse().unwrap_or_else(|_| http::uri::Authority::from_static("localhost")),
+            authority: connector.authority.clone(),
             target,
             connector: Arc::new(connector),
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
@@ -105,10 +163,20 @@ where
             changed: watch::Sender::new(()),
             ready: watch::Sender::new(0),
             refresh: Arc::new(Notify::new()),
+            nudge: Arc::new(Notify::new()),
         });
         let (updates, rx) = mpsc::unbounded_channel();
         tokio::spawn(discover(updates.clone(), pool.refresh.clone(), discovery, interval));
-        let state = State { set: EndpointSet::default(), conns: HashMap::new(), dns_error: None, resolved_once: false };
+        let state = State {
+            set: EndpointSet::default(),
+            conns: HashMap::new(),
+            dns_error: None,
+            resolved_once: false,
+            detect: outlier.is_some(),
+            outliers: Outliers::new(outlier.unwrap_or_default()),
+            started: Instant::now(),
+            rng: SplitMix64::from_entropy(),
+        };
         tokio::spawn(own(Arc::downgrade(&pool), state, updates, rx));
         pool
     }
@@ -127,7 +195,10 @@ where
         let snapshot = self.snapshot.load();
         let constraints = Constraints { avoid, exclude, may_wait };
         match snapshot.pick_with(&self.cursors, method, &constraints, Instant::now().into_std()) {
-            Pick::Endpoint { addr, tier, handle } => Ok(Picked { addr, tier, upstream: handle.clone() }),
+            Pick::Endpoint { addr, tier, handle } => {
+                let outcome = Outcome { tally: handle.tally.clone(), nudge: self.nudge.clone() };
+                Ok(Picked { addr, tier, upstream: handle.upstream.clone(), outcome })
+            }
             Pick::WaitUntil(t) => Err(Some(Instant::from_std(t))),
             Pick::NoneReady => Err(None),
         }
@@ -169,7 +240,10 @@ where
     }
 
     fn publish(&self, st: &State<B>) {
-        let snapshot = st.set.snapshot(|addr| st.conns.get(&addr).and_then(|c| c.send.clone()));
+        let snapshot = st.set.snapshot(|addr| {
+            let conn = st.conns.get(&addr)?;
+            Some(Handle { upstream: conn.send.clone()?, tally: conn.tally.clone() })
+        });
         self.snapshot.store(Arc::new(snapshot));
         self.status.store(Arc::new(st.describe()));
         self.ready.send_if_modified(|n| std::mem::replace(n, st.set.ready_count()) != *n);
@@ -179,7 +253,7 @@ where
 
 impl<B> State<B>
 where
-    B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + FromBytes + Send + Unpin + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send,
 {
     fn describe(&self) -> String {
@@ -192,7 +266,11 @@ where
         for (addr, local) in self.set.addrs() {
             let place = if local { "local" } else { "remote" };
             let why = match self.conns.get(&addr) {
-                Some(c) if c.send.is_some() => "ready",
+                Some(c) if c.send.is_some() => match &c.health {
+                    Health::Unhealthy(why) => why.as_str(),
+                    Health::Healthy if self.outliers.is_ejected(addr) => "ejected",
+                    Health::Healthy => "ready",
+                },
                 Some(Conn { last_error: Some(e), .. }) => e.as_str(),
                 _ => "connecting",
             };
@@ -217,6 +295,7 @@ where
                 }
                 self.resolved_once = true;
                 let changes = self.set.apply(&resolved, Instant::now().into_std());
+                self.outliers.sync(&resolved.all);
                 for addr in changes.removed {
                     info!(%addr, "Removing endpoint");
                     if let Some(conn) = self.conns.remove(&addr) {
@@ -227,25 +306,105 @@ where
                     let local = resolved.local.contains(&addr);
                     info!(%addr, local, "Adding endpoint");
                     let task = tokio::spawn(connect_loop(pool.connector.clone(), addr, updates.clone()));
-                    self.conns.insert(addr, Conn { send: None, last_error: None, task: task.abort_handle() });
+                    let tally = self.outliers.tally(addr).unwrap_or_else(|| unreachable!("synced above"));
+                    let health = Health::Healthy;
+                    self.conns
+                        .insert(addr, Conn { send: None, last_error: None, health, tally, task: task.abort_handle() });
                 }
                 debug!(endpoints = self.set.len(), local = resolved.local.len(), "Membership updated");
             }
             Update::Connected { addr, upstream } => {
                 let Some(conn) = self.conns.get_mut(&addr) else { return false };
+                // A new connection waits for its first SERVING (A17); one replacing a
+                // live connection (HTTP/3 taking over) keeps the health known so far.
+                if pool.connector.health_service.is_some() && conn.send.is_none() {
+                    conn.health = Health::Unhealthy("waiting for the first health answer".to_owned());
+                }
                 conn.send = Some(upstream);
                 conn.last_error = None;
-                self.set.set_ready(addr, true);
+                self.sync_ready(addr);
             }
             Update::Disconnected { addr, why } => {
                 let Some(conn) = self.conns.get_mut(&addr) else { return false };
                 conn.send = None;
                 conn.last_error = Some(why);
-                self.set.set_ready(addr, false);
+                self.sync_ready(addr);
                 pool.refresh.notify_one(); // the endpoint may have moved: resolve now
+            }
+            Update::Health { addr, health } => {
+                let Some(conn) = self.conns.get_mut(&addr) else { return false };
+                if conn.health == health {
+                    return false;
+                }
+                match &health {
+                    Health::Healthy => info!(%addr, "Endpoint healthy (SERVING)"),
+                    Health::Unhealthy(why) => warn!(%addr, %why, "Endpoint unhealthy; taking it out of rotation"),
+                }
+                conn.health = health;
+                self.sync_ready(addr);
             }
         }
         true
+    }
+
+    /// Picked only with a connection up and a healthy answer.
+    fn sync_ready(&mut self, addr: SocketAddr) {
+        if let Some(c) = self.conns.get(&addr) {
+            self.set.set_ready(addr, c.send.is_some() && c.health == Health::Healthy);
+        }
+    }
+
+    /// Since the pool started: outlier detection's clock.
+    fn now(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// A call signalled a run of failures: eject what the run calls for.
+    fn check_outliers(&mut self) -> bool {
+        let now = self.now();
+        let events = self.outliers.check(now);
+        self.apply_events(events)
+    }
+
+    /// The interval passed: detection by success rate and failure percentage, returns.
+    fn outlier_interval(&mut self) -> bool {
+        let now = self.now();
+        let events = self.outliers.on_interval(now, &mut self.rng);
+        self.apply_events(events)
+    }
+
+    fn apply_events(&mut self, events: Vec<Event>) -> bool {
+        let changed = !events.is_empty();
+        let config = self.outliers.config();
+        for event in events {
+            match event {
+                Event::Ejected { addr, why, times } => {
+                    let time = config
+                        .base_ejection_time
+                        .saturating_mul(times)
+                        .min(config.max_ejection_time.max(config.base_ejection_time));
+                    let (ok, failed) = self.outliers.last_counts(addr);
+                    let reason = match why {
+                        Why::ConsecutiveFailures(n) => format!("{n} failures in a row"),
+                        Why::SuccessRate { rate, threshold } => format!(
+                            "success rate {:.1} % under {:.1} % ({ok} ok, {failed} failed last interval)",
+                            f64::from(rate) / 10.0,
+                            f64::from(threshold) / 10.0
+                        ),
+                        Why::FailurePercentage(p) => {
+                            format!("{p} % of calls failed ({ok} ok, {failed} failed last interval)")
+                        }
+                    };
+                    warn!(%addr, %reason, times, for_ms = time.as_millis() as u64, "Ejecting endpoint (outlier detection)");
+                    self.set.set_ejected(addr, true);
+                }
+                Event::Returned { addr } => {
+                    info!(%addr, "Endpoint back from ejection");
+                    self.set.set_ejected(addr, false);
+                }
+            }
+        }
+        changed
     }
 }
 
@@ -257,16 +416,29 @@ async fn own<B>(
     updates: mpsc::UnboundedSender<Update<B>>,
     mut rx: mpsc::UnboundedReceiver<Update<B>>,
 ) where
-    B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + FromBytes + Send + Unpin + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send,
 {
-    while let Some(update) = rx.recv().await {
-        let Some(pool) = pool.upgrade() else { return };
-        let mut changed = state.apply(update, &pool, &updates);
-        while let Ok(more) = rx.try_recv() {
-            changed |= state.apply(more, &pool, &updates);
-        }
+    let Some(nudge) = pool.upgrade().map(|p| p.nudge.clone()) else { return };
+    let period = state.outliers.config().interval;
+    let mut interval = tokio::time::interval_at(state.started + period, period);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let changed = tokio::select! {
+            update = rx.recv() => {
+                let Some(update) = update else { return };
+                let Some(pool) = pool.upgrade() else { return };
+                let mut changed = state.apply(update, &pool, &updates);
+                while let Ok(more) = rx.try_recv() {
+                    changed |= state.apply(more, &pool, &updates);
+                }
+                changed
+            }
+            () = nudge.notified() => state.check_outliers(),
+            _ = interval.tick(), if state.detect => state.outlier_interval(),
+        };
         if changed {
+            let Some(pool) = pool.upgrade() else { return };
             pool.publish(&state);
         }
     }

@@ -40,7 +40,8 @@ pub struct ReplayBody<B> {
 }
 
 struct Shared<B> {
-    source: B,
+    /// The caller's body; `None` for a [`ReplayBody::fixed`] one.
+    source: Option<B>,
     /// Data frames `offset..offset + chunks.len()` of the stream; a unary request's one
     /// frame (or two) is kept inline.
     chunks: SmallVec<[Bytes; 2]>,
@@ -101,7 +102,7 @@ impl<B> ReplayBody<B> {
     /// `max_message`.
     pub fn new(source: B, limit: usize, max_message: u32, budget: Budget) -> Self {
         let shared = Shared {
-            source,
+            source: Some(source),
             chunks: SmallVec::new(),
             offset: 0,
             buffered: 0,
@@ -113,6 +114,28 @@ impl<B> ReplayBody<B> {
             source_done: false,
             trailers: None,
             frames: FrameScan::new(max_message),
+            too_large: None,
+            waiters: Vec::new(),
+        };
+        ReplayBody { shared: Arc::new(Mutex::new(shared)), reader: 0, pos: 0, finished: false }
+    }
+
+    /// A body of `data` alone, for the balancer's own requests (health checks). It
+    /// takes nothing from any budget.
+    pub fn fixed(data: Bytes) -> Self {
+        let shared = Shared {
+            source: None,
+            chunks: smallvec::smallvec![data],
+            offset: 0,
+            buffered: 0,
+            limit: 0,
+            budget: Budget::new(0),
+            replay_lost: false,
+            committed: None,
+            readers: 0,
+            source_done: true,
+            trailers: None,
+            frames: FrameScan::new(u32::MAX),
             too_large: None,
             waiters: Vec::new(),
         };
@@ -228,7 +251,11 @@ where
             this.finished = true;
             return Poll::Ready(s.trailers.clone().map(|t| Ok(Frame::trailers(t))));
         }
-        let polled = Pin::new(&mut s.source).poll_frame(cx);
+        let Some(source) = s.source.as_mut() else {
+            this.finished = true; // a fixed body has no source: it is done
+            return Poll::Ready(None);
+        };
+        let polled = Pin::new(source).poll_frame(cx);
         let Poll::Ready(polled) = polled else {
             if !s.waiters.iter().any(|w| w.will_wake(cx.waker())) {
                 s.waiters.push(cx.waker().clone());
@@ -276,7 +303,9 @@ where
         }
         let s = self.lock();
         let drained = self.pos >= s.offset + s.chunks.len();
-        drained && ((s.source_done && s.trailers.is_none()) || (!s.source_done && s.source.is_end_stream()))
+        drained
+            && ((s.source_done && s.trailers.is_none())
+                || (!s.source_done && s.source.as_ref().is_none_or(Body::is_end_stream)))
     }
 }
 
@@ -428,5 +457,14 @@ mod tests {
         body.commit(behind.reader());
         assert!(ahead.frame().await.unwrap().is_err(), "the other attempt gets nothing more");
         assert_eq!(read_all(behind).await.unwrap().0, b"abcd");
+    }
+
+    #[tokio::test]
+    async fn a_fixed_body_is_its_data_then_the_end_for_every_reader() {
+        let body = ReplayBody::<Frames>::fixed(Bytes::from_static(b"xyz"));
+        let again = body.replay();
+        assert!(!body.is_end_stream());
+        assert_eq!(read_all(body).await.unwrap(), (b"xyz".to_vec(), None));
+        assert_eq!(read_all(again).await.unwrap().0, b"xyz");
     }
 }

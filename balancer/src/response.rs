@@ -1,7 +1,9 @@
 //! The response body handed back to callers: the endpoint's body, except that losing
 //! the endpoint mid-response ends it with a status in trailers instead of a reset:
 //! UNAVAILABLE for a lost connection, a reset's code mapped as gRPC's PROTOCOL-HTTP2
-//! says, naming the endpoint.
+//! says, naming the endpoint. The status in the trailers (or the loss) is the
+//! attempt's outcome for outlier detection; a caller that drops the body early records
+//! nothing (its own cancellation is not the endpoint's failure).
 
 use std::{
     net::SocketAddr,
@@ -12,15 +14,18 @@ use std::{
 use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame};
+use lb_core::Code;
 use tonic::Status;
 
-use crate::{code::to_tonic, replay::BoxError, transport};
+use crate::{code::to_tonic, pool::Outcome, replay::BoxError, transport};
 
 pub struct UpstreamBody {
     inner: transport::Body,
     addr: SocketAddr,
     /// The trailers were synthesized; the body is over.
     done: bool,
+    /// Where the status goes when it arrives; `None` once recorded (or never wanted).
+    outcome: Option<Outcome>,
 }
 
 impl std::fmt::Debug for UpstreamBody {
@@ -30,8 +35,8 @@ impl std::fmt::Debug for UpstreamBody {
 }
 
 impl UpstreamBody {
-    pub(crate) fn new(inner: transport::Body, addr: SocketAddr) -> Self {
-        UpstreamBody { inner, addr, done: false }
+    pub(crate) fn new(inner: transport::Body, addr: SocketAddr, outcome: Option<Outcome>) -> Self {
+        UpstreamBody { inner, addr, done: false, outcome }
     }
 }
 
@@ -46,14 +51,31 @@ impl Body for UpstreamBody {
         match ready!(self.inner.poll_frame(cx)) {
             Some(Err((code, error))) => {
                 self.done = true;
+                if let Some(o) = self.outcome.take() {
+                    o.lost();
+                };
                 let status =
                     Status::new(to_tonic(code), format!("upstream {} failed mid-response: {error}", self.addr));
                 let mut trailers = HeaderMap::new();
                 status.add_header(&mut trailers).map_err(|e| Box::new(e) as BoxError)?;
                 Poll::Ready(Some(Ok(Frame::trailers(trailers))))
             }
-            Some(Ok(frame)) => Poll::Ready(Some(Ok(frame))),
-            None => Poll::Ready(None),
+            Some(Ok(frame)) => {
+                if let Some(trailers) = frame.trailers_ref() {
+                    let code = trailers.get("grpc-status").map_or(Code::Internal, |c| Code::from_header(c.as_bytes()));
+                    if let Some(o) = self.outcome.take() {
+                        o.status(code);
+                    };
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            None => {
+                // Over without trailers: no status, which gRPC calls INTERNAL.
+                if let Some(o) = self.outcome.take() {
+                    o.status(Code::Internal);
+                };
+                Poll::Ready(None)
+            }
         }
     }
 

@@ -92,6 +92,10 @@ pub struct Config {
     pub delay: Duration,
     /// Serve HTTP/3 with this QUIC config.
     pub h3: Option<quinn::ServerConfig>,
+    /// True while the replica is sick: health says NOT_SERVING and calls fail with
+    /// UNAVAILABLE, as a replica whose own dependency is down would do. The binary
+    /// toggles it on SIGUSR1.
+    pub sick: tokio::sync::watch::Receiver<bool>,
 }
 
 impl TryFrom<ServeArgs> for Config {
@@ -111,6 +115,7 @@ impl TryFrom<ServeArgs> for Config {
             fail_pushback_ms: a.fail_pushback_ms,
             delay: Duration::from_millis(a.delay_ms),
             h3,
+            sick: tokio::sync::watch::channel(false).1,
         })
     }
 }

@@ -42,10 +42,14 @@ impl Greeter {
         }
     }
 
-    /// Waits `--delay-ms`, then fails this call with `--fail-code` at `--fail-rate`.
+    /// Waits `--delay-ms`, then fails this call with `--fail-code` at `--fail-rate`, or
+    /// with UNAVAILABLE while sick.
     async fn inject(&self) -> Result<(), Status> {
         if !self.cfg.delay.is_zero() {
             tokio::time::sleep(self.cfg.delay).await;
+        }
+        if *self.cfg.sick.borrow() {
+            return Err(Status::unavailable(format!("server {} is sick (NOT_SERVING)", self.cfg.name)));
         }
         if self.cfg.fail_rate > 0.0 && fastrand::f64() < self.cfg.fail_rate {
             let mut md = MetadataMap::new();

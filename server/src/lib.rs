@@ -53,6 +53,16 @@ pub async fn run_with_routes(
     let drain_timeout = cfg.drain_timeout;
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<HelloServiceServer<Greeter>>().await;
+    let sick_reporter = reporter.clone();
+    let mut sick = cfg.sick.clone();
+    let sickness = tokio::spawn(async move {
+        while sick.changed().await.is_ok() {
+            let status = if *sick.borrow_and_update() { ServingStatus::NotServing } else { ServingStatus::Serving };
+            warn!(?status, "Health changed by SIGUSR1");
+            sick_reporter.set_service_status("", status).await;
+            sick_reporter.set_service_status("hello.HelloService", status).await;
+        }
+    });
     let (draining_tx, draining_rx) = watch::channel(false);
     let mut cfg = cfg;
     let cfg_h3 = cfg.h3.take();
@@ -96,6 +106,7 @@ pub async fn run_with_routes(
         () = shutdown => {}
     }
     info!(drain_timeout_ms = drain_timeout.as_millis() as u64, "Draining");
+    sickness.abort();
     reporter.set_not_serving::<HelloServiceServer<Greeter>>().await;
     reporter.set_service_status("", ServingStatus::NotServing).await;
     let _ = draining_tx.send(true);

@@ -26,9 +26,28 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         None => {}
     }
-    let cfg = Config::try_from(args.serve.clone()).context("--tls-cert/--tls-key")?;
+    let mut cfg = Config::try_from(args.serve.clone()).context("--tls-cert/--tls-key")?;
+    cfg.sick = toggle_on_sigusr1();
     let listener = tokio::net::TcpListener::bind(args.serve.listen)
         .await
         .with_context(|| format!("binding --listen {}", args.serve.listen))?;
     server::run(cfg, listener, balancer::signal::terminate()).await
+}
+
+/// SIGUSR1 makes the replica sick (health NOT_SERVING, calls UNAVAILABLE); the next one
+/// makes it well again. `docker kill --signal USR1` works on images without a shell.
+fn toggle_on_sigusr1() -> tokio::sync::watch::Receiver<bool> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    match signal(SignalKind::user_defined1()) {
+        Ok(mut usr1) => {
+            tokio::spawn(async move {
+                while usr1.recv().await.is_some() {
+                    tx.send_modify(|sick| *sick = !*sick);
+                }
+            });
+        }
+        Err(e) => tracing::warn!(error = %e, "No SIGUSR1 handler; the replica cannot be made sick"),
+    }
+    rx
 }

@@ -16,6 +16,7 @@ pub struct Replica {
     pub echo: Arc<EchoCounts>,
     stop: Option<oneshot::Sender<()>>,
     kill: Option<oneshot::Sender<()>>,
+    sick: tokio::sync::watch::Sender<bool>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -54,7 +55,9 @@ impl Replica {
 
     /// Starts serving on `addr` and returns once the listener is bound.
     pub fn start_with(addr: SocketAddr, name: &str, node: &str, faults: Faults) -> Replica {
+        let (sick, sick_rx) = tokio::sync::watch::channel(false);
         let cfg = Config {
+            sick: sick_rx,
             name: name.to_owned(),
             node: node.to_owned(),
             drain_timeout: faults.drain_timeout,
@@ -98,8 +101,15 @@ impl Replica {
             echo: counts,
             stop: Some(stop_tx),
             kill: Some(kill_tx),
+            sick,
             thread: Some(thread),
         }
+    }
+
+    /// Makes the replica sick (health NOT_SERVING, calls UNAVAILABLE) or well, as the
+    /// binary's SIGUSR1 does.
+    pub fn set_sick(&self, sick: bool) {
+        self.sick.send_replace(sick);
     }
 
     /// Signals a graceful drain, like SIGTERM, without waiting for it to finish.

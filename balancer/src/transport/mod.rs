@@ -20,6 +20,18 @@ use tokio::sync::oneshot;
 
 use crate::replay::BoxError;
 
+/// A request body the balancer can make from bytes, for its own requests on a
+/// connection (health checks).
+pub(crate) trait FromBytes {
+    fn from_bytes(data: Bytes) -> Self;
+}
+
+impl<B> FromBytes for crate::replay::ReplayBody<B> {
+    fn from_bytes(data: Bytes) -> Self {
+        crate::replay::ReplayBody::fixed(data)
+    }
+}
+
 /// A connection that can take requests. Cheap to clone.
 pub(crate) enum Upstream<B> {
     H2(hyper::client::conn::http2::SendRequest<B>),
