@@ -9,6 +9,7 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering::Relaxed},
     },
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -28,6 +29,12 @@ use crate::{
     transport::{FromBytes, Upstream},
     wire::Head,
 };
+
+/// The wait before re-opening a broken watch: doubling from the first, up to the
+/// last, starting over once a stream has answered. A replica that closes its watch in
+/// a loop is asked at most every 10 s.
+const REOPEN_BASE: Duration = Duration::from_millis(100);
+const REOPEN_MAX: Duration = Duration::from_secs(10);
 
 /// What one connection's watch needs.
 pub(crate) struct Watch<B> {
@@ -54,7 +61,7 @@ where
     /// `told_unimplemented` is kept across connections so a replica without the health
     /// service is logged once.
     pub(crate) async fn run(&self, upstream: Upstream<B>, told_unimplemented: &AtomicBool) {
-        let mut backoff = Backoff::default();
+        let mut backoff = Backoff::new(REOPEN_BASE, REOPEN_MAX);
         let mut rng = SplitMix64::from_entropy();
         loop {
             let end = self.stream(&upstream).await;

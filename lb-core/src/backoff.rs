@@ -7,27 +7,41 @@ use std::time::Duration;
 
 use crate::rng::Rng;
 
-/// Delays of `d/2 + random(0..=d/2)` where `d = min(BASE · 2^n, MAX)`.
-#[derive(Debug, Clone, Default)]
+/// Delays of `d/2 + random(0..=d/2)` where `d = min(base · 2^n, max)`; by default
+/// `base` is [`Backoff::BASE`] and `max` [`Backoff::MAX`], the reconnect delays.
+#[derive(Debug, Clone)]
 pub struct Backoff {
     /// Failures since the last successful connection.
     failures: u32,
+    base: Duration,
+    max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff::new(Self::BASE, Self::MAX)
+    }
 }
 
 impl Backoff {
     pub const BASE: Duration = Duration::from_millis(10);
     pub const MAX: Duration = Duration::from_millis(200);
 
+    /// Other delays than reconnecting's, e.g. re-opening a health watch.
+    pub fn new(base: Duration, max: Duration) -> Self {
+        Backoff { failures: 0, base, max }
+    }
+
     /// The wait before the next attempt; each call counts one more failure.
     pub fn next_delay(&mut self, rng: &mut impl Rng) -> Duration {
-        let exp = Self::BASE.saturating_mul(1 << self.failures.min(16));
-        let d = exp.min(Self::MAX);
+        let exp = self.base.saturating_mul(1 << self.failures.min(16));
+        let d = exp.min(self.max);
         self.failures = self.failures.saturating_add(1);
         let half = d.as_micros() as u64 / 2;
         Duration::from_micros(half + rng.below(half + 1))
     }
 
-    /// A connection succeeded: start again from [`Backoff::BASE`].
+    /// A connection succeeded: start again from the base.
     pub fn reset(&mut self) {
         self.failures = 0;
     }
@@ -66,6 +80,13 @@ mod tests {
             let full = (Backoff::BASE * (1 << n.min(16))).min(Backoff::MAX);
             assert!(d >= full / 2 && d <= full, "{n}: {d:?} outside {full:?}");
         }
+    }
+
+    #[test]
+    fn other_bounds_for_other_waits() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        let ms: Vec<u128> = (0..6).map(|_| b.next_delay(&mut Top).as_millis()).collect();
+        assert_eq!(ms, [100, 200, 400, 800, 1000, 1000]);
     }
 
     #[test]
