@@ -259,11 +259,14 @@ extra_replica() {
     --tls-cert /certs/cert.pem --tls-key /certs/key.pem >/dev/null
 }
 
-# An extra node-a proxy on PORT with an optional service config file.
+# An extra node-a proxy on PORT with an optional service config file and ENV=VALUE
+# settings: `extra_proxy NAME PORT [CONFIG [ENV=VALUE...]]`.
 extra_proxy() {
   local name=$1 port=$2 config=${3:-}
+  shift 3 2>/dev/null || shift $#
   local args=()
   [ -n "$config" ] && args=(-v "$PWD/$config:/etc/lb/config.json:ro" -e PROXY_SERVICE_CONFIG=/etc/lb/config.json)
+  for e in "$@"; do args+=(-e "$e"); done
   docker run -d --rm --name "${COMPOSE_PROJECT_NAME}_$name" --network "${COMPOSE_PROJECT_NAME}_cluster" \
     --label "com.docker.compose.project=$COMPOSE_PROJECT_NAME" -p "$port:50050" \
     -v "${COMPOSE_PROJECT_NAME}_certs:/certs:ro" -e PROXY_CA_CERT=/certs/ca.pem \
@@ -317,6 +320,18 @@ demo_hedging() {
   extra_proxy proxy-hedging 50071 config/hedging.json
   sleep 2
   compare "retry only" "$PROXY_PORT" "hedging 20 ms" 50071 hedging
+}
+
+demo_outlier() {
+  need_docker
+  wait_healthy proxy
+  say "outlier detection and health checking: a failing, a hung and a NOT_SERVING node-a replica"
+  trap "remove_extras ${COMPOSE_PROJECT_NAME}_proxy-plain ${COMPOSE_PROJECT_NAME}_proxy-detect ${COMPOSE_PROJECT_NAME}_failing ${COMPOSE_PROJECT_NAME}_hung ${COMPOSE_PROJECT_NAME}_sick" EXIT
+  # Without: no service config (no health check, no ejection) and a 5-minute keepalive.
+  extra_proxy proxy-plain 50072 "" PROXY_KEEPALIVE_INTERVAL=300s
+  # With: config/outlier.json (health check, ejection after 5 failures) and the 1 s keepalive.
+  extra_proxy proxy-detect 50073 config/outlier.json
+  python3 scripts/demo_outlier.py "$COMPOSE_PROJECT_NAME" "$CLIENT" "${RATE:-100}" "${SCENARIOS:-failing,hung,sick}"
 }
 
 down() {

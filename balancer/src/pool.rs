@@ -317,15 +317,26 @@ where
                 let Some(conn) = self.conns.get_mut(&addr) else { return false };
                 // A new connection waits for its first SERVING (A17); one replacing a
                 // live connection (HTTP/3 taking over) keeps the health known so far.
-                if pool.connector.health_service.is_some() && conn.send.is_none() {
+                let fresh = conn.send.is_none();
+                if fresh && conn.last_error.is_some() {
+                    info!(%addr, protocol = upstream.protocol(), "Endpoint reconnected");
+                }
+                if pool.connector.health_service.is_some() && fresh {
                     conn.health = Health::Unhealthy("waiting for the first health answer".to_owned());
                 }
                 conn.send = Some(upstream);
                 conn.last_error = None;
                 self.sync_ready(addr);
+                if fresh && self.outliers.reconnected(addr).is_some() {
+                    info!(%addr, "Endpoint reconnected after losing its connection; its ejection ends");
+                    self.set.set_ejected(addr, false);
+                }
             }
             Update::Disconnected { addr, why } => {
                 let Some(conn) = self.conns.get_mut(&addr) else { return false };
+                if conn.send.is_some() {
+                    warn!(%addr, %why, "Connection lost; endpoint out of rotation until it reconnects");
+                }
                 conn.send = None;
                 conn.last_error = Some(why);
                 self.sync_ready(addr);

@@ -8,14 +8,14 @@ use std::{
         Arc,
         atomic::{AtomicUsize, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use balancer::{Balancer, Settings, retry::ServiceConfig};
 use http::Response;
 use proto::{HelloRequest, hello_service_client::HelloServiceClient, hello_service_server::HelloServiceServer};
 use testkit::{Dns, Replica, Subnet};
-use tokio::{net::TcpListener, sync::watch};
+use tokio::{net::TcpListener, sync::watch, time::Instant};
 
 type Channel = Balancer<tonic::body::Body>;
 
