@@ -40,7 +40,14 @@ RETRY = """{"methodConfig":[{"name":[{}],"retryPolicy":{"maxAttempts":4,"initial
 "maxBackoff":"0.01s","backoffMultiplier":1,"retryableStatusCodes":["UNAVAILABLE"]}}]}"""
 HEDGING = """{"methodConfig":[{"name":[{}],"hedgingPolicy":{"maxAttempts":2,"hedgingDelay":"0.5s",
 "nonFatalStatusCodes":["UNAVAILABLE"]}}]}"""
-CONFIGS = {"none": None, "retry": RETRY, "hedging": HEDGING}
+# Retries with health checking and ejection on: the grpcio servers have no health
+# service, so their Watch answers UNIMPLEMENTED and they count as healthy.
+DETECT = """{"healthCheckConfig":{"serviceName":"interop.Interop"},
+"loadBalancingConfig":[{"outlier_detection":{"interval":"1s","baseEjectionTime":"1s",
+"maxEjectionPercent":50,"consecutiveFailures":{"threshold":5},"childPolicy":[{"round_robin":{}}]}}],
+"methodConfig":[{"name":[{}],"retryPolicy":{"maxAttempts":4,"initialBackoff":"0.01s",
+"maxBackoff":"0.01s","backoffMultiplier":1,"retryableStatusCodes":["UNAVAILABLE"]}}]}"""
+CONFIGS = {"none": None, "retry": RETRY, "hedging": HEDGING, "detect": DETECT}
 
 
 class Setup(Exception):

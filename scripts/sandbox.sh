@@ -331,7 +331,7 @@ demo_outlier() {
   extra_proxy proxy-plain 50072 "" PROXY_KEEPALIVE_INTERVAL=300s
   # With: config/outlier.json (health check, ejection after 5 failures) and the 1 s keepalive.
   extra_proxy proxy-detect 50073 config/outlier.json
-  python3 scripts/demo_outlier.py "$COMPOSE_PROJECT_NAME" "$CLIENT" "${RATE:-100}" "${SCENARIOS:-failing,hung,sick}"
+  python3 scripts/demo_outlier.py "$COMPOSE_PROJECT_NAME" "$CLIENT" "${RATE:-100}" "${SCENARIOS:-failing,hung,sick}" "$PROXY_PORT"
 }
 
 down() {

@@ -42,7 +42,7 @@ pub struct Settings {
     pub resolve_interval: Duration,
     /// Bounds each TCP connect, and how long a call without a deadline waits.
     pub connect_timeout: Duration,
-    /// HTTP/2 ping interval to each endpoint (a silent one is dropped 1 s after a
+    /// HTTP/2 ping interval to each endpoint (a silent one is dropped 750 ms after a
     /// missed ping); doubled for an endpoint that answers GOAWAY too_many_pings.
     pub keepalive: Duration,
     /// Request bytes kept per call so it can be replayed or retried elsewhere.
@@ -111,6 +111,20 @@ where
             health_service: s.service_config.health_check_service.as_deref().map(Arc::from),
             authority: s.target.to_string().parse().unwrap_or_else(|_| http::uri::Authority::from_static("localhost")),
         };
+        if let Some(service) = &s.service_config.health_check_service {
+            tracing::info!(service = %service, "Health checking every endpoint (grpc.health.v1.Health/Watch)");
+        }
+        if let Some(o) = &s.service_config.outlier {
+            tracing::info!(
+                consecutive_failures = ?o.consecutive_failures,
+                success_rate = o.success_rate.is_some(),
+                failure_percentage = o.failure_percentage.is_some(),
+                interval_ms = o.interval.as_millis() as u64,
+                base_ejection_ms = o.base_ejection_time.as_millis() as u64,
+                max_ejection_percent = o.max_ejection_percent,
+                "Outlier detection on"
+            );
+        }
         let discovery = Discovery::new(s.target, s.local_target, s.dns_server)?;
         let pool = Pool::spawn(discovery, s.resolve_interval, connector, s.service_config.outlier.clone());
         let counters = Counters::default();

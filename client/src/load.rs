@@ -245,6 +245,8 @@ fn to_json(s: &mut Stats, elapsed: Duration, conn: &Conn) -> serde_json::Value {
             "p99": s.latencies.quantile_ms(0.99),
             "max": s.latencies.quantile_ms(1.0),
         },
+        // Successful calls slower than a second: hurt, if not failed.
+        "slow_over_1s": s.latencies.over(Duration::from_secs(1)),
         "replicas": replicas,
         "nodes": per_node(&s.replicas),
         "phases": phases,

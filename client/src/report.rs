@@ -11,6 +11,12 @@ impl Latencies {
         self.0.push(d.as_micros() as u64);
     }
 
+    /// How many took longer than `limit`.
+    pub fn over(&self, limit: Duration) -> usize {
+        let limit = limit.as_micros() as u64;
+        self.0.iter().filter(|&&us| us > limit).count()
+    }
+
     /// The `q` quantile (0.0..=1.0) by nearest rank, in milliseconds.
     pub fn quantile_ms(&mut self, q: f64) -> f64 {
         if self.0.is_empty() {

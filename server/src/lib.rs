@@ -24,9 +24,13 @@ use tracing::{info, warn};
 pub use config::{Args, Config};
 use greeter::Greeter;
 
-/// Serves until `shutdown` resolves, then drains: health turns NOT_SERVING, HTTP/2
-/// GOAWAY goes out, unbounded streams end with UNAVAILABLE, and other calls get
-/// `drain_timeout` to finish before the connections are closed.
+/// How long a draining replica says NOT_SERVING before it sends GOAWAY.
+pub const HEALTH_NOTICE: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Serves until `shutdown` resolves, then drains: health turns NOT_SERVING, and
+/// [`HEALTH_NOTICE`] later HTTP/2 GOAWAY goes out, unbounded streams end with
+/// UNAVAILABLE, and other calls get `drain_timeout` to finish before the connections
+/// are closed.
 pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     run_with_routes(cfg, listener, shutdown, Routes::default()).await
 }
@@ -109,6 +113,9 @@ pub async fn run_with_routes(
     sickness.abort();
     reporter.set_not_serving::<HelloServiceServer<Greeter>>().await;
     reporter.set_service_status("", ServingStatus::NotServing).await;
+    // Balancers watching health stop picking this replica now; give them that long
+    // before the GOAWAY, so new calls go elsewhere instead of being refused.
+    tokio::time::sleep(HEALTH_NOTICE).await;
     let _ = draining_tx.send(true);
     let _ = stop_tx.send(());
     match tokio::time::timeout(drain_timeout, serve).await {

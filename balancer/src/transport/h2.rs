@@ -1,5 +1,5 @@
 //! HTTP/2 over TCP: the connection (keepalive pings every `--keepalive-interval`, a
-//! silent peer dropped 1 s after a missed ping), sending, and what each failure means
+//! silent peer dropped 750 ms after a missed ping), sending, and what each failure means
 //! for gRPC (PROTOCOL-HTTP2's mapping of RST_STREAM codes; a stream above a remote
 //! GOAWAY was refused).
 
@@ -15,9 +15,10 @@ use tokio::{net::TcpStream, sync::oneshot};
 use super::{Body, Connected, ConnectionEnd, Failure, Upstream};
 use crate::replay::BoxError;
 
-/// How long a ping may go unanswered: a silent peer is noticed one interval plus this
-/// after its last word.
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a ping may go unanswered: a silent peer (a hung replica, a dead node) is
+/// noticed one interval plus this after its last word, 1.75 s with the default 1 s
+/// interval. A ping's round trip inside a cluster takes well under a millisecond.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_millis(750);
 
 /// How often to ping a connection, and whether also while no call is open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
