@@ -217,7 +217,7 @@ def run(args, procs: Processes, work: str) -> dict[str, list[tuple[str, bool, st
     dns = Dns(f"{subnet}.250", {NAME: [f"{subnet}.1", f"{subnet}.2"]})
     try:
         return {
-            config: through_proxy(args, procs, work, config, f"{subnet}.200:{50050 + i}", dns.addr)
+            config: through_proxy(args, procs, work, config, f"{subnet}.200:{50180 + i}", dns.addr)
             for i, config in enumerate(args.config)
         }
     finally:

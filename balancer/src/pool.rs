@@ -348,7 +348,7 @@ where
                     return false;
                 }
                 match &health {
-                    Health::Healthy => info!(%addr, "Endpoint healthy (SERVING)"),
+                    Health::Healthy => info!(%addr, "Endpoint healthy"),
                     Health::Unhealthy(why) => warn!(%addr, %why, "Endpoint unhealthy; taking it out of rotation"),
                 }
                 conn.health = health;

@@ -238,6 +238,16 @@ impl Outliers {
             .then(|| self.eject(i, Why::ConsecutiveFailures(run), now))
     }
 
+    /// `addr` connected again after its connection was lost: a replica that went away
+    /// and came back (restarted) starts over, so an ejection ends now. The multiplier
+    /// stays: one that keeps failing is ejected for longer next time.
+    pub fn reconnected(&mut self, addr: SocketAddr) -> Option<Event> {
+        let i = self.find(addr)?;
+        let e = &mut self.endpoints[i];
+        e.tally.consecutive.store(0, Relaxed);
+        e.ejected_at.take().map(|_| Event::Returned { addr })
+    }
+
     /// The interval passed: swap the counts, eject by success rate and failure
     /// percentage, return endpoints whose time is up, decay the multipliers.
     pub fn on_interval(&mut self, now: Duration, rng: &mut impl Rng) -> Vec<Event> {

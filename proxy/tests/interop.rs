@@ -1,6 +1,7 @@
 //! The interop suite (`interop/run.py`): Python grpcio, an independent gRPC
 //! implementation, as both client and servers of the real proxy binary, under no service
-//! config, a retry policy and a hedging policy.
+//! config, a retry policy, a hedging policy, and retries with health checking and
+//! ejection (the grpcio servers answer Watch with UNIMPLEMENTED: healthy).
 
 use std::{
     io::{BufRead, BufReader},

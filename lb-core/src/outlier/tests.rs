@@ -185,3 +185,19 @@ fn without_consecutive_failures_a_run_never_signals() {
     let tally = o.tally(ep(1)).unwrap();
     assert!((0..100).all(|_| !tally.record(true)));
 }
+
+#[test]
+fn a_replica_that_reconnects_starts_over_but_keeps_its_multiplier() {
+    let mut o = outliers(consecutive(2, 100), 2);
+    let tally = o.tally(ep(1)).unwrap();
+    tally.record(true);
+    assert_eq!(o.reconnected(ep(1)), None, "not ejected: nothing to return");
+    assert!(!tally.record(true), "the run started over");
+    o.record(ep(1), true, s(0));
+    assert!(o.is_ejected(ep(1)));
+    assert_eq!(o.reconnected(ep(1)), Some(Event::Returned { addr: ep(1) }));
+    assert!(!o.is_ejected(ep(1)));
+    o.record(ep(1), true, s(1));
+    let again = o.record(ep(1), true, s(1));
+    assert_eq!(again, Some(Event::Ejected { addr: ep(1), why: Why::ConsecutiveFailures(2), times: 2 }));
+}
