@@ -323,12 +323,16 @@ where
     }
 
     fn ended(&mut self, id: AttemptId, how: Ended, now: Duration) {
-        // Outlier detection hears every end but those the endpoint is not to blame for.
-        if let Some(outcome) = self.slots[id.0 as usize].outcome.take() {
+        // Outlier detection hears every end but those the endpoint is not to blame for:
+        // a request never sent or refused unprocessed, or one that failed on its own.
+        if let Some(outcome) = self.slots[id.0 as usize].outcome.take()
+            && !self.body.failed_by_caller()
+        {
             match how {
                 Ended::NotSent | Ended::Refused => {}
-                Ended::Status { code, .. } => outcome.status(code),
-                Ended::Failed { .. } => outcome.lost(),
+                // A lost connection (or an HTTP 502/503/504) always counts.
+                Ended::Failed { code: Code::Unavailable } => outcome.lost(),
+                Ended::Status { code, .. } | Ended::Failed { code } => outcome.status(code),
             }
         }
         // Seeded on first use: only a retry's backoff needs randomness.

@@ -152,9 +152,9 @@ where
                     return;
                 }
                 let mut health = watch_health(watch.as_ref(), &c.upstream, &told_unimplemented);
+                let mut upgrade = h3_later(&connector, addr, &c.upstream);
                 loop {
-                    // On an HTTP/2 fallback in auto, try HTTP/3 again now and then.
-                    let retry_h3 = connector.protocol == Protocol::Auto && c.upstream.protocol() == "h2";
+                    // Runs beside the connection and its health watch, neither paused.
                     tokio::select! {
                         end = &mut c.ended => {
                             let Ok(end) = end else { break "connection task ended".to_owned() };
@@ -166,9 +166,8 @@ where
                             }
                             break end.why;
                         }
-                        () = tokio::time::sleep(H3_RETRY), if retry_h3 => {
-                            let Some(h3) = &connector.h3 else { continue };
-                            if let Ok(upgraded) = transport::h3::connect::<B>(h3, addr, H3_ATTEMPT).await {
+                        upgraded = &mut upgrade => {
+                            if let Some(upgraded) = upgraded {
                                 info!(%addr, "HTTP/3 available again; switching from HTTP/2");
                                 if !send(Update::Connected { addr, upstream: upgraded.upstream.clone() }) {
                                     return;
@@ -176,6 +175,7 @@ where
                                 c = upgraded; // the HTTP/2 connection drains and closes
                                 health = watch_health(watch.as_ref(), &c.upstream, &told_unimplemented);
                             }
+                            upgrade = h3_later(&connector, addr, &c.upstream);
                         }
                         () = &mut health => {}
                     }
@@ -188,6 +188,22 @@ where
             return;
         }
         tokio::time::sleep(backoff.next_delay(&mut rng)).await;
+    }
+}
+
+/// On an HTTP/2 fallback in `auto`, HTTP/3 tried again [`H3_RETRY`] from now: the new
+/// connection if it came up. Never resolves otherwise.
+fn h3_later<'a, B>(connector: &'a Connector, addr: SocketAddr, now: &Upstream<B>) -> BoxFuture<'a, Option<Connected<B>>>
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError> + Send,
+{
+    match &connector.h3 {
+        Some(h3) if connector.protocol == Protocol::Auto && now.protocol() == "h2" => Box::pin(async move {
+            tokio::time::sleep(H3_RETRY).await;
+            transport::h3::connect::<B>(h3, addr, H3_ATTEMPT).await.ok()
+        }),
+        _ => Box::pin(std::future::pending()),
     }
 }
 

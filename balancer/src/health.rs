@@ -12,6 +12,8 @@ use std::{
     time::Duration,
 };
 
+use tokio::time::Instant;
+
 use bytes::Bytes;
 use http::{HeaderValue, Request, uri::Authority};
 use lb_core::{
@@ -63,19 +65,21 @@ where
     pub(crate) async fn run(&self, upstream: Upstream<B>, told_unimplemented: &AtomicBool) {
         let mut backoff = Backoff::new(REOPEN_BASE, REOPEN_MAX);
         let mut rng = SplitMix64::from_entropy();
+        let mut told = None;
         loop {
-            let end = self.stream(&upstream).await;
-            let verdict = health::on_stream_end(end.code, &end.why, end.answers);
+            let opened = Instant::now();
+            let end = self.stream(&upstream, &mut told).await;
+            let verdict = health::on_stream_end(end.code, &end.why, end.answers, opened.elapsed());
             if !verdict.reopen {
                 if !told_unimplemented.swap(true, Relaxed) {
                     info!(addr = %self.addr, service = %self.service,
                         "Replica has no grpc.health.v1 service (UNIMPLEMENTED); counting it healthy");
                 }
-                self.tell(verdict.health);
+                self.tell(&mut told, verdict.health);
                 return std::future::pending().await; // nothing more to watch on this connection
             }
             warn!(addr = %self.addr, why = %end.why, "Health watch ended; re-opening after a backoff");
-            self.tell(verdict.health);
+            self.tell(&mut told, verdict.health);
             if verdict.reset_backoff {
                 backoff.reset();
             }
@@ -84,7 +88,7 @@ where
     }
 
     /// One Watch stream, each answer told as it comes, until it ends.
-    async fn stream(&self, upstream: &Upstream<B>) -> End {
+    async fn stream(&self, upstream: &Upstream<B>, told: &mut Option<Health>) -> End {
         let end = |code, why: String, answers| End { code, why, answers };
         let resp = match upstream.clone().send(self.request()).await {
             Ok(resp) => resp,
@@ -110,7 +114,7 @@ where
                 Ok(data) => match answers.feed(&data) {
                     Ok(Some(serving)) => {
                         count += 1;
-                        self.tell(health::on_answer(serving));
+                        self.tell(told, health::on_answer(serving));
                     }
                     Ok(None) => {}
                     // Dropping the body resets the stream.
@@ -143,8 +147,12 @@ where
         req
     }
 
-    fn tell(&self, health: Health) {
-        let _ = self.updates.send(Update::Health { addr: self.addr, health });
+    /// Tells the membership task when the verdict changed (`told` is the last one).
+    fn tell(&self, told: &mut Option<Health>, health: Health) {
+        if told.as_ref() != Some(&health) {
+            *told = Some(health.clone());
+            let _ = self.updates.send(Update::Health { addr: self.addr, health });
+        }
     }
 }
 

@@ -77,14 +77,15 @@ pub(crate) struct Outcome {
 }
 
 impl Outcome {
-    /// Ended with `code`: a failure if outlier detection lists it.
+    /// Ended with `code` (a status, or what a reset or an HTTP error maps to): a
+    /// failure if outlier detection lists it.
     pub(crate) fn status(self, code: lb_core::Code) {
         if self.tally.record_status(code) {
             self.nudge.notify_one();
         }
     }
 
-    /// Lost (the connection, a reset, a non-gRPC answer): a failure.
+    /// The connection was lost mid-response: a failure, whatever the list says.
     pub(crate) fn lost(self) {
         if self.tally.record(true) {
             self.nudge.notify_one();
@@ -127,6 +128,9 @@ struct Conn<B> {
     /// connection is not until its first SERVING.
     health: Health,
     tally: Arc<Tally>,
+    /// A connect attempt failed since the last connection: the replica went away (a
+    /// restart), not just its connection (a GOAWAY, a connection age limit).
+    went_away: bool,
     task: AbortHandle,
 }
 
@@ -308,8 +312,9 @@ where
                     let task = tokio::spawn(connect_loop(pool.connector.clone(), addr, updates.clone()));
                     let tally = self.outliers.tally(addr).unwrap_or_else(|| unreachable!("synced above"));
                     let health = Health::Healthy;
-                    self.conns
-                        .insert(addr, Conn { send: None, last_error: None, health, tally, task: task.abort_handle() });
+                    let task = task.abort_handle();
+                    let conn = Conn { send: None, last_error: None, health, tally, went_away: false, task };
+                    self.conns.insert(addr, conn);
                 }
                 debug!(endpoints = self.set.len(), local = resolved.local.len(), "Membership updated");
             }
@@ -318,6 +323,7 @@ where
                 // A new connection waits for its first SERVING (A17); one replacing a
                 // live connection (HTTP/3 taking over) keeps the health known so far.
                 let fresh = conn.send.is_none();
+                let came_back = fresh && std::mem::take(&mut conn.went_away);
                 if fresh && conn.last_error.is_some() {
                     info!(%addr, protocol = upstream.protocol(), "Endpoint reconnected");
                 }
@@ -327,8 +333,10 @@ where
                 conn.send = Some(upstream);
                 conn.last_error = None;
                 self.sync_ready(addr);
-                if fresh && self.outliers.reconnected(addr).is_some() {
-                    info!(%addr, "Endpoint reconnected after losing its connection; its ejection ends");
+                // A replica that went away and is back (restarted) starts over; one that
+                // only reconnected stays ejected for its time.
+                if came_back && self.outliers.reconnected(addr).is_some() {
+                    info!(%addr, "Endpoint back after going away; its ejection ends");
                     self.set.set_ejected(addr, false);
                 }
             }
@@ -336,6 +344,8 @@ where
                 let Some(conn) = self.conns.get_mut(&addr) else { return false };
                 if conn.send.is_some() {
                     warn!(%addr, %why, "Connection lost; endpoint out of rotation until it reconnects");
+                } else {
+                    conn.went_away = true; // a connect attempt failed
                 }
                 conn.send = None;
                 conn.last_error = Some(why);

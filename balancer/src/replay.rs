@@ -62,6 +62,8 @@ struct Shared<B> {
     trailers: Option<HeaderMap>,
     frames: FrameScan,
     too_large: Option<TooLarge>,
+    /// The caller's body failed (its stream reset, a read error).
+    source_failed: bool,
     /// Readers waiting for the source while another reader polls it.
     waiters: Vec<Waker>,
 }
@@ -115,6 +117,7 @@ impl<B> ReplayBody<B> {
             trailers: None,
             frames: FrameScan::new(max_message),
             too_large: None,
+            source_failed: false,
             waiters: Vec::new(),
         };
         ReplayBody { shared: Arc::new(Mutex::new(shared)), reader: 0, pos: 0, finished: false }
@@ -137,6 +140,7 @@ impl<B> ReplayBody<B> {
             trailers: None,
             frames: FrameScan::new(u32::MAX),
             too_large: None,
+            source_failed: false,
             waiters: Vec::new(),
         };
         ReplayBody { shared: Arc::new(Mutex::new(shared)), reader: 0, pos: 0, finished: false }
@@ -160,6 +164,13 @@ impl<B> ReplayBody<B> {
     /// Whether another attempt could still send the whole body.
     pub fn is_replayable(&self) -> bool {
         !self.lock().replay_lost
+    }
+
+    /// The request itself failed (a message over the limit, or the caller's stream
+    /// broke): an attempt that ended because of it says nothing about its endpoint.
+    pub fn failed_by_caller(&self) -> bool {
+        let s = self.lock();
+        s.too_large.is_some() || s.source_failed
     }
 
     /// The oversized message that failed the body, if any.
@@ -286,6 +297,7 @@ where
                 Poll::Ready(Some(Ok(frame)))
             }
             Some(Err(e)) => {
+                s.source_failed = true;
                 s.drop_buffer();
                 Poll::Ready(Some(Err(e.into())))
             }

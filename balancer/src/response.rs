@@ -51,9 +51,11 @@ impl Body for UpstreamBody {
         match ready!(self.inner.poll_frame(cx)) {
             Some(Err((code, error))) => {
                 self.done = true;
-                if let Some(o) = self.outcome.take() {
-                    o.lost();
-                };
+                match self.outcome.take() {
+                    Some(o) if code == Code::Unavailable => o.lost(), // the connection went
+                    Some(o) => o.status(code),                        // a reset, mapped
+                    None => {}
+                }
                 let status =
                     Status::new(to_tonic(code), format!("upstream {} failed mid-response: {error}", self.addr));
                 let mut trailers = HeaderMap::new();

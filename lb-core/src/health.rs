@@ -7,6 +7,8 @@
 //! (UNIMPLEMENTED) counts as healthy; any other end of the stream takes it out until a
 //! new stream, opened after a backoff, says SERVING again.
 
+use std::time::Duration;
+
 use crate::Code;
 
 /// The method every endpoint's connection watches.
@@ -170,11 +172,16 @@ pub enum Health {
     Unhealthy(String),
 }
 
+/// A stream that answered and lived this long was a working one: the backoff before
+/// the next starts over. (One that answers and closes at once, in a loop, backs off.)
+pub const STEADY: Duration = Duration::from_secs(1);
+
 /// What to do when a Watch stream ended with `code` (`None`: it broke without a
-/// status), after `answers` messages: UNIMPLEMENTED means the replica has no health
-/// service and counts as healthy for the rest of the connection (`reopen` false);
-/// anything else makes it unhealthy until a new stream says SERVING. The backoff
-/// before that new stream starts over when the broken one had answered at all.
+/// status), after `answers` messages and `lived` long: UNIMPLEMENTED means the replica
+/// has no health service and counts as healthy for the rest of the connection
+/// (`reopen` false); anything else makes it unhealthy until a new stream says SERVING.
+/// The backoff before that new stream starts over when the broken one had answered
+/// and lived [`STEADY`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamEnd {
     pub health: Health,
@@ -182,13 +189,13 @@ pub struct StreamEnd {
     pub reset_backoff: bool,
 }
 
-pub fn on_stream_end(code: Option<Code>, why: &str, answers: u32) -> StreamEnd {
+pub fn on_stream_end(code: Option<Code>, why: &str, answers: u32, lived: Duration) -> StreamEnd {
     match code {
         Some(Code::Unimplemented) => StreamEnd { health: Health::Healthy, reopen: false, reset_backoff: true },
         _ => StreamEnd {
             health: Health::Unhealthy(format!("health watch ended: {why}")),
             reopen: true,
-            reset_backoff: answers > 0,
+            reset_backoff: answers > 0 && lived >= STEADY,
         },
     }
 }
@@ -268,12 +275,14 @@ mod tests {
         for s in [Serving::NotServing, Serving::ServiceUnknown, Serving::Unknown, Serving::Other(7)] {
             assert!(matches!(on_answer(s), Health::Unhealthy(_)), "{s}");
         }
-        let end = on_stream_end(Some(Code::Unimplemented), "", 0);
+        let end = on_stream_end(Some(Code::Unimplemented), "", 0, Duration::ZERO);
         assert_eq!(end, StreamEnd { health: Health::Healthy, reopen: false, reset_backoff: true });
-        let end = on_stream_end(Some(Code::Unavailable), "UNAVAILABLE: going away", 3);
+        let end = on_stream_end(Some(Code::Unavailable), "UNAVAILABLE: going away", 3, STEADY);
         assert!(end.reopen && end.reset_backoff);
         assert_eq!(end.health, Health::Unhealthy("health watch ended: UNAVAILABLE: going away".into()));
-        let end = on_stream_end(None, "reset", 0);
+        let end = on_stream_end(None, "reset", 0, STEADY * 10);
         assert!(end.reopen && !end.reset_backoff, "a stream that never answered backs off further");
+        let end = on_stream_end(None, "closed", 1, STEADY / 2);
+        assert!(!end.reset_backoff, "one that answers and closes at once, in a loop, backs off further");
     }
 }

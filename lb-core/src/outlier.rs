@@ -276,6 +276,10 @@ impl Outliers {
                 None => e.times = e.times.saturating_sub(1),
             }
         }
+        // Returns make room under the cap: runs of failures refused before go now.
+        if events.iter().any(|e| matches!(e, Event::Returned { .. })) {
+            events.extend(self.check(now));
+        }
         events
     }
 
@@ -284,7 +288,7 @@ impl Outliers {
             .candidates(sr.request_volume)
             .map(|i| {
                 let (ok, failed) = self.endpoints[i].last;
-                (i, f64::from(ok) / f64::from(ok + failed))
+                (i, f64::from(ok) / (f64::from(ok) + f64::from(failed)))
             })
             .collect();
         if rates.len() < sr.minimum_hosts as usize || rates.is_empty() {
@@ -315,10 +319,12 @@ impl Outliers {
             return;
         }
         for i in candidates {
-            let (ok, failed) = self.endpoints[i].last;
-            let percent = failed * 100 / (ok + failed);
+            let (ok, failed) = (u64::from(self.endpoints[i].last.0), u64::from(self.endpoints[i].last.1));
+            // Exactly: 85.9 % is over a threshold of 85.
+            let over = failed * 100 > u64::from(fp.threshold) * (ok + failed);
+            let percent = (failed * 100 / (ok + failed)) as u32;
             if self.endpoints[i].ejected_at.is_none()
-                && percent > fp.threshold
+                && over
                 && self.may_eject()
                 && rng.below(100) < u64::from(fp.enforcement_percentage)
             {
@@ -330,8 +336,8 @@ impl Outliers {
     /// Endpoints not ejected with at least `volume` calls in the last interval.
     fn candidates(&self, volume: u32) -> impl Iterator<Item = usize> + '_ {
         self.endpoints.iter().enumerate().filter_map(move |(i, e)| {
-            let calls = e.last.0 + e.last.1;
-            (e.ejected_at.is_none() && calls >= volume.max(1)).then_some(i)
+            let calls = u64::from(e.last.0) + u64::from(e.last.1);
+            (e.ejected_at.is_none() && calls >= u64::from(volume.max(1))).then_some(i)
         })
     }
 

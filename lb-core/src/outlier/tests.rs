@@ -4,6 +4,8 @@
 use std::{net::SocketAddr, time::Duration};
 
 use super::*;
+use std::sync::atomic::Ordering::Relaxed;
+
 use crate::Code;
 use crate::rng::tests::Top;
 
@@ -200,4 +202,34 @@ fn a_replica_that_reconnects_starts_over_but_keeps_its_multiplier() {
     o.record(ep(1), true, s(1));
     let again = o.record(ep(1), true, s(1));
     assert_eq!(again, Some(Event::Ejected { addr: ep(1), why: Why::ConsecutiveFailures(2), times: 2 }));
+}
+
+#[test]
+fn failure_percentage_compares_exactly_and_counts_do_not_overflow() {
+    let fp = FailurePercentage { threshold: 85, enforcement_percentage: 100, minimum_hosts: 1, request_volume: 1 };
+    let config = OutlierConfig { failure_percentage: Some(fp), max_ejection_percent: 100, ..OutlierConfig::default() };
+    let mut o = outliers(config.clone(), 1);
+    calls(&mut o, ep(1), 1000, 859); // 85.9 %
+    let out = o.on_interval(s(10), &mut Top);
+    assert_eq!(out, [Event::Ejected { addr: ep(1), why: Why::FailurePercentage(85), times: 1 }]);
+    let mut o = outliers(config, 1);
+    calls(&mut o, ep(1), 1000, 850); // exactly 85 %: not over
+    assert_eq!(o.on_interval(s(10), &mut Top), []);
+    // Counts near u32::MAX: no overflow in the sums.
+    let tally = o.tally(ep(1)).unwrap();
+    tally.ok.store(u32::MAX, Relaxed);
+    tally.failed.store(u32::MAX, Relaxed);
+    assert_eq!(o.on_interval(s(20), &mut Top), [], "50 % failed");
+}
+
+#[test]
+fn a_return_makes_room_for_a_run_the_cap_refused() {
+    let mut o = outliers(consecutive(2, 33), 3); // one of three at a time
+    o.record(ep(1), true, s(0));
+    assert!(o.record(ep(1), true, s(0)).is_some());
+    o.record(ep(2), true, s(1));
+    assert_eq!(o.record(ep(2), true, s(1)), None, "the cap refuses a second");
+    let out = o.on_interval(s(30), &mut Top);
+    let again = Event::Ejected { addr: ep(2), why: Why::ConsecutiveFailures(2), times: 1 };
+    assert_eq!(out, [Event::Returned { addr: ep(1) }, again]);
 }
