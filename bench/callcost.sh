@@ -4,6 +4,8 @@
 # (callgrind) per unary SayHello, as the difference between a run of N1 and of N2 calls
 # (start-up and shutdown cancel out).
 #   bench/callcost.sh [PROXY_BIN] [SERVER_BIN]     (defaults: target/release/{proxy,server})
+# PROXY_ARGS adds proxy flags, e.g. PROXY_ARGS="--service-config config/outlier.json"
+# for the cost with health checking and outlier detection on.
 set -euo pipefail
 proxy=${1:-target/release/proxy}
 server=${2:-target/release/server}
@@ -21,8 +23,9 @@ pids+=($!)
 # run TOOL CALLS: prints the tool's total (blocks or instructions) for a proxy that forwarded CALLS calls.
 run() {
   local tool=$1 calls=$2 out="$work/$1-$2.log"
+  # shellcheck disable=SC2086 # PROXY_ARGS is a list of flags
   valgrind --tool="$tool" --"$tool"-out-file=/dev/null "$proxy" --listen 127.0.0.1:50250 \
-    --target 127.0.0.1:50251 --threads 1 >"$out" 2>&1 &
+    --target 127.0.0.1:50251 --threads 1 ${PROXY_ARGS:-} >"$out" 2>&1 &
   local vg=$!
   for _ in $(seq 300); do
     "$client" --proxy 127.0.0.1:50250 --timeout 2s hello >/dev/null 2>&1 && break

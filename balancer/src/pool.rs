@@ -131,6 +131,8 @@ struct Conn<B> {
     /// A connect attempt failed since the last connection: the replica went away (a
     /// restart), not just its connection (a GOAWAY, a connection age limit).
     went_away: bool,
+    /// Taking calls as last logged.
+    in_rotation: bool,
     task: AbortHandle,
 }
 
@@ -269,18 +271,42 @@ where
         }
         for (addr, local) in self.set.addrs() {
             let place = if local { "local" } else { "remote" };
-            let why = match self.conns.get(&addr) {
-                Some(c) if c.send.is_some() => match &c.health {
-                    Health::Unhealthy(why) => why.as_str(),
-                    Health::Healthy if self.outliers.is_ejected(addr) => "ejected",
-                    Health::Healthy => "ready",
-                },
-                Some(Conn { last_error: Some(e), .. }) => e.as_str(),
-                _ => "connecting",
-            };
-            parts.push(format!("{addr} ({place}): {why}"));
+            parts.push(format!("{addr} ({place}): {}", self.state_of(addr)));
         }
         parts.join("; ")
+    }
+
+    /// Why `addr` takes calls or not, in a few words.
+    fn state_of(&self, addr: SocketAddr) -> &str {
+        match self.conns.get(&addr) {
+            Some(c) if c.send.is_some() => match &c.health {
+                Health::Unhealthy(why) => why.as_str(),
+                Health::Healthy if self.outliers.is_ejected(addr) => "ejected",
+                Health::Healthy => "ready",
+            },
+            Some(Conn { last_error: Some(e), .. }) => e.as_str(),
+            _ => "connecting",
+        }
+    }
+
+    /// Logs each endpoint entering or leaving rotation (connected, healthy and not
+    /// ejected), with why: one line per change, whatever caused it.
+    fn log_rotation(&mut self) {
+        for (addr, _) in self.set.addrs() {
+            let Some(conn) = self.conns.get(&addr) else { continue };
+            let now = conn.send.is_some() && conn.health == Health::Healthy && !self.outliers.is_ejected(addr);
+            if now == conn.in_rotation {
+                continue;
+            }
+            if now {
+                info!(%addr, "Endpoint in rotation");
+            } else {
+                warn!(%addr, why = %self.state_of(addr), "Endpoint out of rotation");
+            }
+            if let Some(conn) = self.conns.get_mut(&addr) {
+                conn.in_rotation = now;
+            }
+        }
     }
 
     /// Applies one update; says whether anything changed.
@@ -313,7 +339,15 @@ where
                     let tally = self.outliers.tally(addr).unwrap_or_else(|| unreachable!("synced above"));
                     let health = Health::Healthy;
                     let task = task.abort_handle();
-                    let conn = Conn { send: None, last_error: None, health, tally, went_away: false, task };
+                    let conn = Conn {
+                        send: None,
+                        last_error: None,
+                        health,
+                        tally,
+                        went_away: false,
+                        in_rotation: false,
+                        task,
+                    };
                     self.conns.insert(addr, conn);
                 }
                 debug!(endpoints = self.set.len(), local = resolved.local.len(), "Membership updated");
@@ -343,7 +377,7 @@ where
             Update::Disconnected { addr, why } => {
                 let Some(conn) = self.conns.get_mut(&addr) else { return false };
                 if conn.send.is_some() {
-                    warn!(%addr, %why, "Connection lost; endpoint out of rotation until it reconnects");
+                    warn!(%addr, %why, "Connection lost");
                 } else {
                     conn.went_away = true; // a connect attempt failed
                 }
@@ -359,7 +393,7 @@ where
                 }
                 match &health {
                     Health::Healthy => info!(%addr, "Endpoint healthy"),
-                    Health::Unhealthy(why) => warn!(%addr, %why, "Endpoint unhealthy; taking it out of rotation"),
+                    Health::Unhealthy(why) => warn!(%addr, %why, "Endpoint unhealthy"),
                 }
                 conn.health = health;
                 self.sync_ready(addr);
@@ -460,6 +494,7 @@ async fn own<B>(
         };
         if changed {
             let Some(pool) = pool.upgrade() else { return };
+            state.log_rotation();
             pool.publish(&state);
         }
     }
