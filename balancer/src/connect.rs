@@ -12,7 +12,11 @@ use std::{
 };
 
 use futures_util::future::BoxFuture;
-use tokio::{sync::mpsc::UnboundedSender, time::Instant};
+use lb_core::goaway::{ENHANCE_YOUR_CALM, ErrorCode};
+use tokio::{
+    sync::{mpsc::UnboundedSender, oneshot},
+    time::Instant,
+};
 use tracing::{debug, info, warn};
 
 use crate::{
@@ -166,6 +170,21 @@ where
                             }
                             break end.why;
                         }
+                        code = goaway(&mut c.goaway) => {
+                            let Some(code) = code else {
+                                c.goaway = None; // the connection is gone: `ended` says how
+                                continue;
+                            };
+                            // Open calls finish on this connection; new ones need another.
+                            if code == ENHANCE_YOUR_CALM {
+                                let was_ms = keepalive.interval.as_millis() as u64;
+                                keepalive = calmer(keepalive);
+                                warn!(%addr, was_ms, now_ms = keepalive.interval.as_millis() as u64,
+                                    "Replica refused our pings (GOAWAY ENHANCE_YOUR_CALM); pinging less often, and only during calls");
+                                break "replica sent GOAWAY ENHANCE_YOUR_CALM (too_many_pings)".to_owned();
+                            }
+                            break format!("replica sent GOAWAY (code {code}): draining");
+                        }
                         upgraded = &mut upgrade => {
                             if let Some(upgraded) = upgraded {
                                 info!(%addr, "HTTP/3 available again; switching from HTTP/2");
@@ -188,6 +207,15 @@ where
             return;
         }
         tokio::time::sleep(backoff.next_delay(&mut rng)).await;
+    }
+}
+
+/// The code of the GOAWAY the replica sent; `None` when the connection ended without
+/// one. Never resolves when there is nothing to wait for.
+async fn goaway(rx: &mut Option<oneshot::Receiver<ErrorCode>>) -> Option<ErrorCode> {
+    match rx {
+        Some(rx) => rx.await.ok(),
+        None => std::future::pending().await,
     }
 }
 

@@ -376,7 +376,9 @@ where
             }
             Update::Disconnected { addr, why } => {
                 let Some(conn) = self.conns.get_mut(&addr) else { return false };
-                if conn.send.is_some() {
+                if conn.send.is_some() && why.starts_with("replica sent GOAWAY") {
+                    info!(%addr, %why, "Connection draining; opening a new one");
+                } else if conn.send.is_some() {
                     warn!(%addr, %why, "Connection lost");
                 } else {
                     conn.went_away = true; // a connect attempt failed

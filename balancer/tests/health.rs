@@ -140,3 +140,23 @@ async fn garbage_on_the_watch_keeps_a_replica_out_without_a_busy_loop() {
     // in two seconds, not thousands.
     assert!((3..=6).contains(&n), "{n} Watch streams in 2 s");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_replica_is_not_held_open_by_the_health_watch() {
+    testkit::init_logging();
+    let net = Subnet::random();
+    let dns = Dns::start(net.ip(250)).await;
+    let s1 = Replica::start(net.addr(1), "s1", "node-a"); // drain timeout 5 s
+    let _s2 = Replica::start(net.addr(2), "s2", "node-a");
+    dns.set("svc.test", &[net.ip(1), net.ip(2)]);
+    let channel = Balancer::new(settings(&dns)).unwrap();
+    wait_ready(&channel, 2).await;
+
+    // SIGTERM's drain: NOT_SERVING, GOAWAY, then it waits for open streams, the
+    // balancer's Watch among them, unless the balancer lets go on the GOAWAY.
+    let started = Instant::now();
+    let stopped = tokio::task::spawn_blocking(move || s1.stop());
+    tokio::time::timeout(Duration::from_secs(3), stopped).await.expect("the drain waited for the watch").unwrap();
+    println!("drained in {:?}", started.elapsed());
+    assert_eq!(calls(&channel, 4).await, BTreeMap::from([("s2".into(), 4)]));
+}

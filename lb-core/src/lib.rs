@@ -11,13 +11,15 @@
 //! - [`health`]: A17 health checking: the Watch request, its answers, what they mean.
 //! - [`backoff`]: the reconnect delay; [`rng`]: the randomness it takes.
 //! - [`code`]: gRPC status codes and their HTTP mappings; [`frame`]: gRPC message
-//!   prefixes; [`duration`]: human durations for flags.
+//!   prefixes; [`goaway`]: an HTTP/2 GOAWAY noticed as it arrives; [`duration`]: human
+//!   durations for flags.
 
 pub mod backoff;
 pub mod call;
 pub mod code;
 pub mod duration;
 pub mod frame;
+pub mod goaway;
 pub mod health;
 pub mod outlier;
 pub mod pick;

@@ -3,14 +3,28 @@
 //! for gRPC (PROTOCOL-HTTP2's mapping of RST_STREAM codes; a stream above a remote
 //! GOAWAY was refused).
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    task::{Context, Poll, ready},
+    time::Duration,
+};
 
 use bytes::Bytes;
 use http::{Request, Response};
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use lb_core::{Code, call::Ended};
-use tokio::{net::TcpStream, sync::oneshot};
+use lb_core::{
+    Code,
+    call::Ended,
+    goaway::{ErrorCode, GoAwayScan},
+};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+    sync::oneshot,
+};
 
 use super::{Body, Connected, ConnectionEnd, Failure, Upstream};
 use crate::replay::BoxError;
@@ -43,6 +57,8 @@ where
         Err(_) => return Err(format!("connect: timed out after {timeout:?}")),
     };
     let _ = tcp.set_nodelay(true);
+    let (goaway_tx, goaway) = oneshot::channel();
+    let tcp = Watched { tcp, scan: GoAwayScan::default(), goaway: Some(goaway_tx) };
     let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .keep_alive_interval(keepalive.interval)
@@ -72,7 +88,58 @@ where
         };
         let _ = tx.send(end);
     });
-    Ok(Connected { upstream: Upstream::H2(send), ended })
+    Ok(Connected { upstream: Upstream::H2(send), ended, goaway: Some(goaway) })
+}
+
+/// The TCP stream to a replica, telling when a GOAWAY arrives: hyper acts on a graceful
+/// one only when a new request comes, and ends the connection only when its last
+/// stream does, so a long-lived stream would otherwise hide the replica's drain.
+struct Watched {
+    tcp: TcpStream,
+    scan: GoAwayScan,
+    /// Until the first GOAWAY; nothing is scanned after it.
+    goaway: Option<oneshot::Sender<ErrorCode>>,
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut self.tcp).poll_read(cx, buf))?;
+        let this = &mut *self;
+        if this.goaway.is_some()
+            && let Some(code) = this.scan.feed(&buf.filled()[before..])
+            && let Some(tx) = this.goaway.take()
+        {
+            let _ = tx.send(code);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
 }
 
 pub(super) async fn send<B>(mut send: SendRequest<B>, req: Request<B>) -> Result<Response<Body>, Failure>

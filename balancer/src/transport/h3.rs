@@ -29,7 +29,7 @@ pub(crate) async fn connect<B>(h3: &H3, addr: SocketAddr, timeout: Duration) -> 
             if e.is_h3_no_error() { "connection closed (GOAWAY)".to_owned() } else { format!("connection lost: {e}") };
         let _ = tx.send(ConnectionEnd { why, too_many_pings: false });
     });
-    Ok(Connected { upstream: Upstream::H3(client), ended })
+    Ok(Connected { upstream: Upstream::H3(client), ended, goaway: None })
 }
 
 pub(super) async fn send<B>(mut client: H3Client, req: Request<B>) -> Result<Response<Body>, Failure>

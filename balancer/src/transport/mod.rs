@@ -51,6 +51,9 @@ impl<B> Clone for Upstream<B> {
 pub(crate) struct Connected<B> {
     pub upstream: Upstream<B>,
     pub ended: oneshot::Receiver<ConnectionEnd>,
+    /// The replica sent GOAWAY with this error code: it takes no new streams, while
+    /// those open may run on (HTTP/2 only; the connection ends later, in `ended`).
+    pub goaway: Option<oneshot::Receiver<lb_core::goaway::ErrorCode>>,
 }
 
 /// Why a connection ended.
