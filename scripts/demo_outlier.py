@@ -159,20 +159,25 @@ def scenario(name):
     for _, proxy, _ in PROXIES:
         evs = events(proxy, addr, fault)
         out = first(evs, OUT, 0.0)
-        outs_row.append(f"+{out[0]:.3f} s, {reason(out, evs)}" if out else "never")
+        outs_row.append(f"{since(out[0])}, {reason(out, evs)}" if out else "never")
         healed = heal - fault if name != "failing" else None
         back = first(evs, BACK, healed if healed is not None else (out[0] if out else 1e9) + 0.001)
         if not back:
             back_row.append("-")
         elif healed is None:
-            back_row.append(f"+{back[0]:.3f} s")
+            back_row.append(since(back[0]))
         else:
-            back_row.append(f"+{back[0]:.3f} s ({back[0] - healed:.3f} s after the fix)")
+            back_row.append(f"{since(back[0])} ({since(back[0] - healed)} after the fix)")
     rows.append(("out of rotation (after the fault)", outs_row))
     rows.append(("back in rotation (after the fault)", back_row))
     print_table(rows)
     run("docker", "rm", "-f", *(container(e) for e in extra), check=False)
     return [r["failed"] + r["slow_over_1s"] for r in results], results[2]["failed"]
+
+
+def since(t):
+    """A time after the fault: milliseconds under a second."""
+    return f"+{t * 1000:.1f} ms" if t < 1 else f"+{t:.3f} s"
 
 
 def reason(out, evs):

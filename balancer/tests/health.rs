@@ -160,3 +160,29 @@ async fn a_draining_replica_is_not_held_open_by_the_health_watch() {
     println!("drained in {:?}", started.elapsed());
     assert_eq!(calls(&channel, 4).await, BTreeMap::from([("s2".into(), 4)]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checking_works_over_http3_too() {
+    testkit::init_logging();
+    let net = Subnet::random();
+    let dns = Dns::start(net.ip(250)).await;
+    let certs = testkit::certs();
+    let tls = Some((certs.join("cert.pem"), certs.join("key.pem")));
+    let faults = testkit::replica::Faults { tls, ..Default::default() };
+    let s1 = Replica::start_with(net.addr(1), "s1", "node-a", faults.clone());
+    let _s2 = Replica::start_with(net.addr(2), "s2", "node-a", faults);
+    dns.set("svc.test", &[net.ip(1), net.ip(2)]);
+    let mut settings = settings(&dns);
+    settings.protocol = balancer::Protocol::H3;
+    settings.ca_cert = Some(certs.join("ca.pem"));
+    let channel = Balancer::new(settings).unwrap();
+    wait_ready(&channel, 2).await;
+    s1.set_sick(true);
+    wait_ready(&channel, 1).await;
+    assert_eq!(calls(&channel, 4).await, BTreeMap::from([("s2".into(), 4)]));
+    // The drain is not held open by the watch over HTTP/3 either.
+    let started = Instant::now();
+    let stopped = tokio::task::spawn_blocking(move || s1.stop());
+    tokio::time::timeout(Duration::from_secs(3), stopped).await.expect("the drain waited for the watch").unwrap();
+    println!("drained in {:?}", started.elapsed());
+}

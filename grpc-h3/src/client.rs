@@ -6,6 +6,7 @@ use std::{future::Future, net::SocketAddr};
 
 use bytes::Bytes;
 use h3::{
+    ConnectionState,
     error::{Code, ConnectionError, StreamError},
     quic::ConnectionErrorIncoming,
 };
@@ -69,9 +70,33 @@ pub async fn connect(
     addr: SocketAddr,
     server_name: &str,
 ) -> Result<(H3Client, impl Future<Output = ConnectionError> + Send + use<>), BoxError> {
+    let (client, driver, _goaway) = connect_watching_goaway(endpoint, addr, server_name).await?;
+    Ok((client, driver))
+}
+
+/// [`connect`], also telling when the server sends GOAWAY: it takes no new requests,
+/// while those open run on until the connection closes.
+pub async fn connect_watching_goaway(
+    endpoint: &quinn::Endpoint,
+    addr: SocketAddr,
+    server_name: &str,
+) -> Result<(H3Client, impl Future<Output = ConnectionError> + Send + use<>, oneshot::Receiver<()>), BoxError> {
     let quic = endpoint.connect(addr, server_name)?.await?;
     let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(quic)).await?;
-    Ok((H3Client { send }, async move { driver.wait_idle().await }))
+    let (goaway_tx, goaway) = oneshot::channel();
+    let drive = async move {
+        let mut goaway_tx = Some(goaway_tx);
+        std::future::poll_fn(|cx| {
+            // The GOAWAY is read off the control stream inside poll_close.
+            let closed = driver.poll_close(cx);
+            if goaway_tx.is_some() && driver.is_closing() {
+                let _ = goaway_tx.take().map(|tx| tx.send(()));
+            }
+            closed
+        })
+        .await
+    };
+    Ok((H3Client { send }, drive, goaway))
 }
 
 /// Dropped when the caller lets go of the call: tells the pump to reset.

@@ -83,7 +83,7 @@ where
                         && h2.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM)
                         && h2.to_string().contains("too_many_pings")
                 });
-                ConnectionEnd { why: format!("connection lost: {e}"), too_many_pings: calm }
+                ConnectionEnd { why: format!("connection lost: {}", chain(&e)), too_many_pings: calm }
             }
         };
         let _ = tx.send(end);
@@ -177,6 +177,20 @@ pub(super) fn code_of(err: &hyper::Error) -> Code {
         Some(h2) if h2.is_reset() => h2.reason().map_or(Code::Internal, |r| Code::from_h2_reason(r.into())),
         _ => Code::Unavailable,
     }
+}
+
+/// An error and its causes, "http2 error: keep-alive timed out" rather than "http2 error".
+fn chain(err: &hyper::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(e) = source {
+        let next = e.to_string();
+        if !text.ends_with(&next) {
+            text = format!("{text}: {next}");
+        }
+        source = e.source();
+    }
+    text
 }
 
 fn find_h2(err: &hyper::Error) -> Option<&h2::Error> {

@@ -9,27 +9,35 @@ use bytes::Bytes;
 use grpc_h3::client::H3Client;
 use h3::error::StreamError;
 use http::{Request, Response};
-use lb_core::{Code, call::Ended};
+use lb_core::{Code, call::Ended, goaway::NO_ERROR};
 use tokio::sync::oneshot;
 
 use super::{Body, Connected, ConnectionEnd, Failure, Upstream};
 use crate::{connect::H3, replay::BoxError};
 
 pub(crate) async fn connect<B>(h3: &H3, addr: SocketAddr, timeout: Duration) -> Result<Connected<B>, String> {
-    let (client, driver) =
-        match tokio::time::timeout(timeout, grpc_h3::client::connect(&h3.endpoint, addr, &h3.server_name)).await {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => return Err(format!("HTTP/3 connect: {e}")),
-            Err(_) => return Err(format!("HTTP/3 connect: timed out after {timeout:?}")),
-        };
+    let connect = grpc_h3::client::connect_watching_goaway(&h3.endpoint, addr, &h3.server_name);
+    let (client, driver, h3_goaway) = match tokio::time::timeout(timeout, connect).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return Err(format!("HTTP/3 connect: {e}")),
+        Err(_) => return Err(format!("HTTP/3 connect: timed out after {timeout:?}")),
+    };
     let (tx, ended) = oneshot::channel();
+    let (goaway_tx, goaway) = oneshot::channel();
     tokio::spawn(async move {
-        let e = driver.await;
+        tokio::pin!(driver);
+        let e = tokio::select! {
+            e = &mut driver => e,
+            Ok(()) = h3_goaway => {
+                let _ = goaway_tx.send(NO_ERROR); // HTTP/3's GOAWAY carries no error code
+                driver.await
+            }
+        };
         let why =
             if e.is_h3_no_error() { "connection closed (GOAWAY)".to_owned() } else { format!("connection lost: {e}") };
         let _ = tx.send(ConnectionEnd { why, too_many_pings: false });
     });
-    Ok(Connected { upstream: Upstream::H3(client), ended, goaway: None })
+    Ok(Connected { upstream: Upstream::H3(client), ended, goaway: Some(goaway) })
 }
 
 pub(super) async fn send<B>(mut client: H3Client, req: Request<B>) -> Result<Response<Body>, Failure>
