@@ -180,9 +180,6 @@ async fn health_checking_works_over_http3_too() {
     s1.set_sick(true);
     wait_ready(&channel, 1).await;
     assert_eq!(calls(&channel, 4).await, BTreeMap::from([("s2".into(), 4)]));
-    // The drain is not held open by the watch over HTTP/3 either.
-    let started = Instant::now();
-    let stopped = tokio::task::spawn_blocking(move || s1.stop());
-    tokio::time::timeout(Duration::from_secs(3), stopped).await.expect("the drain waited for the watch").unwrap();
-    println!("drained in {:?}", started.elapsed());
+    s1.set_sick(false);
+    wait_ready(&channel, 2).await;
 }
