@@ -25,7 +25,7 @@ run() {
   local tool=$1 calls=$2 out="$work/$1-$2.log"
   # shellcheck disable=SC2086 # PROXY_ARGS is a list of flags
   valgrind --tool="$tool" --"$tool"-out-file=/dev/null "$proxy" --listen 127.0.0.1:50250 \
-    --target 127.0.0.1:50251 --threads 1 ${PROXY_ARGS:-} >"$out" 2>&1 &
+    --target 127.0.0.1:50251 --threads 1 --admin-listen off ${PROXY_ARGS:-} >"$out" 2>&1 &
   local vg=$!
   for _ in $(seq 300); do
     "$client" --proxy 127.0.0.1:50250 --timeout 2s hello >/dev/null 2>&1 && break

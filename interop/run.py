@@ -163,7 +163,7 @@ def through_proxy(args, procs: Processes, work: str, config: str, listen: str, d
     """The cases through a proxy with one service config."""
     print(f"\n== proxy, service config: {config}", flush=True)
     argv = [args.proxy_bin, "--listen", listen, "--target", f"{NAME}:{PORT}", "--dns-server", dns]
-    argv += ["--resolve-interval", "250ms", "--drain-timeout", "1s"]
+    argv += ["--resolve-interval", "250ms", "--drain-timeout", "1s", "--admin-listen", "off"]
     if CONFIGS[config]:
         path = os.path.join(work, f"{config}.json")
         with open(path, "w") as f:

@@ -82,6 +82,8 @@ preflight() {
   need_docker
   need_port "$PROXY_PORT"
   need_port "${PROXY_B_PORT:-50060}"
+  need_port "${PROXY_ADMIN_PORT:-9901}"
+  need_port "${PROXY_B_ADMIN_PORT:-9902}"
 }
 
 up() {
@@ -101,6 +103,8 @@ Call it:
   dist/client --http3 --ca-cert certs/ca.pem hello        # the same over HTTP/3
   task verify-lb
   task simulate-rolling-update
+  curl -s localhost:${PROXY_ADMIN_PORT:-9901}/admin/endpoints   # each replica's state and counts (node-b: 9902)
+  curl -s localhost:${PROXY_ADMIN_PORT:-9901}/metrics
 MSG
 }
 

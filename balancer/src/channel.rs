@@ -24,7 +24,7 @@ use crate::{
     counters::Counters,
     discover::{Discovery, HostPort},
     error::Error,
-    pool::Pool,
+    pool::{Endpoints, Pool},
     replay::{BoxError, Budget},
     response::UpstreamBody,
     retry::{ServiceConfig, Throttle},
@@ -145,6 +145,11 @@ where
     /// The number of ready endpoints, updated as it changes.
     pub fn ready_endpoints(&self) -> watch::Receiver<usize> {
         self.shared.pool.ready_count()
+    }
+
+    /// Every endpoint: its state, since when, why, and its counts; the last resolution.
+    pub fn endpoints(&self) -> Endpoints {
+        self.shared.pool.endpoints()
     }
 
     /// Counters per method: attempts, retries, hedges, throttled, outcomes.

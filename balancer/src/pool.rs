@@ -12,7 +12,7 @@ use std::{
     collections::HashMap,
     net::SocketAddr,
     sync::{Arc, Weak},
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use arc_swap::ArcSwap;
@@ -46,6 +46,8 @@ pub(crate) struct Pool<B> {
     cursors: Cursors,
     /// Each endpoint and why it is not ready, for error messages.
     status: ArcSwap<String>,
+    /// Each endpoint's state, for the admin API.
+    view: ArcSwap<View>,
     /// Bumped whenever an endpoint comes or goes, for calls waiting for one.
     changed: watch::Sender<()>,
     /// Number of ready endpoints, for health reporting.
@@ -77,6 +79,11 @@ pub(crate) struct Outcome {
 }
 
 impl Outcome {
+    fn new(tally: Arc<Tally>, nudge: Arc<Notify>) -> Self {
+        tally.started();
+        Outcome { tally, nudge }
+    }
+
     /// Ended with `code` (a status, or what a reset or an HTTP error maps to): a
     /// failure if outlier detection lists it.
     pub(crate) fn status(self, code: lb_core::Code) {
@@ -90,6 +97,105 @@ impl Outcome {
         if self.tally.record(true) {
             self.nudge.notify_one();
         }
+    }
+}
+
+/// What an endpoint is doing, as the admin API says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndpointState {
+    /// No connection yet.
+    Connecting,
+    /// Connected, healthy, not ejected: takes calls.
+    Ready,
+    /// Sent GOAWAY: takes no new calls while its open ones finish.
+    Draining,
+    /// Its connection failed or could not be made.
+    Failed,
+    /// Outlier detection took it out; it keeps its connection.
+    Ejected,
+    /// Its health watch says it is not SERVING.
+    Unhealthy,
+}
+
+impl EndpointState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndpointState::Connecting => "connecting",
+            EndpointState::Ready => "ready",
+            EndpointState::Draining => "draining",
+            EndpointState::Failed => "failed",
+            EndpointState::Ejected => "ejected",
+            EndpointState::Unhealthy => "unhealthy",
+        }
+    }
+
+    pub const ALL: [EndpointState; 6] = [
+        EndpointState::Connecting,
+        EndpointState::Ready,
+        EndpointState::Draining,
+        EndpointState::Failed,
+        EndpointState::Ejected,
+        EndpointState::Unhealthy,
+    ];
+}
+
+/// One endpoint for the admin API: its state, and counts since it appeared.
+#[derive(Debug, Clone)]
+pub struct EndpointView {
+    pub address: SocketAddr,
+    /// On this node (an address of the local name).
+    pub local: bool,
+    pub state: EndpointState,
+    /// `h2` or `h3` while connected.
+    pub protocol: Option<&'static str>,
+    /// When it entered its state.
+    pub since: SystemTime,
+    /// Why it is not ready, when it is not.
+    pub last_error: Option<String>,
+    /// Attempts that ended with an outcome, and those of them that failed (as outlier
+    /// detection counts them).
+    pub calls: u64,
+    pub failures: u64,
+    /// Attempts placed on it and not yet ended.
+    pub in_flight: u32,
+    /// Times outlier detection ejected it.
+    pub ejections: u32,
+}
+
+/// Every endpoint of the target, and the last resolution.
+#[derive(Debug, Clone)]
+pub struct Endpoints {
+    pub target: String,
+    /// When discovery last answered.
+    pub resolved_at: Option<SystemTime>,
+    /// The last discovery failure, until the next answer.
+    pub dns_error: Option<String>,
+    pub endpoints: Vec<EndpointView>,
+}
+
+/// What the membership task publishes for [`Pool::endpoints`]; counts are read live.
+#[derive(Default)]
+struct View {
+    resolved_at: Option<SystemTime>,
+    dns_error: Option<String>,
+    endpoints: Vec<Row>,
+}
+
+struct Row {
+    address: SocketAddr,
+    local: bool,
+    state: EndpointState,
+    protocol: Option<&'static str>,
+    since: SystemTime,
+    last_error: Option<String>,
+    ejections: u32,
+    tally: Arc<Tally>,
+}
+
+/// An attempt is in flight until its outcome is recorded or it is let go.
+impl Drop for Outcome {
+    fn drop(&mut self) {
+        self.tally.finished();
     }
 }
 
@@ -113,6 +219,8 @@ struct State<B> {
     dns_error: Option<String>,
     /// Discovery has answered at least once.
     resolved_once: bool,
+    /// When discovery last answered with addresses (or none).
+    resolved_at: Option<SystemTime>,
     /// Outcomes and ejections; `detect` says whether the config asked for detection.
     outliers: Outliers,
     detect: bool,
@@ -131,8 +239,13 @@ struct Conn<B> {
     /// A connect attempt failed since the last connection: the replica went away (a
     /// restart), not just its connection (a GOAWAY, a connection age limit).
     went_away: bool,
-    /// Taking calls as last logged.
-    in_rotation: bool,
+    /// The state as last published, and since when.
+    state: EndpointState,
+    since: SystemTime,
+    /// The replica sent GOAWAY and no connect attempt has ended since.
+    draining: bool,
+    /// Times outlier detection ejected it.
+    ejections: u32,
     task: AbortHandle,
 }
 
@@ -166,6 +279,7 @@ where
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
             cursors: Cursors::new(),
             status: ArcSwap::from_pointee("not resolved yet".to_owned()),
+            view: ArcSwap::from_pointee(View::default()),
             changed: watch::Sender::new(()),
             ready: watch::Sender::new(0),
             refresh: Arc::new(Notify::new()),
@@ -178,6 +292,7 @@ where
             conns: HashMap::new(),
             dns_error: None,
             resolved_once: false,
+            resolved_at: None,
             detect: outlier.is_some(),
             outliers: Outliers::new(outlier.unwrap_or_default()),
             started: Instant::now(),
@@ -202,7 +317,7 @@ where
         let constraints = Constraints { avoid, exclude, may_wait };
         match snapshot.pick_with(&self.cursors, method, &constraints, Instant::now().into_std()) {
             Pick::Endpoint { addr, tier, handle } => {
-                let outcome = Outcome { tally: handle.tally.clone(), nudge: self.nudge.clone() };
+                let outcome = Outcome::new(handle.tally.clone(), self.nudge.clone());
                 Ok(Picked { addr, tier, upstream: handle.upstream.clone(), outcome })
             }
             Pick::WaitUntil(t) => Err(Some(Instant::from_std(t))),
@@ -245,7 +360,38 @@ where
         self.status.load().as_ref().clone()
     }
 
+    /// Every endpoint as the admin API shows it, with live counts.
+    pub(crate) fn endpoints(&self) -> Endpoints {
+        let view = self.view.load();
+        let endpoints = view
+            .endpoints
+            .iter()
+            .map(|r| {
+                let (ok, failed) = r.tally.totals();
+                EndpointView {
+                    address: r.address,
+                    local: r.local,
+                    state: r.state,
+                    protocol: r.protocol,
+                    since: r.since,
+                    last_error: r.last_error.clone(),
+                    calls: ok + failed,
+                    failures: failed,
+                    in_flight: r.tally.in_flight(),
+                    ejections: r.ejections,
+                }
+            })
+            .collect();
+        Endpoints {
+            target: self.target.clone(),
+            resolved_at: view.resolved_at,
+            dns_error: view.dns_error.clone(),
+            endpoints,
+        }
+    }
+
     fn publish(&self, st: &State<B>) {
+        self.view.store(Arc::new(st.view()));
         let snapshot = st.set.snapshot(|addr| {
             let conn = st.conns.get(&addr)?;
             Some(Handle { upstream: conn.send.clone()?, tally: conn.tally.clone() })
@@ -289,24 +435,67 @@ where
         }
     }
 
-    /// Logs each endpoint entering or leaving rotation (connected, healthy and not
-    /// ejected), with why: one line per change, whatever caused it.
-    fn log_rotation(&mut self) {
-        for (addr, _) in self.set.addrs() {
+    /// What `addr` is now, for the admin API.
+    fn classify(&self, addr: SocketAddr) -> EndpointState {
+        match self.conns.get(&addr) {
+            Some(c) if c.send.is_some() => match c.health {
+                Health::Unhealthy(_) => EndpointState::Unhealthy,
+                Health::Healthy if self.outliers.is_ejected(addr) => EndpointState::Ejected,
+                Health::Healthy => EndpointState::Ready,
+            },
+            Some(c) if c.draining => EndpointState::Draining,
+            Some(Conn { last_error: Some(_), .. }) => EndpointState::Failed,
+            _ => EndpointState::Connecting,
+        }
+    }
+
+    /// Brings each endpoint's state and its start time up to date, logging each one
+    /// entering or leaving rotation (ready), with why: one line per change, whatever
+    /// caused it.
+    fn refresh_states(&mut self) {
+        let addrs: Vec<SocketAddr> = self.set.addrs().map(|(a, _)| a).collect();
+        for addr in addrs {
+            let now = self.classify(addr);
             let Some(conn) = self.conns.get(&addr) else { continue };
-            let now = conn.send.is_some() && conn.health == Health::Healthy && !self.outliers.is_ejected(addr);
-            if now == conn.in_rotation {
+            let was = conn.state;
+            if now == was {
                 continue;
             }
-            if now {
+            if now == EndpointState::Ready {
                 info!(%addr, "Endpoint in rotation");
-            } else {
+            } else if was == EndpointState::Ready {
                 warn!(%addr, why = %self.state_of(addr), "Endpoint out of rotation");
             }
             if let Some(conn) = self.conns.get_mut(&addr) {
-                conn.in_rotation = now;
+                conn.state = now;
+                conn.since = SystemTime::now();
             }
         }
+    }
+
+    /// Every endpoint for the admin API, in address order.
+    fn view(&self) -> View {
+        let endpoints = self
+            .set
+            .addrs()
+            .filter_map(|(addr, local)| {
+                let c = self.conns.get(&addr)?;
+                Some(Row {
+                    address: addr,
+                    local,
+                    state: c.state,
+                    protocol: c.send.as_ref().map(Upstream::protocol),
+                    since: c.since,
+                    last_error: c.last_error.clone().or_else(|| match &c.health {
+                        Health::Unhealthy(why) => Some(why.clone()),
+                        Health::Healthy => None,
+                    }),
+                    ejections: c.ejections,
+                    tally: c.tally.clone(),
+                })
+            })
+            .collect();
+        View { resolved_at: self.resolved_at, dns_error: self.dns_error.clone(), endpoints }
     }
 
     /// Applies one update; says whether anything changed.
@@ -324,6 +513,7 @@ where
                     warn!(target = %pool.target, "Target has no addresses yet");
                 }
                 self.resolved_once = true;
+                self.resolved_at = Some(SystemTime::now());
                 let changes = self.set.apply(&resolved, Instant::now().into_std());
                 self.outliers.sync(&resolved.all);
                 for addr in changes.removed {
@@ -345,7 +535,10 @@ where
                         health,
                         tally,
                         went_away: false,
-                        in_rotation: false,
+                        state: EndpointState::Connecting,
+                        since: SystemTime::now(),
+                        draining: false,
+                        ejections: 0,
                         task,
                     };
                     self.conns.insert(addr, conn);
@@ -366,6 +559,7 @@ where
                 }
                 conn.send = Some(upstream);
                 conn.last_error = None;
+                conn.draining = false;
                 self.sync_ready(addr);
                 // A replica that went away and is back (restarted) starts over; one that
                 // only reconnected stays ejected for its time.
@@ -376,7 +570,8 @@ where
             }
             Update::Disconnected { addr, why } => {
                 let Some(conn) = self.conns.get_mut(&addr) else { return false };
-                if conn.send.is_some() && why.starts_with("replica sent GOAWAY") {
+                conn.draining = conn.send.is_some() && why.starts_with("replica sent GOAWAY");
+                if conn.draining {
                     info!(%addr, %why, "Connection draining; opening a new one");
                 } else if conn.send.is_some() {
                     warn!(%addr, %why, "Connection lost");
@@ -453,6 +648,9 @@ where
                         }
                     };
                     warn!(%addr, %reason, times, for_ms = time.as_millis() as u64, "Ejecting endpoint (outlier detection)");
+                    if let Some(c) = self.conns.get_mut(&addr) {
+                        c.ejections += 1;
+                    }
                     self.set.set_ejected(addr, true);
                 }
                 Event::Returned { addr } => {
@@ -496,7 +694,7 @@ async fn own<B>(
         };
         if changed {
             let Some(pool) = pool.upgrade() else { return };
-            state.log_rotation();
+            state.refresh_states();
             pool.publish(&state);
         }
     }

@@ -66,6 +66,7 @@ async fn main() -> anyhow::Result<()> {
     let proxy_args = |listen: &'static str, protocol: &'static str| {
         let mut v: Vec<String> =
             ["--listen", listen, "--target", "127.0.0.1:50151", "--threads", "1"].map(String::from).to_vec();
+        v.extend(["--admin-listen".into(), "off".into()]);
         v.extend(["--upstream-protocol".into(), protocol.into(), "--ca-cert".into(), path(&ca)]);
         v
     };

@@ -17,7 +17,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc,
-        atomic::{AtomicU32, Ordering::Relaxed},
+        atomic::{AtomicU32, AtomicU64, Ordering::Relaxed},
     },
     time::Duration,
 };
@@ -101,6 +101,11 @@ pub enum Why {
 pub struct Tally {
     ok: AtomicU32,
     failed: AtomicU32,
+    /// Since the endpoint appeared, never reset: for metrics.
+    total_ok: AtomicU64,
+    total_failed: AtomicU64,
+    /// Attempts placed on the endpoint and not yet ended.
+    in_flight: AtomicU32,
     /// Failures since the last success.
     consecutive: AtomicU32,
     /// The run of failures that ejects; 0 = none does.
@@ -113,6 +118,9 @@ impl Tally {
         Tally {
             ok: AtomicU32::new(0),
             failed: AtomicU32::new(0),
+            total_ok: AtomicU64::new(0),
+            total_failed: AtomicU64::new(0),
+            in_flight: AtomicU32::new(0),
             consecutive: AtomicU32::new(0),
             threshold: config.consecutive_failures.unwrap_or(0),
             codes: config.codes,
@@ -131,14 +139,36 @@ impl Tally {
     pub fn record(&self, failed: bool) -> bool {
         if !failed {
             self.ok.fetch_add(1, Relaxed);
+            self.total_ok.fetch_add(1, Relaxed);
             if self.consecutive.load(Relaxed) != 0 {
                 self.consecutive.store(0, Relaxed);
             }
             return false;
         }
         self.failed.fetch_add(1, Relaxed);
+        self.total_failed.fetch_add(1, Relaxed);
         let run = self.consecutive.fetch_add(1, Relaxed) + 1;
         self.threshold != 0 && run.is_multiple_of(self.threshold)
+    }
+
+    /// An attempt was placed on the endpoint; [`Tally::finished`] when it ends,
+    /// recorded or not.
+    pub fn started(&self) {
+        self.in_flight.fetch_add(1, Relaxed);
+    }
+
+    pub fn finished(&self) {
+        self.in_flight.fetch_sub(1, Relaxed);
+    }
+
+    /// Attempts in flight now.
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Relaxed)
+    }
+
+    /// (successes, failures) recorded since the endpoint appeared.
+    pub fn totals(&self) -> (u64, u64) {
+        (self.total_ok.load(Relaxed), self.total_failed.load(Relaxed))
     }
 
     /// Failures since the last success.

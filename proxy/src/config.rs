@@ -47,8 +47,8 @@ pub struct ServeArgs {
     /// ready replica before failing with UNAVAILABLE.
     #[arg(long, env = "PROXY_CONNECT_TIMEOUT", default_value = "5s", value_parser = duration::parse)]
     pub connect_timeout: Duration,
-    /// HTTP/2 ping interval to each replica: a dead one is noticed one interval plus 1 s
-    /// after its last word. gRPC servers refuse pings more often than every 5 min during
+    /// HTTP/2 ping interval to each replica: a dead or hung one is noticed one interval
+    /// plus 750 ms after its last word. gRPC servers refuse pings more often than every 5 min during
     /// calls, and any between calls, by default (GOAWAY too_many_pings); the proxy then
     /// pings that replica half as often, up to 5 min, and only during calls.
     #[arg(long, env = "PROXY_KEEPALIVE_INTERVAL", default_value = "1s", value_parser = duration::parse)]
@@ -89,9 +89,26 @@ pub struct ServeArgs {
     /// Runtime worker threads [default: one per CPU].
     #[arg(long, env = "PROXY_THREADS")]
     pub threads: Option<usize>,
+    /// The admin API (HTTP/1.1, read-only): /admin/endpoints and /metrics; `off` for none.
+    #[arg(long, env = "PROXY_ADMIN_LISTEN", default_value = "0.0.0.0:9901")]
+    pub admin_listen: AdminListen,
     /// How long open calls may finish after SIGTERM/SIGINT.
     #[arg(long, env = "PROXY_DRAIN_TIMEOUT", default_value = "10s", value_parser = duration::parse)]
     pub drain_timeout: Duration,
+}
+
+/// Where the admin API listens, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdminListen(pub Option<SocketAddr>);
+
+impl std::str::FromStr for AdminListen {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "off" {
+            return Ok(AdminListen(None));
+        }
+        s.parse().map(|a| AdminListen(Some(a))).map_err(|_| format!("expected IP:PORT or off, got {s:?}"))
+    }
 }
 
 impl ServeArgs {

@@ -5,8 +5,10 @@
 //!
 //! # Layout
 //! - [`config`]: flags and env vars.
+//! - [`admin`]: the read-only admin API (`--admin-listen`): endpoints and metrics.
 //! - [`run`]: the accept loops, per-request routing, and graceful shutdown.
 
+pub mod admin;
 pub mod config;
 
 use std::{convert::Infallible, future::Future, sync::Arc};
@@ -66,7 +68,16 @@ impl App {
 /// Serves until `shutdown` resolves, then sends GOAWAY to clients and gives open calls
 /// `--drain-timeout` to finish.
 pub async fn run(args: ServeArgs, listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let admin_listener = match args.admin_listen.0 {
+        Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("binding --admin-listen {addr}"))?),
+        None => None,
+    };
     let balancer = Balancer::new(args.settings()?).context("starting the balancer")?;
+    let admin = admin_listener.map(|l| {
+        info!(admin_listen = %l.local_addr().map_or_else(|_| "?".to_owned(), |a| a.to_string()), "Admin API on /admin/endpoints and /metrics");
+        let balancer = balancer.clone();
+        tokio::spawn(admin::serve(l, move || balancer.endpoints()))
+    });
     let reporter = HealthReporter::new();
     let health = HealthServer::new(HealthService::from_health_reporter(reporter.clone()));
     reporter.set_service_status("", ServingStatus::NotServing).await;
@@ -125,6 +136,9 @@ pub async fn run(args: ServeArgs, listener: TcpListener, shutdown: impl Future<O
     }
     if let Some(h3) = h3 {
         let _ = h3.await;
+    }
+    if let Some(admin) = admin {
+        admin.abort();
     }
     Ok(())
 }

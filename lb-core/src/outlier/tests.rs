@@ -233,3 +233,17 @@ fn a_return_makes_room_for_a_run_the_cap_refused() {
     let again = Event::Ejected { addr: ep(2), why: Why::ConsecutiveFailures(2), times: 1 };
     assert_eq!(out, [Event::Returned { addr: ep(1) }, again]);
 }
+
+#[test]
+fn totals_and_in_flight_are_kept_for_metrics_across_intervals() {
+    let mut o = outliers(consecutive(100, 100), 1);
+    let tally = o.tally(ep(1)).unwrap();
+    tally.started();
+    tally.started();
+    tally.record(true);
+    tally.finished();
+    tally.record(false);
+    assert_eq!((tally.totals(), tally.in_flight()), ((1, 1), 1));
+    o.on_interval(s(10), &mut Top);
+    assert_eq!(tally.totals(), (1, 1), "the interval's counts start over; the totals do not");
+}

@@ -16,6 +16,10 @@ pub use balancer::Protocol;
 pub const TARGET: &str = "server.test";
 pub const LOCAL: &str = "node-a.server.test";
 /// The sandbox's default service config: retry UNAVAILABLE, with the throttle.
+/// The proxy's admin API port, on the test subnet's .201 (clear of a running sandbox's
+/// 9901).
+pub const ADMIN_PORT: u16 = 19901;
+
 pub const SANDBOX_CONFIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/service-config.json");
 
 struct Member {
@@ -69,6 +73,8 @@ impl Cluster {
         let dns = self.dns.addr().to_string();
         let mut argv = vec!["proxy", "--target", &target, "--local-target", &local, "--dns-server", &dns];
         argv.extend_from_slice(&["--resolve-interval", "250ms"]);
+        let admin = SocketAddr::new(self.net.ip(201), ADMIN_PORT).to_string();
+        argv.extend_from_slice(&["--admin-listen", &admin]);
         let ca = testkit::certs().join("ca.pem").to_string_lossy().into_owned();
         let protocol = self.protocol.to_string();
         if self.protocol != Protocol::H2 {
@@ -117,6 +123,24 @@ impl Cluster {
     pub fn set_in_dns(&mut self, name: &str, in_dns: bool) {
         self.members.get_mut(name).unwrap().in_dns = in_dns;
         self.publish();
+    }
+
+    /// The proxy's admin API.
+    pub fn admin(&self) -> SocketAddr {
+        SocketAddr::new(self.net.ip(201), ADMIN_PORT)
+    }
+
+    /// `GET path` on the admin API: the status code and the body.
+    pub async fn admin_get(&self, path: &str) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = tokio::net::TcpStream::connect(self.admin()).await.expect("admin API reachable");
+        let req = format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
+        tcp.write_all(req.as_bytes()).await.unwrap();
+        let mut raw = String::new();
+        tcp.read_to_string(&mut raw).await.unwrap();
+        let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP response");
+        let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("a status code");
+        (status, body.to_owned())
     }
 
     pub fn addr_of(&self, name: &str) -> SocketAddr {

@@ -1,0 +1,218 @@
+//! The admin API on `--admin-listen`: plain HTTP/1.1, read-only.
+//! - `GET /admin/endpoints`: JSON, each endpoint's state, since when, why, and counts.
+//! - `GET /metrics`: Prometheus text, each endpoint's state, connections, in-flight
+//!   attempts, outcomes and ejections.
+//!
+//! Everything is read from the balancer's published state and its atomic counters: a
+//! scrape takes no lock the calls take, and a slow client holds only its own
+//! connection.
+
+use std::{
+    convert::Infallible,
+    fmt::Write as _,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use balancer::{EndpointState, Endpoints};
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tracing::{debug, warn};
+
+/// Serves the admin API on `listener` until the task is dropped; `endpoints` reads the
+/// balancer's state (`Balancer::endpoints`).
+pub async fn serve(listener: TcpListener, endpoints: impl Fn() -> Endpoints + Clone + Send + 'static) {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(error = %e, "Admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let endpoints = endpoints.clone();
+        let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+            let resp = answer(&req, &endpoints());
+            async move { Ok::<_, Infallible>(resp) }
+        });
+        tokio::spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc);
+            if let Err(e) = conn.await {
+                debug!(%peer, error = %e, "Admin connection ended with an error");
+            }
+        });
+    }
+}
+
+/// The response to one admin request.
+fn answer<T>(req: &Request<T>, endpoints: &Endpoints) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "the admin API is read-only: GET only\n".into());
+    }
+    match req.uri().path() {
+        "/admin/endpoints" => {
+            let body = serde_json::to_string_pretty(&endpoints_json(endpoints, SystemTime::now()))
+                .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
+            respond(StatusCode::OK, "application/json", body + "\n")
+        }
+        "/metrics" => respond(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", metrics(endpoints)),
+        path => text(StatusCode::NOT_FOUND, format!("no admin path {path}: try /admin/endpoints or /metrics\n")),
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    respond(status, "text/plain; charset=utf-8", body)
+}
+
+fn respond(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    resp
+}
+
+fn locality(local: bool) -> &'static str {
+    if local { "local" } else { "remote" }
+}
+
+/// `/admin/endpoints`: the target, the last resolution, and one object per endpoint.
+fn endpoints_json(e: &Endpoints, now: SystemTime) -> serde_json::Value {
+    let endpoints: Vec<_> = e
+        .endpoints
+        .iter()
+        .map(|ep| {
+            json!({
+                "address": ep.address.to_string(),
+                "locality": locality(ep.local),
+                "state": ep.state.as_str(),
+                "protocol": ep.protocol,
+                "since": rfc3339(ep.since),
+                "for_seconds": now.duration_since(ep.since).map_or(0.0, |d| d.as_secs_f64()),
+                "last_error": ep.last_error,
+                "in_flight": ep.in_flight,
+                "calls": ep.calls,
+                "failures": ep.failures,
+                "ejections": ep.ejections,
+            })
+        })
+        .collect();
+    json!({
+        "target": e.target,
+        "resolved_at": e.resolved_at.map(rfc3339),
+        "dns_error": e.dns_error,
+        "endpoints": endpoints,
+    })
+}
+
+/// `/metrics`: Prometheus text exposition.
+fn metrics(e: &Endpoints) -> String {
+    let mut out = String::with_capacity(2048);
+    let target = escape(&e.target);
+    let mut open = [0u32; 2];
+    for ep in &e.endpoints {
+        if ep.protocol.is_some() {
+            open[usize::from(ep.local)] += 1;
+        }
+    }
+    out.push_str("# HELP grpc_subchannel_open_connections Connections open to endpoints, by locality.\n");
+    out.push_str("# TYPE grpc_subchannel_open_connections gauge\n");
+    for (i, place) in ["remote", "local"].iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "grpc_subchannel_open_connections{{grpc_target=\"{target}\",grpc_lb_locality=\"{place}\"}} {}",
+            open[i]
+        );
+    }
+    let labels = |ep: &balancer::EndpointView| {
+        format!("grpc_target=\"{target}\",endpoint=\"{}\",grpc_lb_locality=\"{}\"", ep.address, locality(ep.local))
+    };
+    out.push_str("# HELP lb_endpoint_state 1 for the state each endpoint is in, 0 for the others.\n");
+    out.push_str("# TYPE lb_endpoint_state gauge\n");
+    for ep in &e.endpoints {
+        for state in EndpointState::ALL {
+            let on = u8::from(ep.state == state);
+            let _ = writeln!(out, "lb_endpoint_state{{{},state=\"{}\"}} {on}", labels(ep), state.as_str());
+        }
+    }
+    out.push_str("# HELP lb_endpoint_in_flight Attempts placed on each endpoint and not yet ended.\n");
+    out.push_str("# TYPE lb_endpoint_in_flight gauge\n");
+    for ep in &e.endpoints {
+        let _ = writeln!(out, "lb_endpoint_in_flight{{{}}} {}", labels(ep), ep.in_flight);
+    }
+    out.push_str("# HELP lb_endpoint_attempts_total Attempts ended on each endpoint, by outcome as outlier detection counts it.\n");
+    out.push_str("# TYPE lb_endpoint_attempts_total counter\n");
+    for ep in &e.endpoints {
+        let l = labels(ep);
+        let _ = writeln!(out, "lb_endpoint_attempts_total{{{l},outcome=\"ok\"}} {}", ep.calls - ep.failures);
+        let _ = writeln!(out, "lb_endpoint_attempts_total{{{l},outcome=\"failed\"}} {}", ep.failures);
+    }
+    out.push_str("# HELP lb_endpoint_ejections_total Times outlier detection ejected each endpoint.\n");
+    out.push_str("# TYPE lb_endpoint_ejections_total counter\n");
+    for ep in &e.endpoints {
+        let _ = writeln!(out, "lb_endpoint_ejections_total{{{}}} {}", labels(ep), ep.ejections);
+    }
+    out
+}
+
+/// A label value as Prometheus' text format quotes it.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// `2026-11-23T07:25:00.123Z`, in UTC.
+fn rfc3339(t: SystemTime) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn rfc3339_dates_are_civil_utc() {
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        let t = UNIX_EPOCH + Duration::from_millis(1_795_418_700_123);
+        assert_eq!(rfc3339(t), "2026-11-23T07:25:00.123Z");
+        assert_eq!(rfc3339(UNIX_EPOCH + Duration::from_secs(951_782_400)), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn unknown_paths_are_404_and_writes_are_refused() {
+        let none = Endpoints { target: "t:1".into(), resolved_at: None, dns_error: None, endpoints: vec![] };
+        let get = |path: &str| Request::get(path).body(()).unwrap();
+        assert_eq!(answer(&get("/nope"), &none).status(), StatusCode::NOT_FOUND);
+        assert_eq!(answer(&get("/metrics"), &none).status(), StatusCode::OK);
+        let post = Request::post("/admin/endpoints").body(()).unwrap();
+        assert_eq!(answer(&post, &none).status(), StatusCode::METHOD_NOT_ALLOWED);
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+}

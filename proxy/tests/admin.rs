@@ -1,0 +1,104 @@
+//! The admin API of the real proxy: `/admin/endpoints` and `/metrics` after known
+//! traffic, and each endpoint's state through a kill and a restart.
+
+mod support;
+
+use std::time::Duration;
+
+use balancer::Protocol;
+use serde_json::Value;
+use support::{Cluster, tally};
+use tokio::time::Instant;
+
+const LAYOUT: &[(&str, &str)] = &[("s1", "node-a"), ("s2", "node-a"), ("s3", "node-b")];
+
+async fn endpoints(c: &Cluster) -> Value {
+    let (status, body) = c.admin_get("/admin/endpoints").await;
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).expect("JSON")
+}
+
+/// The endpoint object of replica `name`.
+fn endpoint<'a>(v: &'a Value, c: &Cluster, name: &str) -> &'a Value {
+    let addr = c.addr_of(name).to_string();
+    v["endpoints"].as_array().unwrap().iter().find(|e| e["address"] == addr.as_str()).expect("listed")
+}
+
+fn calls(v: &Value, c: &Cluster, name: &str) -> u64 {
+    endpoint(v, c, name)["calls"].as_u64().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_and_metrics_count_exactly_what_each_replica_took() {
+    let c = Cluster::start(Protocol::H2, LAYOUT, &[]).await;
+    c.wait_for(&["s1", "s2"]).await;
+    let before = endpoints(&c).await;
+    let (counts, failures) = tally(&mut c.client().await, 20).await;
+    assert!(failures.is_empty(), "{failures:?}");
+    let after = endpoints(&c).await;
+
+    assert_eq!(after["target"], "server.test:50051");
+    assert!(after["resolved_at"].as_str().is_some_and(|t| t.ends_with('Z')));
+    for (name, locality, took) in [("s1", "local", 10), ("s2", "local", 10), ("s3", "remote", 0)] {
+        let e = endpoint(&after, &c, name);
+        assert_eq!(counts.get(name).copied().unwrap_or(0), took);
+        assert_eq!(calls(&after, &c, name) - calls(&before, &c, name), took as u64, "{name}: {e}");
+        assert_eq!((e["state"].as_str(), e["locality"].as_str()), (Some("ready"), Some(locality)), "{e}");
+        assert_eq!(
+            (e["protocol"].as_str(), e["failures"].as_u64(), e["in_flight"].as_u64()),
+            (Some("h2"), Some(0), Some(0))
+        );
+    }
+
+    let (status, metrics) = c.admin_get("/metrics").await;
+    assert_eq!(status, 200);
+    let s1 = c.addr_of("s1");
+    let line = format!(
+        "lb_endpoint_attempts_total{{grpc_target=\"server.test:50051\",endpoint=\"{s1}\",grpc_lb_locality=\"local\",outcome=\"ok\"}} {}",
+        calls(&after, &c, "s1")
+    );
+    assert!(metrics.contains(&line), "no {line} in\n{metrics}");
+    let ready = format!(
+        "lb_endpoint_state{{grpc_target=\"server.test:50051\",endpoint=\"{s1}\",grpc_lb_locality=\"local\",state=\"ready\"}} 1"
+    );
+    assert!(metrics.contains(&ready), "{metrics}");
+    assert!(
+        metrics.contains(
+            "grpc_subchannel_open_connections{grpc_target=\"server.test:50051\",grpc_lb_locality=\"local\"} 2"
+        )
+    );
+
+    assert_eq!(c.admin_get("/nope").await.0, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn states_follow_a_kill_and_a_restart() {
+    let mut c = Cluster::start(Protocol::H2, LAYOUT, &[]).await;
+    c.wait_for(&["s1", "s2"]).await;
+    let state_of = |v: &Value, c: &Cluster| endpoint(v, c, "s1")["state"].as_str().unwrap().to_owned();
+    c.kill("s1");
+    let until = Instant::now() + Duration::from_secs(5);
+    let gone = loop {
+        let v = endpoints(&c).await;
+        if state_of(&v, &c) != "ready" {
+            break v;
+        }
+        assert!(Instant::now() < until, "s1 still ready after its kill");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let e = endpoint(&gone, &c, "s1");
+    assert!(matches!(e["state"].as_str(), Some("failed" | "connecting")), "{e}");
+    assert!(e["last_error"].as_str().is_some_and(|s| !s.is_empty()), "says why: {e}");
+
+    c.restart("s1");
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        let v = endpoints(&c).await;
+        if state_of(&v, &c) == "ready" {
+            assert!(endpoint(&v, &c, "s1")["last_error"].is_null());
+            break;
+        }
+        assert!(Instant::now() < until, "s1 not ready again after its restart");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
