@@ -8,12 +8,13 @@
 //! connection.
 
 use std::{
+    collections::HashMap,
     convert::Infallible,
     fmt::Write as _,
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use balancer::{EndpointState, Endpoints};
+use balancer::{EndpointState, Endpoints, counters::MethodCounters};
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
@@ -22,9 +23,15 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
-/// Serves the admin API on `listener` until the task is dropped; `endpoints` reads the
-/// balancer's state (`Balancer::endpoints`).
-pub async fn serve(listener: TcpListener, endpoints: impl Fn() -> Endpoints + Clone + Send + 'static) {
+/// What the admin API shows: the balancer's endpoints and its per-method counters.
+pub struct Snapshot {
+    pub endpoints: Endpoints,
+    pub methods: HashMap<String, MethodCounters>,
+}
+
+/// Serves the admin API on `listener` until the task is dropped; `read` takes a
+/// [`Snapshot`] of the balancer (`Balancer::endpoints`, `Balancer::counters`).
+pub async fn serve(listener: TcpListener, read: impl Fn() -> Snapshot + Clone + Send + 'static) {
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(a) => a,
@@ -34,9 +41,9 @@ pub async fn serve(listener: TcpListener, endpoints: impl Fn() -> Endpoints + Cl
                 continue;
             }
         };
-        let endpoints = endpoints.clone();
+        let read = read.clone();
         let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-            let resp = answer(&req, &endpoints());
+            let resp = answer(&req, &read());
             async move { Ok::<_, Infallible>(resp) }
         });
         tokio::spawn(async move {
@@ -49,17 +56,17 @@ pub async fn serve(listener: TcpListener, endpoints: impl Fn() -> Endpoints + Cl
 }
 
 /// The response to one admin request.
-fn answer<T>(req: &Request<T>, endpoints: &Endpoints) -> Response<Full<Bytes>> {
+fn answer<T>(req: &Request<T>, snap: &Snapshot) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "the admin API is read-only: GET only\n".into());
     }
     match req.uri().path() {
         "/admin/endpoints" => {
-            let body = serde_json::to_string_pretty(&endpoints_json(endpoints, SystemTime::now()))
+            let body = serde_json::to_string_pretty(&endpoints_json(&snap.endpoints, SystemTime::now()))
                 .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
             respond(StatusCode::OK, "application/json", body + "\n")
         }
-        "/metrics" => respond(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", metrics(endpoints)),
+        "/metrics" => respond(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", metrics(snap)),
         path => text(StatusCode::NOT_FOUND, format!("no admin path {path}: try /admin/endpoints or /metrics\n")),
     }
 }
@@ -109,9 +116,25 @@ fn endpoints_json(e: &Endpoints, now: SystemTime) -> serde_json::Value {
 }
 
 /// `/metrics`: Prometheus text exposition.
-fn metrics(e: &Endpoints) -> String {
+fn metrics(snap: &Snapshot) -> String {
+    let e = &snap.endpoints;
     let mut out = String::with_capacity(2048);
     let target = escape(&e.target);
+    // Methods are bounded: those that have succeeded once (at most 256) and `other`.
+    let mut methods: Vec<_> = snap.methods.iter().collect();
+    methods.sort_by(|a, b| a.0.cmp(b.0));
+    out.push_str(
+        "# HELP grpc_client_attempt_started_total Attempts started, counted when their call commits or ends.\n",
+    );
+    out.push_str("# TYPE grpc_client_attempt_started_total counter\n");
+    for (method, m) in &methods {
+        let method = escape(method.trim_start_matches('/'));
+        let _ = writeln!(
+            out,
+            "grpc_client_attempt_started_total{{grpc_method=\"{method}\",grpc_target=\"{target}\"}} {}",
+            m.attempts
+        );
+    }
     let mut open = [0u32; 2];
     for ep in &e.endpoints {
         if ep.protocol.is_some() {
@@ -203,7 +226,8 @@ mod tests {
 
     #[test]
     fn unknown_paths_are_404_and_writes_are_refused() {
-        let none = Endpoints { target: "t:1".into(), resolved_at: None, dns_error: None, endpoints: vec![] };
+        let endpoints = Endpoints { target: "t:1".into(), resolved_at: None, dns_error: None, endpoints: vec![] };
+        let none = Snapshot { endpoints, methods: HashMap::new() };
         let get = |path: &str| Request::get(path).body(()).unwrap();
         assert_eq!(answer(&get("/nope"), &none).status(), StatusCode::NOT_FOUND);
         assert_eq!(answer(&get("/metrics"), &none).status(), StatusCode::OK);

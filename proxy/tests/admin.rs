@@ -33,6 +33,7 @@ async fn endpoints_and_metrics_count_exactly_what_each_replica_took() {
     let c = Cluster::start(Protocol::H2, LAYOUT, &[]).await;
     c.wait_for(&["s1", "s2"]).await;
     let before = endpoints(&c).await;
+    let metrics_before = c.admin_get("/metrics").await.1;
     let (counts, failures) = tally(&mut c.client().await, 20).await;
     assert!(failures.is_empty(), "{failures:?}");
     let after = endpoints(&c).await;
@@ -52,6 +53,8 @@ async fn endpoints_and_metrics_count_exactly_what_each_replica_took() {
 
     let (status, metrics) = c.admin_get("/metrics").await;
     assert_eq!(status, 200);
+    let hello = "grpc_client_attempt_started_total{grpc_method=\"hello.HelloService/SayHello\",grpc_target=\"server.test:50051\"}";
+    assert_eq!(value(&metrics, hello) - value(&metrics_before, hello), 20, "{metrics}");
     let s1 = c.addr_of("s1");
     let line = format!(
         "lb_endpoint_attempts_total{{grpc_target=\"server.test:50051\",endpoint=\"{s1}\",grpc_lb_locality=\"local\",outcome=\"ok\"}} {}",
@@ -101,4 +104,58 @@ async fn states_follow_a_kill_and_a_restart() {
         assert!(Instant::now() < until, "s1 not ready again after its restart");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// The series names (everything before the value) of a scrape.
+fn series(metrics: &str) -> std::collections::BTreeSet<String> {
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' ').map(|(name, _)| name.to_owned()))
+        .collect()
+}
+
+fn value(metrics: &str, series: &str) -> u64 {
+    metrics.lines().find_map(|l| l.strip_prefix(series)?.trim().parse().ok()).unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forty_thousand_random_method_names_add_no_series() {
+    use futures_util::StreamExt;
+    use http_body_util::{BodyExt, Full};
+
+    let c = Cluster::start(Protocol::H2, &[("s1", "node-a")], &[]).await;
+    c.wait_for(&["s1"]).await;
+    let tcp = tokio::net::TcpStream::connect(c.proxy).await.unwrap();
+    let (send, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let call = |n: u32| {
+        let mut send = send.clone();
+        async move {
+            let req = http::Request::post(format!("http://svc/random{n}.S/M{n}"))
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .body(Full::new(support::frame(b"")))
+                .unwrap();
+            let resp = send.send_request(req).await.unwrap();
+            let status = resp.headers().get("grpc-status").cloned();
+            let _ = resp.into_body().collect().await;
+            status
+        }
+    };
+    call(0).await; // the `other` row exists from here on
+    let other = "grpc_client_attempt_started_total{grpc_method=\"other\",grpc_target=\"server.test:50051\"}";
+    let before = c.admin_get("/metrics").await.1;
+
+    let statuses: Vec<_> = futures_util::stream::iter(1..=40_000).map(call).buffer_unordered(64).collect().await;
+    assert!(statuses.iter().all(|s| s.as_ref().is_some_and(|s| s == "12")), "every call UNIMPLEMENTED");
+
+    let after = c.admin_get("/metrics").await.1;
+    assert_eq!(series(&before), series(&after), "no new series");
+    assert_eq!(value(&after, other) - value(&before, other), 40_000);
+    let hello = "grpc_client_attempt_started_total{grpc_method=\"hello.HelloService/SayHello\",grpc_target=\"server.test:50051\"}";
+    assert!(value(&after, hello) > 0, "a method that succeeded has its own row:\n{after}");
 }
