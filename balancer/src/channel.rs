@@ -24,7 +24,7 @@ use crate::{
     counters::Counters,
     discover::{Discovery, HostPort},
     error::Error,
-    pool::{Endpoints, Pool},
+    pool::{Endpoints, Pool, PoolEvent},
     replay::{BoxError, Budget},
     response::UpstreamBody,
     retry::{ServiceConfig, Throttle},
@@ -145,6 +145,14 @@ where
     /// The number of ready endpoints, updated as it changes.
     pub fn ready_endpoints(&self) -> watch::Receiver<usize> {
         self.shared.pool.ready_count()
+    }
+
+    /// What happens to the endpoints from now on: added, removed, state changes with why,
+    /// GOAWAY, ejections, failover and failback. A reader that falls more than 1,024
+    /// events behind misses the oldest (and is told how many); it never slows the
+    /// balancer.
+    pub fn events(&self) -> tokio::sync::broadcast::Receiver<PoolEvent> {
+        self.shared.pool.events()
     }
 
     /// Every endpoint: its state, since when, why, and its counts; the last resolution.

@@ -54,5 +54,5 @@ pub use channel::{Balancer, Settings};
 pub use connect::Protocol;
 pub use discover::HostPort;
 pub use error::Error;
-pub use pool::{EndpointState, EndpointView, Endpoints};
+pub use pool::{EndpointState, EndpointView, Endpoints, PoolEvent};
 pub use wire::grpc_timeout;

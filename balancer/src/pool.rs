@@ -48,6 +48,8 @@ pub(crate) struct Pool<B> {
     status: ArcSwap<String>,
     /// Each endpoint's state, for the admin API.
     view: ArcSwap<View>,
+    /// What happens to the endpoints, as it happens.
+    events: tokio::sync::broadcast::Sender<PoolEvent>,
     /// Bumped whenever an endpoint comes or goes, for calls waiting for one.
     changed: watch::Sender<()>,
     /// Number of ready endpoints, for health reporting.
@@ -162,6 +164,22 @@ pub struct EndpointView {
     pub ejections: u32,
 }
 
+/// Something that happened to the endpoints, for the admin API's event stream.
+#[derive(Debug, Clone)]
+pub struct PoolEvent {
+    pub at: SystemTime,
+    /// `added`, `removed`, `state`, `goaway`, `ejected`, `returned`, `failover`,
+    /// `failback`.
+    pub kind: &'static str,
+    pub endpoint: Option<SocketAddr>,
+    /// What changed and why, in words.
+    pub detail: String,
+}
+
+/// Events a slow reader may fall behind by before it misses some (it never holds the
+/// membership task up).
+const EVENTS: usize = 1024;
+
 /// Every endpoint of the target, and the last resolution.
 #[derive(Debug, Clone)]
 pub struct Endpoints {
@@ -226,6 +244,10 @@ struct State<B> {
     detect: bool,
     /// When the pool started: outlier detection's clock counts from it.
     started: Instant,
+    /// Where events go (a clone of the pool's sender).
+    events: tokio::sync::broadcast::Sender<PoolEvent>,
+    /// The tier calls go to, as last published: local, remote (failed over) or none.
+    serving: Option<Tier>,
     rng: SplitMix64,
 }
 
@@ -280,6 +302,7 @@ where
             cursors: Cursors::new(),
             status: ArcSwap::from_pointee("not resolved yet".to_owned()),
             view: ArcSwap::from_pointee(View::default()),
+            events: tokio::sync::broadcast::Sender::new(EVENTS),
             changed: watch::Sender::new(()),
             ready: watch::Sender::new(0),
             refresh: Arc::new(Notify::new()),
@@ -296,6 +319,8 @@ where
             detect: outlier.is_some(),
             outliers: Outliers::new(outlier.unwrap_or_default()),
             started: Instant::now(),
+            events: pool.events.clone(),
+            serving: None,
             rng: SplitMix64::from_entropy(),
         };
         tokio::spawn(own(Arc::downgrade(&pool), state, updates, rx));
@@ -358,6 +383,11 @@ where
     /// What the pool knows, for an error message: each endpoint and why it is not ready.
     pub(crate) fn describe(&self) -> String {
         self.status.load().as_ref().clone()
+    }
+
+    /// The events from now on.
+    pub(crate) fn events(&self) -> tokio::sync::broadcast::Receiver<PoolEvent> {
+        self.events.subscribe()
     }
 
     /// Every endpoint as the admin API shows it, with live counts.
@@ -449,6 +479,10 @@ where
         }
     }
 
+    fn emit(&self, kind: &'static str, endpoint: Option<SocketAddr>, detail: String) {
+        let _ = self.events.send(PoolEvent { at: SystemTime::now(), kind, endpoint, detail });
+    }
+
     /// Brings each endpoint's state and its start time up to date, logging each one
     /// entering or leaving rotation (ready), with why: one line per change, whatever
     /// caused it.
@@ -466,10 +500,40 @@ where
             } else if was == EndpointState::Ready {
                 warn!(%addr, why = %self.state_of(addr), "Endpoint out of rotation");
             }
+            let why = if now == EndpointState::Ready { String::new() } else { format!(": {}", self.state_of(addr)) };
+            self.emit("state", Some(addr), format!("{} -> {}{why}", was.as_str(), now.as_str()));
             if let Some(conn) = self.conns.get_mut(&addr) {
                 conn.state = now;
                 conn.since = SystemTime::now();
             }
+        }
+        // Which tier calls go to: failover when the last local endpoint leaves, failback
+        // when one is back.
+        let ready = |local: bool| {
+            self.set
+                .addrs()
+                .any(|(a, l)| l == local && self.conns.get(&a).is_some_and(|c| c.state == EndpointState::Ready))
+        };
+        let serving = if ready(true) {
+            Some(Tier::Local)
+        } else if ready(false) {
+            Some(Tier::Remote)
+        } else {
+            None
+        };
+        if serving != self.serving {
+            match (self.serving, serving) {
+                (Some(Tier::Local), Some(Tier::Remote)) => {
+                    warn!("No local endpoint ready; failing over to remote ones");
+                    self.emit("failover", None, "no local endpoint ready: calls go to remote ones".to_owned());
+                }
+                (Some(Tier::Remote), Some(Tier::Local)) => {
+                    info!("A local endpoint is ready again; failing back");
+                    self.emit("failback", None, "a local endpoint is ready again: calls go to it".to_owned());
+                }
+                _ => {}
+            }
+            self.serving = serving;
         }
     }
 
@@ -516,6 +580,13 @@ where
                 self.resolved_at = Some(SystemTime::now());
                 let changes = self.set.apply(&resolved, Instant::now().into_std());
                 self.outliers.sync(&resolved.all);
+                for addr in &changes.removed {
+                    self.emit("removed", Some(*addr), "no longer in the target's addresses".to_owned());
+                }
+                for addr in &changes.added {
+                    let place = if resolved.local.contains(addr) { "local" } else { "remote" };
+                    self.emit("added", Some(*addr), format!("new {place} address of the target"));
+                }
                 for addr in changes.removed {
                     info!(%addr, "Removing endpoint");
                     if let Some(conn) = self.conns.remove(&addr) {
@@ -573,6 +644,9 @@ where
                 conn.draining = conn.send.is_some() && why.starts_with("replica sent GOAWAY");
                 if conn.draining {
                     info!(%addr, %why, "Connection draining; opening a new one");
+                    let event =
+                        PoolEvent { at: SystemTime::now(), kind: "goaway", endpoint: Some(addr), detail: why.clone() };
+                    let _ = self.events.send(event);
                 } else if conn.send.is_some() {
                     warn!(%addr, %why, "Connection lost");
                 } else {
@@ -648,6 +722,8 @@ where
                         }
                     };
                     warn!(%addr, %reason, times, for_ms = time.as_millis() as u64, "Ejecting endpoint (outlier detection)");
+                    let ms = time.as_millis();
+                    self.emit("ejected", Some(addr), format!("{reason}; ejection {times}, for {ms} ms"));
                     if let Some(c) = self.conns.get_mut(&addr) {
                         c.ejections += 1;
                     }
@@ -655,6 +731,7 @@ where
                 }
                 Event::Returned { addr } => {
                     info!(%addr, "Endpoint back from ejection");
+                    self.emit("returned", Some(addr), "back from ejection".to_owned());
                     self.set.set_ejected(addr, false);
                 }
             }

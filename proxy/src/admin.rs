@@ -1,7 +1,9 @@
 //! The admin API on `--admin-listen`: plain HTTP/1.1, read-only.
 //! - `GET /admin/endpoints`: JSON, each endpoint's state, since when, why, and counts.
 //! - `GET /metrics`: Prometheus text, each endpoint's state, connections, in-flight
-//!   attempts, outcomes and ejections.
+//!   attempts, outcomes and ejections, attempts per method.
+//! - `GET /admin/events`: Server-Sent Events as they happen: endpoints added and
+//!   removed, state changes with why, GOAWAY, ejections, failover and failback.
 //!
 //! Everything is read from the balancer's published state and its atomic counters: a
 //! scrape takes no lock the calls take, and a slow client holds only its own
@@ -14,13 +16,15 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use balancer::{EndpointState, Endpoints, counters::MethodCounters};
+use balancer::{EndpointState, Endpoints, PoolEvent, counters::MethodCounters};
 use bytes::Bytes;
+use futures_util::StreamExt;
 use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::Full;
+use http_body::Frame;
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
 use hyper_util::rt::TokioIo;
 use serde_json::json;
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::broadcast};
 use tracing::{debug, warn};
 
 /// What the admin API shows: the balancer's endpoints and its per-method counters.
@@ -29,9 +33,16 @@ pub struct Snapshot {
     pub methods: HashMap<String, MethodCounters>,
 }
 
+type AdminBody = BoxBody<Bytes, Infallible>;
+
 /// Serves the admin API on `listener` until the task is dropped; `read` takes a
-/// [`Snapshot`] of the balancer (`Balancer::endpoints`, `Balancer::counters`).
-pub async fn serve(listener: TcpListener, read: impl Fn() -> Snapshot + Clone + Send + 'static) {
+/// [`Snapshot`] of the balancer (`Balancer::endpoints`, `Balancer::counters`), and
+/// `subscribe` its events (`Balancer::events`).
+pub async fn serve(
+    listener: TcpListener,
+    read: impl Fn() -> Snapshot + Clone + Send + 'static,
+    subscribe: impl Fn() -> broadcast::Receiver<PoolEvent> + Clone + Send + 'static,
+) {
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(a) => a,
@@ -41,9 +52,13 @@ pub async fn serve(listener: TcpListener, read: impl Fn() -> Snapshot + Clone + 
                 continue;
             }
         };
-        let read = read.clone();
+        let (read, subscribe) = (read.clone(), subscribe.clone());
         let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-            let resp = answer(&req, &read());
+            let resp = if req.method() == Method::GET && req.uri().path() == "/admin/events" {
+                events(subscribe())
+            } else {
+                answer(&req, &read()).map(|b| b.boxed())
+            };
             async move { Ok::<_, Infallible>(resp) }
         });
         tokio::spawn(async move {
@@ -53,6 +68,34 @@ pub async fn serve(listener: TcpListener, read: impl Fn() -> Snapshot + Clone + 
             }
         });
     }
+}
+
+/// `/admin/events`: each event as it happens, as Server-Sent Events. A reader too slow
+/// for the stream is told how many it missed; it never holds up the balancer.
+fn events(rx: broadcast::Receiver<PoolEvent>) -> Response<AdminBody> {
+    let hello = futures_util::stream::once(async { Bytes::from_static(b": events as they happen\n\n") });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        let chunk = match rx.recv().await {
+            Ok(e) => {
+                let data = json!({
+                    "at": rfc3339(e.at),
+                    "kind": e.kind,
+                    "endpoint": e.endpoint.map(|a| a.to_string()),
+                    "detail": e.detail,
+                });
+                format!("event: {}\ndata: {data}\n\n", e.kind)
+            }
+            Err(broadcast::error::RecvError::Lagged(n)) => format!(": missed {n} events\n\n"),
+            Err(broadcast::error::RecvError::Closed) => return None,
+        };
+        Some((Bytes::from(chunk), rx))
+    });
+    let body = StreamBody::new(hello.chain(stream).map(|b| Ok::<_, Infallible>(Frame::data(b))));
+    let mut resp = Response::new(BodyExt::boxed(body));
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/event-stream"));
+    h.insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-cache"));
+    resp
 }
 
 /// The response to one admin request.
@@ -67,7 +110,10 @@ fn answer<T>(req: &Request<T>, snap: &Snapshot) -> Response<Full<Bytes>> {
             respond(StatusCode::OK, "application/json", body + "\n")
         }
         "/metrics" => respond(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", metrics(snap)),
-        path => text(StatusCode::NOT_FOUND, format!("no admin path {path}: try /admin/endpoints or /metrics\n")),
+        path => text(
+            StatusCode::NOT_FOUND,
+            format!("no admin path {path}: try /admin/endpoints, /admin/events or /metrics\n"),
+        ),
     }
 }
 

@@ -76,8 +76,12 @@ pub async fn run(args: ServeArgs, listener: TcpListener, shutdown: impl Future<O
     let admin = admin_listener.map(|l| {
         info!(admin_listen = %l.local_addr().map_or_else(|_| "?".to_owned(), |a| a.to_string()), "Admin API on /admin/endpoints and /metrics");
         let balancer = balancer.clone();
+        let subscribe = {
+            let balancer = balancer.clone();
+            move || balancer.events()
+        };
         let read = move || admin::Snapshot { endpoints: balancer.endpoints(), methods: balancer.counters().snapshot() };
-        tokio::spawn(admin::serve(l, read))
+        tokio::spawn(admin::serve(l, read, subscribe))
     });
     let reporter = HealthReporter::new();
     let health = HealthServer::new(HealthService::from_health_reporter(reporter.clone()));

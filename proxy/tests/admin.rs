@@ -159,3 +159,52 @@ async fn forty_thousand_random_method_names_add_no_series() {
     let hello = "grpc_client_attempt_started_total{grpc_method=\"hello.HelloService/SayHello\",grpc_target=\"server.test:50051\"}";
     assert!(value(&after, hello) > 0, "a method that succeeded has its own row:\n{after}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_event_stream_tells_a_failover_and_the_failback() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+    let mut c = Cluster::start(Protocol::H2, LAYOUT, &[]).await;
+    c.wait_for(&["s1", "s2"]).await;
+    let mut tcp = tokio::net::TcpStream::connect(c.admin()).await.unwrap();
+    tcp.write_all(b"GET /admin/events HTTP/1.1\r\nHost: admin\r\n\r\n").await.unwrap();
+    let mut lines = BufReader::new(tcp).lines();
+    // Until the stream's greeting: the events from here on reach us.
+    while !lines.next_line().await.unwrap().unwrap().starts_with(": events") {}
+    let mut next_event = async || -> Value {
+        loop {
+            let line =
+                tokio::time::timeout(Duration::from_secs(10), lines.next_line()).await.unwrap().unwrap().unwrap();
+            if let Some(data) = line.strip_prefix("data: ") {
+                return serde_json::from_str(data).unwrap();
+            }
+        }
+    };
+
+    c.kill("s1");
+    c.kill("s2");
+    let mut seen = Vec::new();
+    loop {
+        let e = next_event().await;
+        seen.push(e.clone());
+        if e["kind"] == "failover" {
+            break;
+        }
+    }
+    let s1 = c.addr_of("s1").to_string();
+    assert!(
+        seen.iter().any(|e| e["kind"] == "state"
+            && e["endpoint"] == s1.as_str()
+            && e["detail"].as_str().is_some_and(|d| d.starts_with("ready -> "))),
+        "s1 left ready before the failover: {seen:?}"
+    );
+
+    c.restart("s1");
+    loop {
+        let e = next_event().await;
+        if e["kind"] == "failback" {
+            assert!(e["at"].as_str().is_some_and(|t| t.ends_with('Z')));
+            break;
+        }
+    }
+}
