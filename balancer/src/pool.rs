@@ -176,6 +176,9 @@ pub struct PoolEvent {
     pub detail: String,
 }
 
+/// Why a new connection is not picked yet, with health checking on.
+const WAITING_FOR_HEALTH: &str = "waiting for the first health answer";
+
 /// Events a slow reader may fall behind by before it misses some (it never holds the
 /// membership task up).
 const EVENTS: usize = 1024;
@@ -468,7 +471,9 @@ where
     /// What `addr` is now, for the admin API.
     fn classify(&self, addr: SocketAddr) -> EndpointState {
         match self.conns.get(&addr) {
-            Some(c) if c.send.is_some() => match c.health {
+            Some(c) if c.send.is_some() => match &c.health {
+                // Connected, not yet told it is SERVING: still on its way in.
+                Health::Unhealthy(why) if why == WAITING_FOR_HEALTH => EndpointState::Connecting,
                 Health::Unhealthy(_) => EndpointState::Unhealthy,
                 Health::Healthy if self.outliers.is_ejected(addr) => EndpointState::Ejected,
                 Health::Healthy => EndpointState::Ready,
@@ -626,7 +631,7 @@ where
                     info!(%addr, protocol = upstream.protocol(), "Endpoint reconnected");
                 }
                 if pool.connector.health_service.is_some() && fresh {
-                    conn.health = Health::Unhealthy("waiting for the first health answer".to_owned());
+                    conn.health = Health::Unhealthy(WAITING_FOR_HEALTH.to_owned());
                 }
                 conn.send = Some(upstream);
                 conn.last_error = None;
