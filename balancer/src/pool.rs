@@ -78,17 +78,33 @@ pub(crate) struct Picked<B> {
 pub(crate) struct Outcome {
     tally: Arc<Tally>,
     nudge: Arc<Notify>,
+    /// When the attempt was placed: its latency, for the endpoint's window.
+    started: Instant,
+}
+
+/// The second a time falls in, counted from the first time anyone asked: the clock of
+/// every endpoint's window.
+fn second(t: Instant) -> u64 {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    t.saturating_duration_since(*EPOCH.get_or_init(Instant::now)).as_secs()
 }
 
 impl Outcome {
     fn new(tally: Arc<Tally>, nudge: Arc<Notify>) -> Self {
         tally.started();
-        Outcome { tally, nudge }
+        Outcome { tally, nudge, started: Instant::now() }
+    }
+
+    /// The attempt's latency, into its endpoint's window.
+    fn clock(&self) {
+        let now = Instant::now();
+        self.tally.window.record(second(now), now.saturating_duration_since(self.started).as_micros() as u64);
     }
 
     /// Ended with `code` (a status, or what a reset or an HTTP error maps to): a
     /// failure if outlier detection lists it.
     pub(crate) fn status(self, code: lb_core::Code) {
+        self.clock();
         if self.tally.record_status(code) {
             self.nudge.notify_one();
         }
@@ -96,6 +112,7 @@ impl Outcome {
 
     /// The connection was lost mid-response: a failure, whatever the list says.
     pub(crate) fn lost(self) {
+        self.clock();
         if self.tally.record(true) {
             self.nudge.notify_one();
         }
@@ -162,6 +179,11 @@ pub struct EndpointView {
     pub in_flight: u32,
     /// Times outlier detection ejected it.
     pub ejections: u32,
+    /// Attempts ended per second over the last ten seconds, and their latency
+    /// percentiles (until the response's end), `None` without any.
+    pub rps: f64,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
 }
 
 /// Something that happened to the endpoints, for the admin API's event stream.
@@ -396,12 +418,17 @@ where
     /// Every endpoint as the admin API shows it, with live counts.
     pub(crate) fn endpoints(&self) -> Endpoints {
         let view = self.view.load();
+        let now = second(Instant::now());
         let endpoints = view
             .endpoints
             .iter()
             .map(|r| {
                 let (ok, failed) = r.tally.totals();
+                let window = r.tally.window.summary(now);
                 EndpointView {
+                    rps: window.rate,
+                    p50_ms: window.p50_ms,
+                    p99_ms: window.p99_ms,
                     address: r.address,
                     local: r.local,
                     state: r.state,

@@ -10,6 +10,7 @@
 //! - [`outlier`]: A50 outlier detection plus consecutive-failure ejection.
 //! - [`health`]: A17 health checking: the Watch request, its answers, what they mean.
 //! - [`backoff`]: the reconnect delay; [`rng`]: the randomness it takes.
+//! - [`window`]: calls per second and latency percentiles over the last ten seconds.
 //! - [`code`]: gRPC status codes and their HTTP mappings; [`frame`]: gRPC message
 //!   prefixes; [`goaway`]: an HTTP/2 GOAWAY noticed as it arrives; [`duration`]: human
 //!   durations for flags.
@@ -25,5 +26,6 @@ pub mod outlier;
 pub mod pick;
 pub mod retry;
 pub mod rng;
+pub mod window;
 
 pub use code::Code;

@@ -106,6 +106,8 @@ pub struct Tally {
     total_failed: AtomicU64,
     /// Attempts placed on the endpoint and not yet ended.
     in_flight: AtomicU32,
+    /// Attempts ended per second and their latencies, over the last ten seconds.
+    pub window: crate::window::Window,
     /// Failures since the last success.
     consecutive: AtomicU32,
     /// The run of failures that ejects; 0 = none does.
@@ -121,6 +123,7 @@ impl Tally {
             total_ok: AtomicU64::new(0),
             total_failed: AtomicU64::new(0),
             in_flight: AtomicU32::new(0),
+            window: crate::window::Window::default(),
             consecutive: AtomicU32::new(0),
             threshold: config.consecutive_failures.unwrap_or(0),
             codes: config.codes,

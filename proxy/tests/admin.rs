@@ -49,6 +49,14 @@ async fn endpoints_and_metrics_count_exactly_what_each_replica_took() {
             (e["protocol"].as_str(), e["failures"].as_u64(), e["in_flight"].as_u64()),
             (Some("h2"), Some(0), Some(0))
         );
+        // The last ten seconds: every call of this test, and those of the wait before it.
+        let rps = e["rps"].as_f64().unwrap();
+        if took > 0 {
+            assert!(rps >= 1.0 && e["p50_ms"].as_f64().is_some_and(|p| p > 0.0), "{e}");
+            assert!(e["p99_ms"].as_f64() >= e["p50_ms"].as_f64(), "{e}");
+        } else {
+            assert_eq!((rps, e["p50_ms"].as_f64()), (0.0, None), "{e}");
+        }
     }
 
     let (status, metrics) = c.admin_get("/metrics").await;
