@@ -29,6 +29,8 @@ use tracing::{debug, warn};
 
 /// What the admin API shows: the balancer's endpoints and its per-method counters.
 pub struct Snapshot {
+    /// The node the proxy runs on, when told (`--node`).
+    pub node: Option<String>,
     pub endpoints: Endpoints,
     pub methods: HashMap<String, MethodCounters>,
 }
@@ -40,7 +42,7 @@ type AdminBody = BoxBody<Bytes, Infallible>;
 /// `subscribe` its events (`Balancer::events`).
 pub async fn serve(
     listener: TcpListener,
-    read: impl Fn() -> Snapshot + Clone + Send + 'static,
+    read: impl Fn() -> Snapshot + Clone + Send + Sync + 'static,
     subscribe: impl Fn() -> broadcast::Receiver<PoolEvent> + Clone + Send + 'static,
 ) {
     loop {
@@ -55,7 +57,8 @@ pub async fn serve(
         let (read, subscribe) = (read.clone(), subscribe.clone());
         let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
             let resp = if req.method() == Method::GET && req.uri().path() == "/admin/events" {
-                events(subscribe())
+                let snapshots = req.uri().query().is_some_and(|q| q.split('&').any(|p| p == "snapshots=1"));
+                events(subscribe(), snapshots.then(|| read.clone()))
             } else {
                 answer(&req, &read()).map(|b| b.boxed())
             };
@@ -71,9 +74,23 @@ pub async fn serve(
 }
 
 /// `/admin/events`: each event as it happens, as Server-Sent Events. A reader too slow
-/// for the stream is told how many it missed; it never holds up the balancer.
-fn events(rx: broadcast::Receiver<PoolEvent>) -> Response<AdminBody> {
+/// for the stream is told how many it missed; it never holds up the balancer. With
+/// `?snapshots=1`, also an `endpoints` event each second carrying `/admin/endpoints`.
+fn events(
+    rx: broadcast::Receiver<PoolEvent>,
+    snapshots: Option<impl Fn() -> Snapshot + Send + Sync + 'static>,
+) -> Response<AdminBody> {
     let hello = futures_util::stream::once(async { Bytes::from_static(b": events as they happen\n\n") });
+    let ticks = snapshots.map(|read| {
+        let every = tokio::time::interval(std::time::Duration::from_secs(1));
+        futures_util::stream::unfold((every, read), |(mut every, read)| async move {
+            every.tick().await;
+            let snap = read();
+            let data = endpoints_json(&snap, SystemTime::now());
+            Some((Bytes::from(format!("event: endpoints\ndata: {data}\n\n")), (every, read)))
+        })
+    });
+    let ticks = futures_util::stream::iter(ticks).flatten();
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
         let chunk = match rx.recv().await {
             Ok(e) => {
@@ -90,6 +107,7 @@ fn events(rx: broadcast::Receiver<PoolEvent>) -> Response<AdminBody> {
         };
         Some((Bytes::from(chunk), rx))
     });
+    let stream = futures_util::stream::select(stream, ticks);
     let body = StreamBody::new(hello.chain(stream).map(|b| Ok::<_, Infallible>(Frame::data(b))));
     let mut resp = Response::new(BodyExt::boxed(body));
     let h = resp.headers_mut();
@@ -104,15 +122,16 @@ fn answer<T>(req: &Request<T>, snap: &Snapshot) -> Response<Full<Bytes>> {
         return text(StatusCode::METHOD_NOT_ALLOWED, "the admin API is read-only: GET only\n".into());
     }
     match req.uri().path() {
+        "/" | "/index.html" => respond(StatusCode::OK, "text/html; charset=utf-8", PAGE.to_owned()),
         "/admin/endpoints" => {
-            let body = serde_json::to_string_pretty(&endpoints_json(&snap.endpoints, SystemTime::now()))
+            let body = serde_json::to_string_pretty(&endpoints_json(snap, SystemTime::now()))
                 .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
             respond(StatusCode::OK, "application/json", body + "\n")
         }
         "/metrics" => respond(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", metrics(snap)),
         path => text(
             StatusCode::NOT_FOUND,
-            format!("no admin path {path}: try /admin/endpoints, /admin/events or /metrics\n"),
+            format!("no admin path {path}: try /, /admin/endpoints, /admin/events or /metrics\n"),
         ),
     }
 }
@@ -132,8 +151,12 @@ fn locality(local: bool) -> &'static str {
     if local { "local" } else { "remote" }
 }
 
-/// `/admin/endpoints`: the target, the last resolution, and one object per endpoint.
-fn endpoints_json(e: &Endpoints, now: SystemTime) -> serde_json::Value {
+/// The live page on `/`: one file with its script and style, nothing fetched elsewhere.
+const PAGE: &str = include_str!("page.html");
+
+/// `/admin/endpoints`: the node, the target, the last resolution, one object per endpoint.
+fn endpoints_json(snap: &Snapshot, now: SystemTime) -> serde_json::Value {
+    let e = &snap.endpoints;
     let endpoints: Vec<_> = e
         .endpoints
         .iter()
@@ -157,6 +180,7 @@ fn endpoints_json(e: &Endpoints, now: SystemTime) -> serde_json::Value {
         })
         .collect();
     json!({
+        "node": snap.node,
         "target": e.target,
         "resolved_at": e.resolved_at.map(rfc3339),
         "dns_error": e.dns_error,
@@ -276,7 +300,7 @@ mod tests {
     #[test]
     fn unknown_paths_are_404_and_writes_are_refused() {
         let endpoints = Endpoints { target: "t:1".into(), resolved_at: None, dns_error: None, endpoints: vec![] };
-        let none = Snapshot { endpoints, methods: HashMap::new() };
+        let none = Snapshot { node: None, endpoints, methods: HashMap::new() };
         let get = |path: &str| Request::get(path).body(()).unwrap();
         assert_eq!(answer(&get("/nope"), &none).status(), StatusCode::NOT_FOUND);
         assert_eq!(answer(&get("/metrics"), &none).status(), StatusCode::OK);

@@ -89,9 +89,13 @@ pub struct ServeArgs {
     /// Runtime worker threads [default: one per CPU].
     #[arg(long, env = "PROXY_THREADS")]
     pub threads: Option<usize>,
-    /// The admin API (HTTP/1.1, read-only): /admin/endpoints and /metrics; `off` for none.
+    /// The admin API (HTTP/1.1, read-only): a live page on /, /admin/endpoints,
+    /// /admin/events and /metrics; `off` for none.
     #[arg(long, env = "PROXY_ADMIN_LISTEN", default_value = "0.0.0.0:9901")]
     pub admin_listen: AdminListen,
+    /// The node this proxy runs on, shown by the admin API and its page.
+    #[arg(long, env = "NODE_NAME")]
+    pub node: Option<String>,
     /// How long open calls may finish after SIGTERM/SIGINT.
     #[arg(long, env = "PROXY_DRAIN_TIMEOUT", default_value = "10s", value_parser = duration::parse)]
     pub drain_timeout: Duration,

@@ -74,13 +74,18 @@ pub async fn run(args: ServeArgs, listener: TcpListener, shutdown: impl Future<O
     };
     let balancer = Balancer::new(args.settings()?).context("starting the balancer")?;
     let admin = admin_listener.map(|l| {
-        info!(admin_listen = %l.local_addr().map_or_else(|_| "?".to_owned(), |a| a.to_string()), "Admin API on /admin/endpoints and /metrics");
+        info!(admin_listen = %l.local_addr().map_or_else(|_| "?".to_owned(), |a| a.to_string()), "Admin API: a live page on /, /admin/endpoints, /admin/events, /metrics");
         let balancer = balancer.clone();
         let subscribe = {
             let balancer = balancer.clone();
             move || balancer.events()
         };
-        let read = move || admin::Snapshot { endpoints: balancer.endpoints(), methods: balancer.counters().snapshot() };
+        let node = args.node.clone();
+        let read = move || admin::Snapshot {
+            node: node.clone(),
+            endpoints: balancer.endpoints(),
+            methods: balancer.counters().snapshot(),
+        };
         tokio::spawn(admin::serve(l, read, subscribe))
     });
     let reporter = HealthReporter::new();
