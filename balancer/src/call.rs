@@ -23,6 +23,7 @@ use crate::{
     error::Error,
     pool::{Outcome, Picked, Pool},
     replay::{BoxError, Budget, ReplayBody},
+    response::CallEnd,
     response::UpstreamBody,
     transport::{self, Failure},
     wire::{Head as ResponseHead, absolute, encode_timeout, grpc_timeout},
@@ -114,6 +115,28 @@ struct Driver<'a, B> {
     rng: Option<SplitMix64>,
     /// Since `started`, read once per wake-up: every event of that wake-up shares it.
     now: Duration,
+    /// The call's metrics were recorded (or handed to the response body).
+    recorded: bool,
+}
+
+/// Dropped unrecorded: the caller went away mid-call. Its attempts and the call count
+/// as CANCELLED; outlier detection hears nothing.
+impl<B> Drop for Driver<'_, B> {
+    fn drop(&mut self) {
+        if self.recorded && self.slots.iter().all(|s| s.outcome.is_none()) {
+            return;
+        }
+        let counters = &self.shared.counters;
+        let row = counters.method(self.head.uri.path(), false);
+        for slot in &mut self.slots {
+            if let Some(outcome) = slot.outcome.take() {
+                outcome.cancelled(row.0);
+            }
+        }
+        if !self.recorded {
+            counters.record_row(row, &self.call.stats(), Code::Cancelled, self.started.elapsed());
+        }
+    }
 }
 
 pub(crate) async fn forward<B>(shared: &Shared<B>, req: Request<B>) -> Result<Response<UpstreamBody>, tonic::Status>
@@ -148,14 +171,27 @@ where
         slots: SmallVec::new(),
         rng: None,
         now: Duration::ZERO,
+        recorded: false,
     };
-    let result = driver.run().await;
+    let mut result = driver.run().await;
     let stats = driver.call.stats();
-    let outcome = match &result {
-        Ok(resp) => resp.headers().get("grpc-status").map_or(Code::Ok, |c| Code::from_header(c.as_bytes())),
-        Err(s) => crate::code::from_tonic(s.code()),
-    };
-    shared.counters.record(driver.head.uri.path(), &stats, outcome);
+    driver.recorded = true;
+    match &mut result {
+        // Committed on headers: the status comes at the end of the body, which records.
+        Ok(resp) if !resp.headers().contains_key("grpc-status") => {
+            let uri = std::mem::take(&mut driver.head.uri);
+            let call = CallEnd { counters: shared.counters.clone(), uri, stats, started };
+            resp.body_mut().record_call_at_end(call);
+        }
+        Ok(resp) => {
+            let code = resp.headers().get("grpc-status").map_or(Code::Ok, |c| Code::from_header(c.as_bytes()));
+            shared.counters.record(driver.method(), &stats, code, started.elapsed());
+        }
+        Err(s) => {
+            let code = crate::code::from_tonic(s.code());
+            shared.counters.record(driver.method(), &stats, code, started.elapsed());
+        }
+    }
     let previous = stats.attempts.saturating_sub(1);
     match result {
         Ok(mut resp) => {
@@ -184,7 +220,11 @@ where
                 match action {
                     Action::Send(send) => self.send(send),
                     Action::Cancel(id) => {
-                        self.slots[id.0 as usize].io = None; // resets the stream with CANCEL
+                        let slot = &mut self.slots[id.0 as usize];
+                        slot.io = None; // resets the stream with CANCEL
+                        if let Some(outcome) = slot.outcome.take() {
+                            outcome.cancelled(self.shared.counters.method(self.head.uri.path(), false).0);
+                        }
                     }
                     Action::Commit(id) => return Ok(self.commit(id)),
                     Action::Finish(how) => return self.finish(how),
@@ -328,11 +368,12 @@ where
         if let Some(outcome) = self.slots[id.0 as usize].outcome.take()
             && !self.body.failed_by_caller()
         {
+            let method = |code| self.shared.counters.method(self.head.uri.path(), code == Code::Ok).0;
             match how {
                 Ended::NotSent | Ended::Refused => {}
                 // A lost connection (or an HTTP 502/503/504) always counts.
-                Ended::Failed { code: Code::Unavailable } => outcome.lost(),
-                Ended::Status { code, .. } | Ended::Failed { code } => outcome.status(code),
+                Ended::Failed { code: Code::Unavailable } => outcome.lost(method(Code::Unavailable)),
+                Ended::Status { code, .. } | Ended::Failed { code } => outcome.status(code, method(code)),
             }
         }
         // Seeded on first use: only a retry's backoff needs randomness.

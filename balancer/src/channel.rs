@@ -129,7 +129,14 @@ where
         let pool = Pool::spawn(discovery, s.resolve_interval, connector, s.service_config.outlier.clone());
         let counters = Counters::default();
         counters.spawn_reporter(pool.target.clone());
-        let throttle = s.service_config.throttling.map(|(max, ratio)| Throttle::new(max, ratio));
+        let throttle = s.service_config.throttling.map(|(max, ratio)| {
+            let pool = Arc::downgrade(&pool);
+            Throttle::new(max, ratio).on_change(Box::new(move |allows, tokens| {
+                if let Some(pool) = pool.upgrade() {
+                    pool.throttle_changed(allows, tokens);
+                }
+            }))
+        });
         let shared = Shared {
             pool,
             replay_limit: s.replay_limit,
@@ -158,6 +165,12 @@ where
     /// Every endpoint: its state, since when, why, and its counts; the last resolution.
     pub fn endpoints(&self) -> Endpoints {
         self.shared.pool.endpoints()
+    }
+
+    /// The retry throttle's tokens and capacity, when the config has `retryThrottling`.
+    pub fn throttle(&self) -> Option<(f64, f64)> {
+        let t = self.shared.throttle.as_ref()?;
+        Some((f64::from(t.tokens()) / 1000.0, f64::from(t.max()) / 1000.0))
     }
 
     /// Counters per method: attempts, retries, hedges, throttled, outcomes.

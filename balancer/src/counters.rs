@@ -5,7 +5,11 @@
 //!
 //! Lock-free: a fixed table of rows of atomics, found by hashing the path (open
 //! addressing). A row's name is set once, by the first successful call to its method;
+//! a row's duration histogram for a status is made by the first call ending with it;
 //! recording a call allocates nothing after that.
+//!
+//! A row also holds what gRFC A66 and A96 measure per call: its duration by status,
+//! and how many retries, transparent retries and hedges it took (when it took any).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -16,10 +20,14 @@ use std::{
     time::Duration,
 };
 
-use lb_core::{Code, call::Stats};
+use lb_core::{
+    Code,
+    call::Stats,
+    histogram::{COUNTS, Histogram, Reading, SECONDS},
+};
 use tracing::debug;
 
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MethodCounters {
     pub calls: u64,
     pub attempts: u64,
@@ -29,8 +37,22 @@ pub struct MethodCounters {
     pub replays: u64,
     pub throttled: u64,
     pub committed_by_buffer: u64,
-    /// Final outcome: the status code's name (OK when the call got response headers).
+    /// Final outcome: the status code's name.
     pub outcomes: BTreeMap<&'static str, u64>,
+    /// Call durations (µs) by status code name.
+    pub durations: BTreeMap<&'static str, Reading>,
+    /// Per call that had any: retries, transparent retries, hedges.
+    pub retries_per_call: Reading,
+    pub transparent_retries_per_call: Reading,
+    pub hedges_per_call: Reading,
+}
+
+/// A method's row: its own, or [`MethodRow::OTHER`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MethodRow(pub u16);
+
+impl MethodRow {
+    pub const OTHER: MethodRow = MethodRow(MAX_METHODS as u16);
 }
 
 /// Rows with a method of their own, at most.
@@ -39,7 +61,7 @@ pub const MAX_METHODS: usize = 256;
 /// The row for calls to methods without one of their own.
 pub const OTHER: &str = "other";
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Row {
     calls: AtomicU64,
     attempts: AtomicU64,
@@ -50,10 +72,34 @@ struct Row {
     committed_by_buffer: AtomicU64,
     /// By status code number.
     outcomes: [AtomicU64; 17],
+    /// Call durations by status code number, made by the first call ending with it.
+    durations: [OnceLock<Box<Histogram>>; 17],
+    retries_per_call: Histogram,
+    transparent_retries_per_call: Histogram,
+    hedges_per_call: Histogram,
+}
+
+impl Default for Row {
+    fn default() -> Self {
+        Row {
+            calls: AtomicU64::new(0),
+            attempts: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+            hedges: AtomicU64::new(0),
+            replays: AtomicU64::new(0),
+            throttled: AtomicU64::new(0),
+            committed_by_buffer: AtomicU64::new(0),
+            outcomes: Default::default(),
+            durations: Default::default(),
+            retries_per_call: Histogram::new(COUNTS),
+            transparent_retries_per_call: Histogram::new(COUNTS),
+            hedges_per_call: Histogram::new(COUNTS),
+        }
+    }
 }
 
 impl Row {
-    fn add(&self, s: &Stats, outcome: Code) {
+    fn add(&self, s: &Stats, outcome: Code, took: Duration) {
         self.calls.fetch_add(1, Relaxed);
         self.attempts.fetch_add(u64::from(s.attempts), Relaxed);
         for (counter, n) in [
@@ -67,7 +113,19 @@ impl Row {
                 counter.fetch_add(u64::from(n), Relaxed);
             }
         }
+        // A96: a call without any is not recorded.
+        for (histogram, n) in [
+            (&self.retries_per_call, s.retries),
+            (&self.transparent_retries_per_call, s.transparent_retries),
+            (&self.hedges_per_call, s.hedges),
+        ] {
+            if n > 0 {
+                histogram.record(u64::from(n));
+            }
+        }
         self.outcomes[outcome as usize].fetch_add(1, Relaxed);
+        let durations = self.durations[outcome as usize].get_or_init(|| Box::new(Histogram::new(SECONDS)));
+        durations.record(took.as_micros() as u64);
     }
 
     fn read(&self) -> MethodCounters {
@@ -90,6 +148,15 @@ impl Row {
             throttled: self.throttled.load(Relaxed),
             committed_by_buffer: self.committed_by_buffer.load(Relaxed),
             outcomes,
+            durations: self
+                .durations
+                .iter()
+                .enumerate()
+                .filter_map(|(code, h)| Some((Code::from_i32(code as i32)?.name(), h.get()?.read())))
+                .collect(),
+            retries_per_call: self.retries_per_call.read(),
+            transparent_retries_per_call: self.transparent_retries_per_call.read(),
+            hedges_per_call: self.hedges_per_call.read(),
         }
     }
 }
@@ -120,8 +187,25 @@ impl Default for Counters {
 }
 
 impl Counters {
-    pub fn record(&self, path: &str, s: &Stats, outcome: Code) {
-        self.table.row(path, outcome == Code::Ok).add(s, outcome);
+    /// The row of `path`: its own if it has one, a new one if `claim` (the call to it
+    /// succeeded) and there is room, else [`MethodRow::OTHER`].
+    pub fn method(&self, path: &str, claim: bool) -> MethodRow {
+        self.table.find(path, claim)
+    }
+
+    /// The method a row counts, `other` for [`MethodRow::OTHER`] or a row not claimed.
+    pub fn name(&self, row: MethodRow) -> &str {
+        self.table.slots.get(usize::from(row.0)).and_then(|s| s.name.get()).map_or(OTHER, |n| n)
+    }
+
+    /// A call ended with `outcome` after `took`; it claims `path`'s row when it
+    /// succeeded.
+    pub fn record(&self, path: &str, s: &Stats, outcome: Code, took: Duration) {
+        self.record_row(self.method(path, outcome == Code::Ok), s, outcome, took);
+    }
+
+    pub fn record_row(&self, row: MethodRow, s: &Stats, outcome: Code, took: Duration) {
+        self.table.row(row).add(s, outcome, took);
     }
 
     /// Every method with a row, and `other` once a call counted there.
@@ -155,23 +239,28 @@ impl Table {
     /// The row of `path`: its own if it has one, a new one if `claim` and there is room,
     /// else `other`. Probes from the path's hash to the first free slot: a method is
     /// always placed before the first slot still free.
-    fn row(&self, path: &str, claim: bool) -> &Row {
+    fn find(&self, path: &str, claim: bool) -> MethodRow {
         let start = fnv1a(path) as usize;
         for i in 0..self.slots.len() {
-            let slot = &self.slots[(start + i) % self.slots.len()];
+            let at = (start + i) % self.slots.len();
+            let slot = &self.slots[at];
             match slot.name.get() {
-                Some(name) if **name == *path => return &slot.row,
+                Some(name) if **name == *path => return MethodRow(at as u16),
                 Some(_) => continue,
                 None if !claim => break,
                 None => {
                     // Another call may claim it first, for this method or another.
                     if slot.name.set(path.into()).is_ok() || slot.name.get().is_some_and(|n| **n == *path) {
-                        return &slot.row;
+                        return MethodRow(at as u16);
                     }
                 }
             }
         }
-        &self.other
+        MethodRow::OTHER
+    }
+
+    fn row(&self, row: MethodRow) -> &Row {
+        self.slots.get(usize::from(row.0)).map_or(&self.other, |s| &s.row)
     }
 
     fn snapshot(&self) -> HashMap<String, MethodCounters> {
@@ -194,16 +283,37 @@ fn fnv1a(s: &str) -> u64 {
 mod tests {
     use super::*;
 
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn a_call_records_its_duration_by_status_and_its_retries_only_when_it_had_any() {
+        let c = Counters::default();
+        let plain = Stats { attempts: 1, ..Stats::default() };
+        let retried = Stats { attempts: 3, retries: 2, ..Stats::default() };
+        c.record("/a.B/M", &plain, Code::Ok, Duration::from_micros(900));
+        c.record("/a.B/M", &retried, Code::Ok, Duration::from_millis(40));
+        c.record("/a.B/M", &plain, Code::Unavailable, Duration::from_secs(2));
+        let m = &c.snapshot()["/a.B/M"];
+        let ok = &m.durations["OK"];
+        assert_eq!((ok.count(), ok.sum), (2, 40_900));
+        assert_eq!(m.durations["UNAVAILABLE"].count(), 1);
+        assert_eq!(m.retries_per_call.counts, [0, 1, 0, 0, 0, 0], "one call, two retries");
+        assert_eq!((m.hedges_per_call.count(), m.transparent_retries_per_call.count()), (0, 0));
+        assert_eq!(c.name(c.method("/a.B/M", false)), "/a.B/M");
+        assert_eq!(c.method("/never.Seen/M", false), MethodRow::OTHER);
+        assert_eq!(c.name(MethodRow::OTHER), OTHER);
+    }
+
     #[test]
     fn rows_are_bounded_whatever_paths_clients_send() {
         let c = Counters::default();
         let one = Stats { attempts: 1, ..Stats::default() };
-        c.record("/a.B/Known", &one, Code::Ok);
+        c.record("/a.B/Known", &one, Code::Ok, MS);
         for n in 0..10_000 {
-            c.record(&format!("/random.S/M{n}"), &one, Code::Unimplemented);
+            c.record(&format!("/random.S/M{n}"), &one, Code::Unimplemented, MS);
         }
         for n in 0..1_000 {
-            c.record(&format!("/ok.S/M{n}"), &one, Code::Ok);
+            c.record(&format!("/ok.S/M{n}"), &one, Code::Ok, MS);
         }
         let snap = c.snapshot();
         assert_eq!(snap.len(), MAX_METHODS + 1, "{MAX_METHODS} methods and `other`");
@@ -220,7 +330,8 @@ mod tests {
                 let c = &c;
                 scope.spawn(move || {
                     for n in 0..1_000 {
-                        c.record(&format!("/s.S/M{}", n % 8), &one, if t == 0 { Code::Ok } else { Code::Unavailable });
+                        let code = if t == 0 { Code::Ok } else { Code::Unavailable };
+                        c.record(&format!("/s.S/M{}", n % 8), &one, code, MS);
                     }
                 });
             }

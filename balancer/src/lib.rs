@@ -48,11 +48,11 @@ pub mod telemetry;
 mod transport;
 mod wire;
 
-pub use lb_core::{backoff, duration, frame, pick, retry, rng};
+pub use lb_core::{backoff, duration, frame, histogram, pick, retry, rng};
 
 pub use channel::{Balancer, Settings};
 pub use connect::Protocol;
 pub use discover::HostPort;
 pub use error::Error;
-pub use pool::{EndpointState, EndpointView, Endpoints, PoolEvent};
+pub use pool::{EndpointState, EndpointView, Endpoints, Links, PoolEvent};
 pub use wire::grpc_timeout;

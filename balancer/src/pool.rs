@@ -95,27 +95,37 @@ impl Outcome {
         Outcome { tally, nudge, started: Instant::now() }
     }
 
-    /// The attempt's latency, into its endpoint's window.
-    fn clock(&self) {
+    /// The attempt's latency, into its endpoint's window and its histogram for the
+    /// method (`method`, a row of [`crate::counters::Counters`]) and status.
+    fn clock(&self, method: u16, code: lb_core::Code) {
         let now = Instant::now();
-        self.tally.window.record(second(now), now.saturating_duration_since(self.started).as_micros() as u64);
+        let micros = now.saturating_duration_since(self.started).as_micros() as u64;
+        self.tally.window.record(second(now), micros);
+        self.tally.attempts.record(lb_core::outlier::attempt_key(method, code), micros);
     }
 
     /// Ended with `code` (a status, or what a reset or an HTTP error maps to): a
     /// failure if outlier detection lists it.
-    pub(crate) fn status(self, code: lb_core::Code) {
-        self.clock();
+    pub(crate) fn status(self, code: lb_core::Code, method: u16) {
+        self.clock(method, code);
         if self.tally.record_status(code) {
             self.nudge.notify_one();
         }
     }
 
     /// The connection was lost mid-response: a failure, whatever the list says.
-    pub(crate) fn lost(self) {
-        self.clock();
+    pub(crate) fn lost(self, method: u16) {
+        self.clock(method, lb_core::Code::Unavailable);
         if self.tally.record(true) {
             self.nudge.notify_one();
         }
+    }
+
+    /// Cancelled by the caller or the call (a hedge that lost): its duration, as
+    /// CANCELLED, and nothing for outlier detection.
+    pub(crate) fn cancelled(self, method: u16) {
+        let micros = self.started.elapsed().as_micros() as u64;
+        self.tally.attempts.record(lb_core::outlier::attempt_key(method, lb_core::Code::Cancelled), micros);
     }
 }
 
@@ -184,6 +194,9 @@ pub struct EndpointView {
     pub rps: f64,
     pub p50_ms: Option<f64>,
     pub p99_ms: Option<f64>,
+    /// Attempt durations (µs) by method row (see [`crate::counters::Counters::name`])
+    /// and status.
+    pub attempts: Vec<(crate::counters::MethodRow, lb_core::Code, lb_core::histogram::Reading)>,
 }
 
 /// Something that happened to the endpoints, for the admin API's event stream.
@@ -191,7 +204,7 @@ pub struct EndpointView {
 pub struct PoolEvent {
     pub at: SystemTime,
     /// `added`, `removed`, `state`, `goaway`, `ejected`, `returned`, `failover`,
-    /// `failback`.
+    /// `failback`, `throttle`.
     pub kind: &'static str,
     pub endpoint: Option<SocketAddr>,
     /// What changed and why, in words.
@@ -209,6 +222,8 @@ const EVENTS: usize = 1024;
 #[derive(Debug, Clone)]
 pub struct Endpoints {
     pub target: String,
+    /// Connections made, failed and lost since the start.
+    pub links: Links,
     /// When discovery last answered.
     pub resolved_at: Option<SystemTime>,
     /// The last discovery failure, until the next answer.
@@ -222,6 +237,32 @@ struct View {
     resolved_at: Option<SystemTime>,
     dns_error: Option<String>,
     endpoints: Vec<Row>,
+    links: Links,
+}
+
+/// gRFC A94's `grpc.disconnect_error` for why a connection ended.
+fn disconnect_error(why: &str) -> &'static str {
+    if let Some(rest) = why.strip_prefix("replica sent GOAWAY") {
+        return if rest.starts_with(" ENHANCE_YOUR_CALM") {
+            "GOAWAY ENHANCE_YOUR_CALM"
+        } else if rest.starts_with(" (code 0)") {
+            "GOAWAY NO_ERROR"
+        } else {
+            "GOAWAY UNKNOWN"
+        };
+    }
+    let why = why.to_ascii_lowercase();
+    if why.contains("timed out") || why.contains("timeout") {
+        "connection timed out"
+    } else if why.contains("reset") {
+        "connection reset"
+    } else if why.contains("aborted") {
+        "connection aborted"
+    } else if why.contains("os error") || why.contains("broken pipe") {
+        "socket error"
+    } else {
+        "unknown"
+    }
 }
 
 struct Row {
@@ -273,10 +314,23 @@ struct State<B> {
     events: tokio::sync::broadcast::Sender<PoolEvent>,
     /// The tier calls go to, as last published: local, remote (failed over) or none.
     serving: Option<Tier>,
+    /// Connections made, failed and lost, for metrics.
+    links: Links,
     rng: SplitMix64,
 }
 
+/// Connection counts since the pool started (gRFC A94's subchannel metrics).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Links {
+    pub attempts_succeeded: u64,
+    pub attempts_failed: u64,
+    /// By locality (true: local) and A94's `grpc.disconnect_error`.
+    pub disconnections: std::collections::BTreeMap<(bool, &'static str), u64>,
+}
+
 struct Conn<B> {
+    /// On this node, as discovery said when it appeared.
+    local: bool,
     send: Option<Upstream<B>>,
     last_error: Option<String>,
     /// Healthy until a health watch says otherwise; with health checking on, a new
@@ -346,6 +400,7 @@ where
             started: Instant::now(),
             events: pool.events.clone(),
             serving: None,
+            links: Links::default(),
             rng: SplitMix64::from_entropy(),
         };
         tokio::spawn(own(Arc::downgrade(&pool), state, updates, rx));
@@ -410,6 +465,19 @@ where
         self.status.load().as_ref().clone()
     }
 
+    /// The retry throttle stopped or started allowing retries and hedges.
+    pub(crate) fn throttle_changed(&self, allows: bool, tokens: u32) {
+        let tokens = f64::from(tokens) / 1000.0;
+        let detail = if allows {
+            info!(tokens, "Retry throttle released: retries and hedges allowed again");
+            format!("released: {tokens} tokens, retries and hedges allowed again")
+        } else {
+            warn!(tokens, "Retry throttle engaged: no retries or hedges until calls succeed again");
+            format!("engaged: {tokens} tokens, at most half the bucket: no retries or hedges")
+        };
+        let _ = self.events.send(PoolEvent { at: SystemTime::now(), kind: "throttle", endpoint: None, detail });
+    }
+
     /// The events from now on.
     pub(crate) fn events(&self) -> tokio::sync::broadcast::Receiver<PoolEvent> {
         self.events.subscribe()
@@ -439,11 +507,22 @@ where
                     failures: failed,
                     in_flight: r.tally.in_flight(),
                     ejections: r.ejections,
+                    attempts: r
+                        .tally
+                        .attempts
+                        .read()
+                        .into_iter()
+                        .filter_map(|(key, reading)| {
+                            let (row, code) = lb_core::outlier::split_attempt_key(key);
+                            Some((crate::counters::MethodRow(row), code?, reading))
+                        })
+                        .collect(),
                 }
             })
             .collect();
         Endpoints {
             target: self.target.clone(),
+            links: view.links.clone(),
             resolved_at: view.resolved_at,
             dns_error: view.dns_error.clone(),
             endpoints,
@@ -591,7 +670,7 @@ where
                 })
             })
             .collect();
-        View { resolved_at: self.resolved_at, dns_error: self.dns_error.clone(), endpoints }
+        View { resolved_at: self.resolved_at, dns_error: self.dns_error.clone(), endpoints, links: self.links.clone() }
     }
 
     /// Applies one update; says whether anything changed.
@@ -623,6 +702,9 @@ where
                     info!(%addr, "Removing endpoint");
                     if let Some(conn) = self.conns.remove(&addr) {
                         conn.task.abort(); // in-flight calls keep their streams
+                        if conn.send.is_some() {
+                            *self.links.disconnections.entry((conn.local, "subchannel shutdown")).or_default() += 1;
+                        }
                     }
                 }
                 for addr in changes.added {
@@ -633,6 +715,7 @@ where
                     let health = Health::Healthy;
                     let task = task.abort_handle();
                     let conn = Conn {
+                        local,
                         send: None,
                         last_error: None,
                         health,
@@ -650,6 +733,7 @@ where
             }
             Update::Connected { addr, upstream } => {
                 let Some(conn) = self.conns.get_mut(&addr) else { return false };
+                self.links.attempts_succeeded += 1;
                 // A new connection waits for its first SERVING (A17); one replacing a
                 // live connection (HTTP/3 taking over) keeps the health known so far.
                 let fresh = conn.send.is_none();
@@ -673,6 +757,11 @@ where
             }
             Update::Disconnected { addr, why } => {
                 let Some(conn) = self.conns.get_mut(&addr) else { return false };
+                if conn.send.is_some() {
+                    *self.links.disconnections.entry((conn.local, disconnect_error(&why))).or_default() += 1;
+                } else {
+                    self.links.attempts_failed += 1;
+                }
                 conn.draining = conn.send.is_some() && why.starts_with("replica sent GOAWAY");
                 if conn.draining {
                     info!(%addr, %why, "Connection draining; opening a new one");
@@ -824,6 +913,25 @@ async fn discover<B>(
         tokio::select! {
             () = tokio::time::sleep(interval) => {}
             () = refresh.notified() => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn disconnect_errors_are_named_as_a94_lists_them() {
+        let cases = [
+            ("replica sent GOAWAY (code 0): draining", "GOAWAY NO_ERROR"),
+            ("replica sent GOAWAY ENHANCE_YOUR_CALM (too_many_pings)", "GOAWAY ENHANCE_YOUR_CALM"),
+            ("replica sent GOAWAY (code 2): draining", "GOAWAY UNKNOWN"),
+            ("connection lost: keep-alive timed out", "connection timed out"),
+            ("connection lost: connection error: Connection reset by peer (os error 104)", "connection reset"),
+            ("connection lost: Broken pipe (os error 32)", "socket error"),
+            ("connection task ended", "unknown"),
+        ];
+        for (why, want) in cases {
+            assert_eq!(super::disconnect_error(why), want, "{why}");
         }
     }
 }

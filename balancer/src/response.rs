@@ -3,7 +3,8 @@
 //! UNAVAILABLE for a lost connection, a reset's code mapped as gRPC's PROTOCOL-HTTP2
 //! says, naming the endpoint. The status in the trailers (or the loss) is the
 //! attempt's outcome for outlier detection; a caller that drops the body early records
-//! nothing (its own cancellation is not the endpoint's failure).
+//! nothing there (its own cancellation is not the endpoint's failure). The call's
+//! metrics are recorded at the same moment: its status and duration, or CANCELLED.
 
 use std::{
     net::SocketAddr,
@@ -11,13 +12,25 @@ use std::{
     task::{Context, Poll, ready},
 };
 
+use lb_core::call::Stats;
+use tokio::time::Instant;
+
 use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame};
 use lb_core::Code;
 use tonic::Status;
 
-use crate::{code::to_tonic, pool::Outcome, replay::BoxError, transport};
+use crate::{code::to_tonic, counters::Counters, pool::Outcome, replay::BoxError, transport};
+
+/// A committed call, recorded when its status arrives.
+pub(crate) struct CallEnd {
+    pub counters: Counters,
+    /// For the method's row, claimed if the call succeeds.
+    pub uri: http::Uri,
+    pub stats: Stats,
+    pub started: Instant,
+}
 
 pub struct UpstreamBody {
     inner: transport::Body,
@@ -26,6 +39,8 @@ pub struct UpstreamBody {
     done: bool,
     /// Where the status goes when it arrives; `None` once recorded (or never wanted).
     outcome: Option<Outcome>,
+    /// The call's metrics, recorded with the status; `None` once recorded.
+    call: Option<CallEnd>,
 }
 
 impl std::fmt::Debug for UpstreamBody {
@@ -36,7 +51,39 @@ impl std::fmt::Debug for UpstreamBody {
 
 impl UpstreamBody {
     pub(crate) fn new(inner: transport::Body, addr: SocketAddr, outcome: Option<Outcome>) -> Self {
-        UpstreamBody { inner, addr, done: false, outcome }
+        UpstreamBody { inner, addr, done: false, outcome, call: None }
+    }
+
+    pub(crate) fn record_call_at_end(&mut self, call: CallEnd) {
+        self.call = Some(call);
+    }
+
+    /// The response ended with `code`, or its connection was `lost`: the attempt's
+    /// outcome and the call's metrics.
+    fn ended(&mut self, code: Code, lost: bool) {
+        let row = self.call.as_ref().map(|c| c.counters.method(c.uri.path(), code == Code::Ok));
+        let method = row.map_or(crate::counters::MethodRow::OTHER.0, |r| r.0);
+        match self.outcome.take() {
+            Some(o) if lost => o.lost(method),
+            Some(o) => o.status(code, method),
+            None => {}
+        }
+        if let (Some(c), Some(row)) = (self.call.take(), row) {
+            c.counters.record_row(row, &c.stats, code, c.started.elapsed());
+        }
+    }
+}
+
+/// Dropped before its end: the caller cancelled.
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        if let Some(c) = self.call.take() {
+            let row = c.counters.method(c.uri.path(), false);
+            if let Some(o) = self.outcome.take() {
+                o.cancelled(row.0);
+            }
+            c.counters.record_row(row, &c.stats, Code::Cancelled, c.started.elapsed());
+        }
     }
 }
 
@@ -51,11 +98,8 @@ impl Body for UpstreamBody {
         match ready!(self.inner.poll_frame(cx)) {
             Some(Err((code, error))) => {
                 self.done = true;
-                match self.outcome.take() {
-                    Some(o) if code == Code::Unavailable => o.lost(), // the connection went
-                    Some(o) => o.status(code),                        // a reset, mapped
-                    None => {}
-                }
+                // UNAVAILABLE: the connection went; else a reset, mapped.
+                self.ended(code, code == Code::Unavailable);
                 let status =
                     Status::new(to_tonic(code), format!("upstream {} failed mid-response: {error}", self.addr));
                 let mut trailers = HeaderMap::new();
@@ -65,17 +109,13 @@ impl Body for UpstreamBody {
             Some(Ok(frame)) => {
                 if let Some(trailers) = frame.trailers_ref() {
                     let code = trailers.get("grpc-status").map_or(Code::Internal, |c| Code::from_header(c.as_bytes()));
-                    if let Some(o) = self.outcome.take() {
-                        o.status(code);
-                    };
+                    self.ended(code, false);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
             None => {
                 // Over without trailers: no status, which gRPC calls INTERNAL.
-                if let Some(o) = self.outcome.take() {
-                    o.status(Code::Internal);
-                };
+                self.ended(Code::Internal, false);
                 Poll::Ready(None)
             }
         }

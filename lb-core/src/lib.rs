@@ -10,7 +10,8 @@
 //! - [`outlier`]: A50 outlier detection plus consecutive-failure ejection.
 //! - [`health`]: A17 health checking: the Watch request, its answers, what they mean.
 //! - [`backoff`]: the reconnect delay; [`rng`]: the randomness it takes.
-//! - [`window`]: calls per second and latency percentiles over the last ten seconds.
+//! - [`window`]: calls per second and latency percentiles over the last ten seconds;
+//!   [`histogram`]: lock-free Prometheus histograms, and tables of them by key.
 //! - [`code`]: gRPC status codes and their HTTP mappings; [`frame`]: gRPC message
 //!   prefixes; [`goaway`]: an HTTP/2 GOAWAY noticed as it arrives; [`duration`]: human
 //!   durations for flags.
@@ -22,6 +23,7 @@ pub mod duration;
 pub mod frame;
 pub mod goaway;
 pub mod health;
+pub mod histogram;
 pub mod outlier;
 pub mod pick;
 pub mod retry;

@@ -95,6 +95,19 @@ pub enum Why {
     FailurePercentage(u32),
 }
 
+/// Attempt-duration histograms an endpoint keeps at most (methods × statuses seen).
+pub const ATTEMPT_SERIES: usize = 256;
+
+/// The key of an attempt-duration histogram: the method's row and the status.
+pub fn attempt_key(method: u16, code: Code) -> u32 {
+    u32::from(method) << 5 | code as u32
+}
+
+/// The method row and status of an [`attempt_key`].
+pub fn split_attempt_key(key: u32) -> (u16, Option<Code>) {
+    ((key >> 5) as u16, Code::from_i32((key & 31) as i32))
+}
+
 /// One endpoint's outcomes since the last interval. Calls record into it concurrently
 /// without a lock; the owner of the [`Outliers`] reads and resets it.
 #[derive(Debug)]
@@ -108,6 +121,8 @@ pub struct Tally {
     in_flight: AtomicU32,
     /// Attempts ended per second and their latencies, over the last ten seconds.
     pub window: crate::window::Window,
+    /// Attempt durations by [`attempt_key`] (method row and status), for metrics.
+    pub attempts: crate::histogram::Table,
     /// Failures since the last success.
     consecutive: AtomicU32,
     /// The run of failures that ejects; 0 = none does.
@@ -124,6 +139,7 @@ impl Tally {
             total_failed: AtomicU64::new(0),
             in_flight: AtomicU32::new(0),
             window: crate::window::Window::default(),
+            attempts: crate::histogram::Table::new(crate::histogram::SECONDS, ATTEMPT_SERIES),
             consecutive: AtomicU32::new(0),
             threshold: config.consecutive_failures.unwrap_or(0),
             codes: config.codes,

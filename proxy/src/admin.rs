@@ -10,13 +10,12 @@
 //! connection.
 
 use std::{
-    collections::HashMap,
     convert::Infallible,
     fmt::Write as _,
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use balancer::{EndpointState, Endpoints, PoolEvent, counters::MethodCounters};
+use balancer::{EndpointState, Endpoints, PoolEvent, counters::Counters, histogram::Reading};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use http::{Method, Request, Response, StatusCode, header};
@@ -32,7 +31,10 @@ pub struct Snapshot {
     /// The node the proxy runs on, when told (`--node`).
     pub node: Option<String>,
     pub endpoints: Endpoints,
-    pub methods: HashMap<String, MethodCounters>,
+    /// Read at a scrape (`Balancer::counters`).
+    pub counters: Counters,
+    /// The retry throttle's tokens and capacity (`Balancer::throttle`).
+    pub throttle: Option<(f64, f64)>,
 }
 
 type AdminBody = BoxBody<Bytes, Infallible>;
@@ -188,70 +190,178 @@ fn endpoints_json(snap: &Snapshot, now: SystemTime) -> serde_json::Value {
     })
 }
 
-/// `/metrics`: Prometheus text exposition.
+/// `/metrics`: Prometheus text exposition. gRFC A66 (calls and attempts), A96
+/// (retries) and A94 (connections) by their OpenTelemetry Prometheus names, then each
+/// endpoint's state and counts (`lb_*`).
 fn metrics(snap: &Snapshot) -> String {
     let e = &snap.endpoints;
-    let mut out = String::with_capacity(2048);
+    let mut out = String::with_capacity(16 << 10);
     let target = escape(&e.target);
+    let t = format!("grpc_target=\"{target}\"");
     // Methods are bounded: those that have succeeded once (at most 256) and `other`.
-    let mut methods: Vec<_> = snap.methods.iter().collect();
+    let methods = snap.counters.snapshot();
+    let mut methods: Vec<_> = methods.iter().collect();
     methods.sort_by(|a, b| a.0.cmp(b.0));
-    out.push_str(
-        "# HELP grpc_client_attempt_started_total Attempts started, counted when their call commits or ends.\n",
-    );
-    out.push_str("# TYPE grpc_client_attempt_started_total counter\n");
+    let method_label = |m: &str| format!("grpc_method=\"{}\"", escape(m.trim_start_matches('/')));
+
+    head(&mut out, "grpc_client_attempt_started_total", "counter", "Attempts started, counted when their call ends.");
     for (method, m) in &methods {
-        let method = escape(method.trim_start_matches('/'));
-        let _ = writeln!(
-            out,
-            "grpc_client_attempt_started_total{{grpc_method=\"{method}\",grpc_target=\"{target}\"}} {}",
-            m.attempts
-        );
+        let _ = writeln!(out, "grpc_client_attempt_started_total{{{},{t}}} {}", method_label(method), m.attempts);
     }
+    head(
+        &mut out,
+        "grpc_client_attempt_duration_seconds",
+        "histogram",
+        "Attempts from being placed on an endpoint to their status, by endpoint.",
+    );
+    for ep in &e.endpoints {
+        let mut attempts: Vec<_> =
+            ep.attempts.iter().map(|(row, code, r)| (snap.counters.name(*row), code.name(), r)).collect();
+        attempts.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        for (method, code, reading) in attempts {
+            let labels = format!(
+                "{},{t},grpc_status=\"{code}\",endpoint=\"{}\",grpc_lb_locality=\"{}\"",
+                method_label(method),
+                ep.address,
+                locality(ep.local)
+            );
+            histogram(&mut out, "grpc_client_attempt_duration_seconds", &labels, reading, SECONDS);
+        }
+    }
+    head(
+        &mut out,
+        "grpc_client_call_duration_seconds",
+        "histogram",
+        "Calls from arrival to their status, retries and waits included.",
+    );
+    for (method, m) in &methods {
+        for (code, reading) in &m.durations {
+            let labels = format!("{},{t},grpc_status=\"{code}\"", method_label(method));
+            histogram(&mut out, "grpc_client_call_duration_seconds", &labels, reading, SECONDS);
+        }
+    }
+    for (name, help, pick) in [
+        ("grpc_client_call_retries", "Retries per call, for calls with any.", 0),
+        (
+            "grpc_client_call_transparent_retries",
+            "Transparent retries per call (never sent or refused unprocessed), for calls with any.",
+            1,
+        ),
+        ("grpc_client_call_hedges", "Hedges per call, for calls with any.", 2),
+    ] {
+        head(&mut out, name, "histogram", help);
+        for (method, m) in &methods {
+            let reading = [&m.retries_per_call, &m.transparent_retries_per_call, &m.hedges_per_call][pick];
+            if reading.count() > 0 {
+                histogram(&mut out, name, &format!("{},{t}", method_label(method)), reading, 1.0);
+            }
+        }
+    }
+
     let mut open = [0u32; 2];
     for ep in &e.endpoints {
         if ep.protocol.is_some() {
             open[usize::from(ep.local)] += 1;
         }
     }
-    out.push_str("# HELP grpc_subchannel_open_connections Connections open to endpoints, by locality.\n");
-    out.push_str("# TYPE grpc_subchannel_open_connections gauge\n");
+    head(&mut out, "grpc_subchannel_open_connections", "gauge", "Connections open to endpoints, by locality.");
     for (i, place) in ["remote", "local"].iter().enumerate() {
+        let _ = writeln!(out, "grpc_subchannel_open_connections{{{t},grpc_lb_locality=\"{place}\"}} {}", open[i]);
+    }
+    let links = &e.links;
+    head(&mut out, "grpc_subchannel_connection_attempts_succeeded_total", "counter", "Connections made to endpoints.");
+    let _ = writeln!(out, "grpc_subchannel_connection_attempts_succeeded_total{{{t}}} {}", links.attempts_succeeded);
+    head(
+        &mut out,
+        "grpc_subchannel_connection_attempts_failed_total",
+        "counter",
+        "Connection attempts to endpoints that failed.",
+    );
+    let _ = writeln!(out, "grpc_subchannel_connection_attempts_failed_total{{{t}}} {}", links.attempts_failed);
+    head(
+        &mut out,
+        "grpc_subchannel_disconnections_total",
+        "counter",
+        "Connections to endpoints that ended, by locality and why.",
+    );
+    for ((local, why), n) in &links.disconnections {
         let _ = writeln!(
             out,
-            "grpc_subchannel_open_connections{{grpc_target=\"{target}\",grpc_lb_locality=\"{place}\"}} {}",
-            open[i]
+            "grpc_subchannel_disconnections_total{{{t},grpc_lb_locality=\"{}\",grpc_disconnect_error=\"{why}\"}} {n}",
+            locality(*local)
         );
     }
+
+    if let Some((tokens, max)) = snap.throttle {
+        head(
+            &mut out,
+            "lb_retry_throttle_tokens",
+            "gauge",
+            "Tokens in the retry throttle's bucket; retries and hedges stop at half its capacity or less.",
+        );
+        let _ = writeln!(out, "lb_retry_throttle_tokens{{{t}}} {tokens}");
+        head(
+            &mut out,
+            "lb_retry_throttle_max_tokens",
+            "gauge",
+            "The retry throttle's capacity (retryThrottling.maxTokens).",
+        );
+        let _ = writeln!(out, "lb_retry_throttle_max_tokens{{{t}}} {max}");
+    }
     let labels = |ep: &balancer::EndpointView| {
-        format!("grpc_target=\"{target}\",endpoint=\"{}\",grpc_lb_locality=\"{}\"", ep.address, locality(ep.local))
+        format!("{t},endpoint=\"{}\",grpc_lb_locality=\"{}\"", ep.address, locality(ep.local))
     };
-    out.push_str("# HELP lb_endpoint_state 1 for the state each endpoint is in, 0 for the others.\n");
-    out.push_str("# TYPE lb_endpoint_state gauge\n");
+    head(&mut out, "lb_endpoint_state", "gauge", "1 for the state each endpoint is in, 0 for the others.");
     for ep in &e.endpoints {
         for state in EndpointState::ALL {
             let on = u8::from(ep.state == state);
             let _ = writeln!(out, "lb_endpoint_state{{{},state=\"{}\"}} {on}", labels(ep), state.as_str());
         }
     }
-    out.push_str("# HELP lb_endpoint_in_flight Attempts placed on each endpoint and not yet ended.\n");
-    out.push_str("# TYPE lb_endpoint_in_flight gauge\n");
+    head(&mut out, "lb_endpoint_in_flight", "gauge", "Attempts placed on each endpoint and not yet ended.");
     for ep in &e.endpoints {
         let _ = writeln!(out, "lb_endpoint_in_flight{{{}}} {}", labels(ep), ep.in_flight);
     }
-    out.push_str("# HELP lb_endpoint_attempts_total Attempts ended on each endpoint, by outcome as outlier detection counts it.\n");
-    out.push_str("# TYPE lb_endpoint_attempts_total counter\n");
+    head(
+        &mut out,
+        "lb_endpoint_attempts_total",
+        "counter",
+        "Attempts ended on each endpoint, by outcome as outlier detection counts it.",
+    );
     for ep in &e.endpoints {
         let l = labels(ep);
         let _ = writeln!(out, "lb_endpoint_attempts_total{{{l},outcome=\"ok\"}} {}", ep.calls - ep.failures);
         let _ = writeln!(out, "lb_endpoint_attempts_total{{{l},outcome=\"failed\"}} {}", ep.failures);
     }
-    out.push_str("# HELP lb_endpoint_ejections_total Times outlier detection ejected each endpoint.\n");
-    out.push_str("# TYPE lb_endpoint_ejections_total counter\n");
+    head(&mut out, "lb_endpoint_ejections_total", "counter", "Times outlier detection ejected each endpoint.");
     for ep in &e.endpoints {
         let _ = writeln!(out, "lb_endpoint_ejections_total{{{}}} {}", labels(ep), ep.ejections);
     }
     out
+}
+
+/// Microseconds per second: durations are kept in µs and exported in seconds.
+const SECONDS: f64 = 1_000_000.0;
+
+fn head(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// One histogram series: cumulative `le` buckets, `_sum` and `_count`; values are
+/// divided by `scale` (µs to seconds, or 1 for counts).
+fn histogram(out: &mut String, name: &str, labels: &str, r: &Reading, scale: f64) {
+    for (bound, n) in r.cumulative() {
+        match bound {
+            Some(b) => {
+                let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{}\"}} {n}", b as f64 / scale);
+            }
+            None => {
+                let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {n}");
+            }
+        }
+    }
+    let _ = writeln!(out, "{name}_sum{{{labels}}} {}", r.sum as f64 / scale);
+    let _ = writeln!(out, "{name}_count{{{labels}}} {}", r.count());
 }
 
 /// A label value as Prometheus' text format quotes it.
@@ -299,8 +409,14 @@ mod tests {
 
     #[test]
     fn unknown_paths_are_404_and_writes_are_refused() {
-        let endpoints = Endpoints { target: "t:1".into(), resolved_at: None, dns_error: None, endpoints: vec![] };
-        let none = Snapshot { node: None, endpoints, methods: HashMap::new() };
+        let endpoints = Endpoints {
+            target: "t:1".into(),
+            links: Default::default(),
+            resolved_at: None,
+            dns_error: None,
+            endpoints: vec![],
+        };
+        let none = Snapshot { node: None, endpoints, counters: Counters::default(), throttle: None };
         let get = |path: &str| Request::get(path).body(()).unwrap();
         assert_eq!(answer(&get("/nope"), &none).status(), StatusCode::NOT_FOUND);
         assert_eq!(answer(&get("/metrics"), &none).status(), StatusCode::OK);

@@ -84,7 +84,8 @@ pub async fn run(args: ServeArgs, listener: TcpListener, shutdown: impl Future<O
         let read = move || admin::Snapshot {
             node: node.clone(),
             endpoints: balancer.endpoints(),
-            methods: balancer.counters().snapshot(),
+            counters: balancer.counters().clone(),
+            throttle: balancer.throttle(),
         };
         tokio::spawn(admin::serve(l, read, subscribe))
     });

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use balancer::Protocol;
 use serde_json::Value;
-use support::{Cluster, tally};
+use support::{Cluster, config_file, tally};
 use tokio::time::Instant;
 
 const LAYOUT: &[(&str, &str)] = &[("s1", "node-a"), ("s2", "node-a"), ("s3", "node-b")];
@@ -112,6 +112,104 @@ async fn states_follow_a_kill_and_a_restart() {
         assert!(Instant::now() < until, "s1 not ready again after its restart");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Retries on UNAVAILABLE, and the throttle, so a sick replica's calls are retried.
+const RETRY: &str = r#"{
+  "methodConfig": [{
+    "name": [{"service": "hello.HelloService"}],
+    "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.01s", "maxBackoff": "0.05s",
+                    "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}
+  }],
+  "retryThrottling": {"maxTokens": 100, "tokenRatio": 0.1}
+}"#;
+
+/// The change in `series` between two scrapes.
+fn delta(before: &str, after: &str, series: &str) -> u64 {
+    value(after, series) - value(before, series)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_metrics_count_calls_and_attempts_per_method_status_and_endpoint() {
+    let config = config_file(RETRY);
+    let mut c = Cluster::start(Protocol::H2, LAYOUT, &["--service-config", &config]).await;
+    c.wait_for(&["s1", "s2"]).await;
+    let (s1, s2) = (c.addr_of("s1"), c.addr_of("s2"));
+    let t = "grpc_target=\"server.test:50051\"";
+    let m = "grpc_method=\"hello.HelloService/SayHello\"";
+    let attempts = |status: &str, ep: std::net::SocketAddr| {
+        format!(
+            "grpc_client_attempt_duration_seconds_count{{{m},{t},grpc_status=\"{status}\",endpoint=\"{ep}\",grpc_lb_locality=\"local\"}}"
+        )
+    };
+    let calls = |status: &str| format!("grpc_client_call_duration_seconds_count{{{m},{t},grpc_status=\"{status}\"}}");
+    let started = format!("grpc_client_attempt_started_total{{{m},{t}}}");
+    let retried = format!("grpc_client_call_retries_count{{{m},{t}}}");
+    let once = format!("grpc_client_call_retries_bucket{{{m},{t},le=\"1\"}}");
+
+    // 20 calls to two healthy replicas: 10 each, every one OK at the first attempt.
+    let m0 = c.admin_get("/metrics").await.1;
+    let (_, failures) = tally(&mut c.client().await, 20).await;
+    assert!(failures.is_empty(), "{failures:?}");
+    let m1 = c.admin_get("/metrics").await.1;
+    assert_eq!(delta(&m0, &m1, &attempts("OK", s1)), 10, "{m1}");
+    assert_eq!(delta(&m0, &m1, &attempts("OK", s2)), 10);
+    assert_eq!((delta(&m0, &m1, &calls("OK")), delta(&m0, &m1, &started)), (20, 20));
+    assert_eq!(delta(&m0, &m1, &retried), 0, "no call retried");
+
+    // s1 answers UNAVAILABLE: each call placed there first is retried once, on s2.
+    c.replica("s1").set_sick(true);
+    let (_, failures) = tally(&mut c.client().await, 20).await;
+    assert!(failures.is_empty(), "{failures:?}");
+    let m2 = c.admin_get("/metrics").await.1;
+    let failed_on_s1 = delta(&m1, &m2, &attempts("UNAVAILABLE", s1));
+    assert!(failed_on_s1 > 0, "{m2}");
+    assert_eq!(delta(&m1, &m2, &attempts("OK", s1)), 0);
+    assert_eq!(delta(&m1, &m2, &attempts("OK", s2)), 20);
+    assert_eq!(delta(&m1, &m2, &calls("OK")), 20);
+    assert_eq!(delta(&m1, &m2, &calls("UNAVAILABLE")), 0);
+    assert_eq!(delta(&m1, &m2, &started), 20 + failed_on_s1);
+    assert_eq!((delta(&m1, &m2, &retried), delta(&m1, &m2, &once)), (failed_on_s1, failed_on_s1));
+    assert!(m2.contains(&format!("lb_retry_throttle_tokens{{{t}}} ")), "{m2}");
+
+    // A method no call has succeeded on counts as `other`.
+    let headers = support::raw_call(c.proxy, "/nope.S/M", &[], support::frame(b"")).await;
+    assert_eq!(headers["grpc-status"], "12");
+    let m3 = c.admin_get("/metrics").await.1;
+    let other =
+        format!("grpc_client_call_duration_seconds_count{{grpc_method=\"other\",{t},grpc_status=\"UNIMPLEMENTED\"}}");
+    assert_eq!(delta(&m2, &m3, &other), 1, "{m3}");
+
+    // Connections: three made; s3's lost when it is killed.
+    assert!(value(&m3, &format!("grpc_subchannel_connection_attempts_succeeded_total{{{t}}}")) >= 3);
+    c.kill("s3");
+    let until = Instant::now() + Duration::from_secs(10);
+    let lost = format!("grpc_subchannel_disconnections_total{{{t},grpc_lb_locality=\"remote\",");
+    let m4 = loop {
+        let m4 = c.admin_get("/metrics").await.1;
+        if m4.contains(&lost) {
+            break m4;
+        }
+        assert!(Instant::now() < until, "no disconnection counted:\n{m4}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    promtool_accepts(&m4);
+}
+
+/// `promtool check metrics` (Debian's `prometheus` package) finds nothing to say.
+fn promtool_accepts(metrics: &str) {
+    use std::io::Write;
+    let child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = child.expect("promtool runs (apt-get install prometheus)");
+    child.stdin.take().unwrap().write_all(metrics.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && said.trim().is_empty(), "promtool: {said}\n{metrics}");
 }
 
 /// The series names (everything before the value) of a scrape.

@@ -1,17 +1,31 @@
 //! The retry throttle of gRFC A6: one token bucket per target, shared by every call. A
 //! failed attempt costs a token, a successful call earns `tokenRatio`; retries and
 //! hedges stop while the bucket holds half its capacity or less. Kept in thousandths,
-//! as A6 does, so it is exact; lock-free, so calls share it without a mutex.
+//! as A6 does, so it is exact; lock-free, so calls share it without a mutex. Whoever
+//! wants to hear it stop and start retries (an event log) passes a callback.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-#[derive(Debug)]
+/// Told `(allows, tokens)` each time the throttle stops or starts allowing retries.
+pub type OnChange = Box<dyn Fn(bool, u32) + Send + Sync>;
+
 pub struct Throttle {
     /// Capacity, in thousandths of a token.
     max: u32,
     /// What a success earns, in thousandths.
     ratio: u32,
     tokens: AtomicU32,
+    on_change: Option<OnChange>,
+}
+
+impl std::fmt::Debug for Throttle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Throttle")
+            .field("max", &self.max)
+            .field("ratio", &self.ratio)
+            .field("tokens", &self.tokens)
+            .finish()
+    }
 }
 
 impl Throttle {
@@ -19,7 +33,19 @@ impl Throttle {
     /// `token_ratio` keeps at least one thousandth.
     pub fn new(max_tokens: f64, token_ratio: f64) -> Self {
         let max = (max_tokens * 1000.0).round() as u32;
-        Throttle { max, ratio: (token_ratio * 1000.0).round() as u32, tokens: AtomicU32::new(max) }
+        Throttle { max, ratio: (token_ratio * 1000.0).round() as u32, tokens: AtomicU32::new(max), on_change: None }
+    }
+
+    /// Calls `f(allows, tokens)` whenever the throttle stops or starts allowing retries,
+    /// from the call whose outcome crossed the line.
+    pub fn on_change(mut self, f: OnChange) -> Self {
+        self.on_change = Some(f);
+        self
+    }
+
+    /// Capacity, in thousandths of a token.
+    pub fn max(&self) -> u32 {
+        self.max
     }
 
     /// An attempt failed with a retryable (or non-fatal) status.
@@ -43,7 +69,14 @@ impl Throttle {
     }
 
     fn update(&self, f: impl Fn(u32) -> u32) {
-        let _ = self.tokens.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| Some(f(t)));
+        let Ok(was) = self.tokens.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| Some(f(t))) else { return };
+        let now = f(was);
+        let half = self.max / 2;
+        if let Some(tell) = &self.on_change
+            && (was > half) != (now > half)
+        {
+            tell(now > half, now);
+        }
     }
 }
 
@@ -70,5 +103,21 @@ mod tests {
             t.on_failure();
         }
         assert_eq!(t.tokens(), 0);
+    }
+
+    #[test]
+    fn tells_each_crossing_of_the_half_once() {
+        use std::sync::{Arc, Mutex};
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let t = Throttle::new(4.0, 1.0)
+            .on_change(Box::new(move |allows, tokens| log.lock().unwrap().push((allows, tokens))));
+        for _ in 0..4 {
+            t.on_failure(); // 3, 2 (stops), 1, 0
+        }
+        for _ in 0..4 {
+            t.on_success(); // 1, 2, 3 (starts), 4
+        }
+        assert_eq!(*seen.lock().unwrap(), [(false, 2_000), (true, 3_000)]);
     }
 }
