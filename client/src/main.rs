@@ -6,6 +6,7 @@ mod conn;
 mod load;
 mod report;
 mod stream;
+mod top;
 mod verify;
 
 use clap::{Parser, Subcommand};
@@ -34,6 +35,9 @@ enum Command {
     VerifyLb(verify::VerifyArgs),
     /// A SayHelloStream that re-opens where it left off when it breaks.
     Stream(stream::StreamArgs),
+    /// A live view of the proxies from their admin APIs: each replica's state,
+    /// traffic share, success rate and latency, and the events. Needs a terminal.
+    Top(top::TopArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -58,8 +62,13 @@ async fn run(args: Args) -> anyhow::Result<std::process::ExitCode> {
     if std::env::var_os("RUST_LOG").is_some() {
         balancer::telemetry::init();
     }
+    // The view reads the proxies' admin APIs: no gRPC connection.
+    let command = match args.command {
+        Command::Top(a) => return top::run(a).await,
+        command => command,
+    };
     let conn = conn::Conn::open(&args.conn).await?;
-    match args.command {
+    match command {
         Command::Hello { name } => {
             let r = conn
                 .hello(&name)
@@ -72,5 +81,6 @@ async fn run(args: Args) -> anyhow::Result<std::process::ExitCode> {
         Command::Load(a) => load::run(conn, a).await,
         Command::VerifyLb(a) => verify::run(conn, a).await,
         Command::Stream(a) => stream::run(conn, a).await,
+        Command::Top(_) => unreachable!("dispatched before connecting"),
     }
 }
