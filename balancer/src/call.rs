@@ -44,6 +44,8 @@ pub(crate) struct Shared<B> {
     /// One bucket for the target, when the config has `retryThrottling`.
     pub throttle: Option<Throttle>,
     pub counters: Counters,
+    /// Record per-method counters and histograms (`Settings::metrics`).
+    pub metrics: bool,
 }
 
 /// The parts of a request needed to send it again.
@@ -123,14 +125,14 @@ struct Driver<'a, B> {
 /// as CANCELLED; outlier detection hears nothing.
 impl<B> Drop for Driver<'_, B> {
     fn drop(&mut self) {
-        if self.recorded && self.slots.iter().all(|s| s.outcome.is_none()) {
+        if !self.shared.metrics || (self.recorded && self.slots.iter().all(|s| s.outcome.is_none())) {
             return;
         }
         let counters = &self.shared.counters;
         let row = counters.method(self.head.uri.path(), false);
         for slot in &mut self.slots {
             if let Some(outcome) = slot.outcome.take() {
-                outcome.cancelled(row.0);
+                outcome.cancelled(Some(row.0));
             }
         }
         if !self.recorded {
@@ -177,6 +179,7 @@ where
     let stats = driver.call.stats();
     driver.recorded = true;
     match &mut result {
+        _ if !shared.metrics => {}
         // Committed on headers: the status comes at the end of the body, which records.
         Ok(resp) if !resp.headers().contains_key("grpc-status") => {
             let uri = std::mem::take(&mut driver.head.uri);
@@ -222,8 +225,10 @@ where
                     Action::Cancel(id) => {
                         let slot = &mut self.slots[id.0 as usize];
                         slot.io = None; // resets the stream with CANCEL
-                        if let Some(outcome) = slot.outcome.take() {
-                            outcome.cancelled(self.shared.counters.method(self.head.uri.path(), false).0);
+                        if let Some(outcome) = slot.outcome.take()
+                            && self.shared.metrics
+                        {
+                            outcome.cancelled(Some(self.shared.counters.method(self.head.uri.path(), false).0));
                         }
                     }
                     Action::Commit(id) => return Ok(self.commit(id)),
@@ -368,7 +373,10 @@ where
         if let Some(outcome) = self.slots[id.0 as usize].outcome.take()
             && !self.body.failed_by_caller()
         {
-            let method = |code| self.shared.counters.method(self.head.uri.path(), code == Code::Ok).0;
+            let method = |code| {
+                let shared = self.shared;
+                shared.metrics.then(|| shared.counters.method(self.head.uri.path(), code == Code::Ok).0)
+            };
             match how {
                 Ended::NotSent | Ended::Refused => {}
                 // A lost connection (or an HTTP 502/503/504) always counts.

@@ -57,6 +57,10 @@ pub struct Settings {
     pub protocol: Protocol,
     /// The CA that signs the endpoints' certificates (needed for HTTP/3).
     pub ca_cert: Option<PathBuf>,
+    /// Per-method counters and the call and attempt histograms (what
+    /// [`Balancer::counters`] and [`EndpointView::attempts`] read); off, a call records
+    /// only what outlier detection and the endpoints' rates need.
+    pub metrics: bool,
 }
 
 impl Settings {
@@ -74,6 +78,7 @@ impl Settings {
             service_config: ServiceConfig::default(),
             protocol: Protocol::H2,
             ca_cert: None,
+            metrics: true,
         }
     }
 }
@@ -145,6 +150,7 @@ where
             config: s.service_config,
             throttle,
             counters,
+            metrics: s.metrics,
         };
         Ok(Balancer { shared: Arc::new(shared) })
     }

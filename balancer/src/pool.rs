@@ -95,18 +95,21 @@ impl Outcome {
         Outcome { tally, nudge, started: Instant::now() }
     }
 
-    /// The attempt's latency, into its endpoint's window and its histogram for the
-    /// method (`method`, a row of [`crate::counters::Counters`]) and status.
-    fn clock(&self, method: u16, code: lb_core::Code) {
+    /// The attempt's latency, into its endpoint's window and, with metrics on, its
+    /// histogram for the method (`method`, a row of [`crate::counters::Counters`]) and
+    /// status.
+    fn clock(&self, method: Option<u16>, code: lb_core::Code) {
         let now = Instant::now();
         let micros = now.saturating_duration_since(self.started).as_micros() as u64;
         self.tally.window.record(second(now), micros);
-        self.tally.attempts.record(lb_core::outlier::attempt_key(method, code), micros);
+        if let Some(method) = method {
+            self.tally.attempts.record(lb_core::outlier::attempt_key(method, code), micros);
+        }
     }
 
     /// Ended with `code` (a status, or what a reset or an HTTP error maps to): a
     /// failure if outlier detection lists it.
-    pub(crate) fn status(self, code: lb_core::Code, method: u16) {
+    pub(crate) fn status(self, code: lb_core::Code, method: Option<u16>) {
         self.clock(method, code);
         if self.tally.record_status(code) {
             self.nudge.notify_one();
@@ -114,7 +117,7 @@ impl Outcome {
     }
 
     /// The connection was lost mid-response: a failure, whatever the list says.
-    pub(crate) fn lost(self, method: u16) {
+    pub(crate) fn lost(self, method: Option<u16>) {
         self.clock(method, lb_core::Code::Unavailable);
         if self.tally.record(true) {
             self.nudge.notify_one();
@@ -123,9 +126,11 @@ impl Outcome {
 
     /// Cancelled by the caller or the call (a hedge that lost): its duration, as
     /// CANCELLED, and nothing for outlier detection.
-    pub(crate) fn cancelled(self, method: u16) {
-        let micros = self.started.elapsed().as_micros() as u64;
-        self.tally.attempts.record(lb_core::outlier::attempt_key(method, lb_core::Code::Cancelled), micros);
+    pub(crate) fn cancelled(self, method: Option<u16>) {
+        if let Some(method) = method {
+            let micros = self.started.elapsed().as_micros() as u64;
+            self.tally.attempts.record(lb_core::outlier::attempt_key(method, lb_core::Code::Cancelled), micros);
+        }
     }
 }
 

@@ -62,7 +62,7 @@ impl UpstreamBody {
     /// outcome and the call's metrics.
     fn ended(&mut self, code: Code, lost: bool) {
         let row = self.call.as_ref().map(|c| c.counters.method(c.uri.path(), code == Code::Ok));
-        let method = row.map_or(crate::counters::MethodRow::OTHER.0, |r| r.0);
+        let method = row.map(|r| r.0);
         match self.outcome.take() {
             Some(o) if lost => o.lost(method),
             Some(o) => o.status(code, method),
@@ -80,7 +80,7 @@ impl Drop for UpstreamBody {
         if let Some(c) = self.call.take() {
             let row = c.counters.method(c.uri.path(), false);
             if let Some(o) = self.outcome.take() {
-                o.cancelled(row.0);
+                o.cancelled(Some(row.0));
             }
             c.counters.record_row(row, &c.stats, Code::Cancelled, c.started.elapsed());
         }

@@ -3,7 +3,8 @@
 //! the replica and this load generator share CPU 0. Prints, per target, calls/s at
 //! concurrency C, p50/p99 at concurrency 1, CPU time per call of the server and of the
 //! proxy (utime+stime from /proc), and the proxy's resident memory; then the medians of
-//! the per-round ratios.
+//! the per-round ratios. A fourth target, the proxy with `--metrics off`, gives what
+//! recording metrics costs per call.
 
 mod picks;
 mod procs;
@@ -67,17 +68,23 @@ async fn main() -> anyhow::Result<()> {
         let mut v: Vec<String> =
             ["--listen", listen, "--target", "127.0.0.1:50151", "--threads", "1"].map(String::from).to_vec();
         v.extend(["--admin-listen".into(), "off".into()]);
+        if listen == QUIET {
+            v.extend(["--metrics".into(), "off".into()]);
+        }
         v.extend(["--upstream-protocol".into(), protocol.into(), "--ca-cert".into(), path(&ca)]);
         v
     };
     let h2_args = proxy_args("127.0.0.1:50150", "h2");
     let h3_args = proxy_args("127.0.0.1:50152", "h3");
+    let quiet_args = proxy_args(QUIET, "h2");
     let proxy_h2 = Child::spawn(&a.bin_dir.join("proxy"), 1, &as_str(&h2_args)).await?;
     let proxy_h3 = Child::spawn(&a.bin_dir.join("proxy"), 1, &as_str(&h3_args)).await?;
+    let proxy_quiet = Child::spawn(&a.bin_dir.join("proxy"), 1, &as_str(&quiet_args)).await?;
     let targets = [
         ("direct", connect("127.0.0.1:50151").await?, None),
         ("proxy h2", connect("127.0.0.1:50150").await?, Some(&proxy_h2)),
         ("proxy h3", connect("127.0.0.1:50152").await?, Some(&proxy_h3)),
+        ("h2 no-metrics", connect(QUIET).await?, Some(&proxy_quiet)),
     ];
     for (_, c, _) in &targets {
         warm(c).await?;
@@ -94,7 +101,7 @@ async fn main() -> anyhow::Result<()> {
         for (name, c, proxy) in &targets {
             let s = measure(&a, c, &server, *proxy).await?;
             println!(
-                "round {round} {name:<9} {:>7.0}/s  p50 {:>4.0}µs  server {:>5.2}µs/call  proxy {:>5.2}µs/call",
+                "round {round} {name:<13} {:>7.0}/s  p50 {:>4.0}µs  server {:>5.2}µs/call  proxy {:>5.2}µs/call",
                 s.calls_per_s, s.p50_us, s.server_us_per_call, s.proxy_us_per_call
             );
             row.push(s);
@@ -106,6 +113,9 @@ async fn main() -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&certs);
     Ok(())
 }
+
+/// The proxy with `--metrics off`, for what recording metrics costs.
+const QUIET: &str = "127.0.0.1:50153";
 
 fn as_str(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
@@ -212,6 +222,7 @@ fn report(rounds: &[Vec<Sample>], idle_rss: u64, busy_rss: u64) {
     println!("proxy h2 p50 / direct p50                          {:.2}x", ratio(h2, d, p50, p50));
     println!("proxy h3 CPU per call / proxy h2 CPU per call      {:.2}x", ratio(h3, h2, proxy_cpu, proxy_cpu));
     println!("proxy h3 p50 / proxy h2 p50                        {:.2}x", ratio(h3, h2, p50, p50));
+    println!("proxy h2 CPU per call, metrics on / off            {:.3}x", ratio(h2, 3, proxy_cpu, proxy_cpu));
     println!(
         "proxy resident memory (h2)                         idle {:.1} MB, after load {:.1} MB",
         idle_rss as f64 / 1024.0,

@@ -93,12 +93,24 @@ pub struct ServeArgs {
     /// /admin/events and /metrics; `off` for none.
     #[arg(long, env = "PROXY_ADMIN_LISTEN", default_value = "0.0.0.0:9901")]
     pub admin_listen: AdminListen,
+    /// Per-method counters and the gRPC call and attempt histograms on /metrics: on or
+    /// off (off: endpoint states, counts and rates only, for measuring their cost).
+    #[arg(long, env = "PROXY_METRICS", default_value = "on", value_parser = on_off)]
+    pub metrics: bool,
     /// The node this proxy runs on, shown by the admin API and its page.
     #[arg(long, env = "NODE_NAME")]
     pub node: Option<String>,
     /// How long open calls may finish after SIGTERM/SIGINT.
     #[arg(long, env = "PROXY_DRAIN_TIMEOUT", default_value = "10s", value_parser = duration::parse)]
     pub drain_timeout: Duration,
+}
+
+fn on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("expected on or off, got {s:?}")),
+    }
 }
 
 /// Where the admin API listens, or `off`.
@@ -146,6 +158,7 @@ impl ServeArgs {
             service_config,
             protocol: self.upstream_protocol,
             ca_cert: self.ca_cert.clone(),
+            metrics: self.metrics,
         })
     }
 }

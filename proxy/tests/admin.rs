@@ -114,6 +114,89 @@ async fn states_follow_a_kill_and_a_restart() {
     }
 }
 
+/// Reads `/admin/events` from its greeting on: each call returns the next event's data.
+async fn event_stream(c: &Cluster) -> impl FnMut() -> std::pin::Pin<Box<dyn Future<Output = Value> + Send>> + use<> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let mut tcp = tokio::net::TcpStream::connect(c.admin()).await.unwrap();
+    tcp.write_all(b"GET /admin/events HTTP/1.1\r\nHost: admin\r\n\r\n").await.unwrap();
+    let mut lines = BufReader::new(tcp).lines();
+    while !lines.next_line().await.unwrap().unwrap().starts_with(": events") {}
+    let lines = std::sync::Arc::new(tokio::sync::Mutex::new(lines));
+    move || {
+        let lines = lines.clone();
+        Box::pin(async move {
+            let mut lines = lines.lock().await;
+            loop {
+                let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+                    .await
+                    .expect("an event within 10 s")
+                    .unwrap()
+                    .unwrap();
+                if let Some(data) = line.strip_prefix("data: ") {
+                    return serde_json::from_str(data).unwrap();
+                }
+            }
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_reads_unhealthy_then_draining_then_gone() {
+    let mut c = Cluster::start(Protocol::H2, LAYOUT, &["--service-config", support::SANDBOX_CONFIG]).await;
+    c.wait_for(&["s1", "s2"]).await;
+    let mut next = event_stream(&c).await;
+    let s2 = c.addr_of("s2").to_string();
+    let _draining = c.begin_stop("s2");
+    // The replica says NOT_SERVING, then sends GOAWAY, then stops listening.
+    let mut states = Vec::new();
+    while states.last().is_none_or(|d: &String| !d.starts_with("draining -> ")) {
+        let e = next().await;
+        if e["kind"] == "state" && e["endpoint"] == s2.as_str() {
+            states.push(e["detail"].as_str().unwrap().to_owned());
+        }
+        if e["kind"] == "goaway" {
+            assert_eq!(e["endpoint"], s2.as_str(), "{e}");
+        }
+    }
+    let prefixes: Vec<_> = states.iter().map(|d| d.split(':').next().unwrap()).collect();
+    assert_eq!(prefixes, ["ready -> unhealthy", "unhealthy -> draining", prefixes[2]], "{states:?}");
+    let v = endpoints(&c).await;
+    let e = endpoint(&v, &c, "s2");
+    assert!(matches!(e["state"].as_str(), Some("failed" | "connecting")), "{e}");
+    assert_eq!(endpoint(&v, &c, "s1")["state"], "ready");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_event_stream_tells_the_retry_throttle_engaging_and_releasing() {
+    let config = config_file(
+        r#"{"methodConfig": [{"name": [{"service": "hello.HelloService"}],
+            "retryPolicy": {"maxAttempts": 2, "initialBackoff": "0.01s", "maxBackoff": "0.01s",
+                            "backoffMultiplier": 1, "retryableStatusCodes": ["UNAVAILABLE"]}}],
+            "retryThrottling": {"maxTokens": 4, "tokenRatio": 1}}"#,
+    );
+    let c = Cluster::start(Protocol::H2, &[("s1", "node-a")], &["--service-config", &config]).await;
+    c.wait_for(&["s1"]).await;
+    let mut next = event_stream(&c).await;
+    c.replica("s1").set_sick(true);
+    let mut client = c.client().await;
+    // Each call fails twice (a token each) until the bucket is at half: 4 -> 2.
+    let _ = tally(&mut client, 2).await;
+    let e = loop {
+        let e = next().await;
+        if e["kind"] == "throttle" {
+            break e;
+        }
+    };
+    assert!(e["detail"].as_str().unwrap().starts_with("engaged: 2 tokens"), "{e}");
+    // The second call failed once more (1 token left); each success earns one back.
+    c.replica("s1").set_sick(false);
+    let (_, failures) = tally(&mut client, 2).await;
+    assert!(failures.is_empty());
+    let e = next().await;
+    assert_eq!(e["kind"], "throttle");
+    assert!(e["detail"].as_str().unwrap().starts_with("released: 3 tokens"), "{e}");
+}
+
 /// Retries on UNAVAILABLE, and the throttle, so a sick replica's calls are retried.
 const RETRY: &str = r#"{
   "methodConfig": [{
