@@ -108,7 +108,7 @@ impl Discovery {
         };
         // Locality compares addresses; the local name's port may differ from the target's.
         let local = all.iter().copied().filter(|a| local.iter().any(|l| l.ip() == a.ip())).collect();
-        Lookup::Found(Resolved { all, local })
+        Lookup::Found(Resolved { all, local, ..Resolved::default() })
     }
 
     async fn resolve(&self, hp: &HostPort) -> Result<Vec<SocketAddr>, String> {

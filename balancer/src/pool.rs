@@ -177,8 +177,8 @@ impl EndpointState {
 #[derive(Debug, Clone)]
 pub struct EndpointView {
     pub address: SocketAddr,
-    /// On this node (an address of the local name).
-    pub local: bool,
+    /// On this node (an address of the local name), in this zone, or elsewhere.
+    pub tier: Tier,
     pub state: EndpointState,
     /// `h2` or `h3` while connected.
     pub protocol: Option<&'static str>,
@@ -272,7 +272,7 @@ fn disconnect_error(why: &str) -> &'static str {
 
 struct Row {
     address: SocketAddr,
-    local: bool,
+    tier: Tier,
     state: EndpointState,
     protocol: Option<&'static str>,
     since: SystemTime,
@@ -329,13 +329,13 @@ struct State<B> {
 pub struct Links {
     pub attempts_succeeded: u64,
     pub attempts_failed: u64,
-    /// By locality (true: local) and A94's `grpc.disconnect_error`.
-    pub disconnections: std::collections::BTreeMap<(bool, &'static str), u64>,
+    /// By locality and A94's `grpc.disconnect_error`.
+    pub disconnections: std::collections::BTreeMap<(Tier, &'static str), u64>,
 }
 
 struct Conn<B> {
-    /// On this node, as discovery said when it appeared.
-    local: bool,
+    /// Where it sits, as discovery said when it appeared.
+    tier: Tier,
     send: Option<Upstream<B>>,
     last_error: Option<String>,
     /// Healthy until a health watch says otherwise; with health checking on, a new
@@ -503,7 +503,7 @@ where
                     p50_ms: window.p50_ms,
                     p99_ms: window.p99_ms,
                     address: r.address,
-                    local: r.local,
+                    tier: r.tier,
                     state: r.state,
                     protocol: r.protocol,
                     since: r.since,
@@ -559,9 +559,8 @@ where
         } else if self.set.is_empty() {
             parts.push(if self.resolved_once { "the name has no addresses" } else { "not resolved yet" }.to_owned());
         }
-        for (addr, local) in self.set.addrs() {
-            let place = if local { "local" } else { "remote" };
-            parts.push(format!("{addr} ({place}): {}", self.state_of(addr)));
+        for (addr, tier) in self.set.addrs() {
+            parts.push(format!("{addr} ({}): {}", tier.as_str(), self.state_of(addr)));
         }
         parts.join("; ")
     }
@@ -623,29 +622,25 @@ where
                 conn.since = SystemTime::now();
             }
         }
-        // Which tier calls go to: failover when the last local endpoint leaves, failback
-        // when one is back.
-        let ready = |local: bool| {
+        // Which tier calls go to: failover when the last endpoint of the tier serving
+        // leaves, failback when one of a better tier is back.
+        let ready = |tier: Tier| {
             self.set
                 .addrs()
-                .any(|(a, l)| l == local && self.conns.get(&a).is_some_and(|c| c.state == EndpointState::Ready))
+                .any(|(a, t)| t == tier && self.conns.get(&a).is_some_and(|c| c.state == EndpointState::Ready))
         };
-        let serving = if ready(true) {
-            Some(Tier::Local)
-        } else if ready(false) {
-            Some(Tier::Remote)
-        } else {
-            None
-        };
+        let serving = Tier::ALL.into_iter().find(|&t| ready(t));
         if serving != self.serving {
             match (self.serving, serving) {
-                (Some(Tier::Local), Some(Tier::Remote)) => {
-                    warn!("No local endpoint ready; failing over to remote ones");
-                    self.emit("failover", None, "no local endpoint ready: calls go to remote ones".to_owned());
+                (Some(was), Some(now)) if now > was => {
+                    let (was, now) = (was.as_str(), now.as_str());
+                    warn!(from = was, to = now, "No {was} endpoint ready; failing over to {now} ones");
+                    self.emit("failover", None, format!("no {was} endpoint ready: calls go to {now} ones"));
                 }
-                (Some(Tier::Remote), Some(Tier::Local)) => {
-                    info!("A local endpoint is ready again; failing back");
-                    self.emit("failback", None, "a local endpoint is ready again: calls go to it".to_owned());
+                (Some(was), Some(now)) if now < was => {
+                    let (was, now) = (was.as_str(), now.as_str());
+                    info!(from = was, to = now, "A {now} endpoint is ready again; failing back");
+                    self.emit("failback", None, format!("a {now} endpoint is ready again: calls go to it"));
                 }
                 _ => {}
             }
@@ -658,11 +653,11 @@ where
         let endpoints = self
             .set
             .addrs()
-            .filter_map(|(addr, local)| {
+            .filter_map(|(addr, tier)| {
                 let c = self.conns.get(&addr)?;
                 Some(Row {
                     address: addr,
-                    local,
+                    tier,
                     state: c.state,
                     protocol: c.send.as_ref().map(Upstream::protocol),
                     since: c.since,
@@ -700,7 +695,7 @@ where
                     self.emit("removed", Some(*addr), "no longer in the target's addresses".to_owned());
                 }
                 for addr in &changes.added {
-                    let place = if resolved.local.contains(addr) { "local" } else { "remote" };
+                    let place = resolved.tier(addr).as_str();
                     self.emit("added", Some(*addr), format!("new {place} address of the target"));
                 }
                 for addr in changes.removed {
@@ -708,19 +703,19 @@ where
                     if let Some(conn) = self.conns.remove(&addr) {
                         conn.task.abort(); // in-flight calls keep their streams
                         if conn.send.is_some() {
-                            *self.links.disconnections.entry((conn.local, "subchannel shutdown")).or_default() += 1;
+                            *self.links.disconnections.entry((conn.tier, "subchannel shutdown")).or_default() += 1;
                         }
                     }
                 }
                 for addr in changes.added {
-                    let local = resolved.local.contains(&addr);
-                    info!(%addr, local, "Adding endpoint");
+                    let tier = resolved.tier(&addr);
+                    info!(%addr, tier = tier.as_str(), "Adding endpoint");
                     let task = tokio::spawn(connect_loop(pool.connector.clone(), addr, updates.clone()));
                     let tally = self.outliers.tally(addr).unwrap_or_else(|| unreachable!("synced above"));
                     let health = Health::Healthy;
                     let task = task.abort_handle();
                     let conn = Conn {
-                        local,
+                        tier,
                         send: None,
                         last_error: None,
                         health,
@@ -763,7 +758,7 @@ where
             Update::Disconnected { addr, why } => {
                 let Some(conn) = self.conns.get_mut(&addr) else { return false };
                 if conn.send.is_some() {
-                    *self.links.disconnections.entry((conn.local, disconnect_error(&why))).or_default() += 1;
+                    *self.links.disconnections.entry((conn.tier, disconnect_error(&why))).or_default() += 1;
                 } else {
                     self.links.attempts_failed += 1;
                 }

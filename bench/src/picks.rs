@@ -20,7 +20,10 @@ fn snapshot() -> Snapshot<u32> {
     let mut set = EndpointSet::default();
     #[allow(clippy::disallowed_methods, reason = "a fixed reference point for the set, not a timer")]
     let now = std::time::Instant::now();
-    set.apply(&Resolved { all: vec![addr(1), addr(2), addr(3)], local: vec![addr(1), addr(2)] }, now);
+    set.apply(
+        &Resolved { all: vec![addr(1), addr(2), addr(3)], local: vec![addr(1), addr(2)], ..Resolved::default() },
+        now,
+    );
     for n in 1..=3 {
         set.set_ready(addr(n), true);
     }

@@ -3,7 +3,11 @@
 //! publishes an immutable [`Snapshot`] after each change; calls pick from it at once.
 //!
 //! # Rules
-//! - Local endpoints first; remote ones only when no local endpoint is ready.
+//! - Local endpoints (this node) first; then those in this zone, when discovery knows
+//!   zones (Kubernetes); remote ones only when neither has a ready endpoint.
+//! - Endpoints discovery says are terminating but still serving (a pod draining) take
+//!   calls only when their tier has no other ready endpoint, as kube-proxy does: a
+//!   rolling update of the last local replica keeps its traffic local while it drains.
 //! - Round-robin per method: each method path has its own cursor per tier in [`Cursors`],
 //!   so one method's calls spread evenly whatever other methods interleave. The cursors
 //!   outlive snapshots, so publishing a new snapshot does not restart the rotation.
@@ -39,13 +43,31 @@ pub use snapshot::{Constraints, Pick, Snapshot};
 /// How long a new local endpoint's first connection is waited for.
 pub const LOCAL_GRACE: Duration = Duration::from_millis(500);
 
-/// What discovery saw: every address of the target, and which of them are local.
+/// What discovery saw: every address of the target, which of them are local or in this
+/// zone, and which are terminating.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Resolved {
     /// Every address of the target, local ones included.
     pub all: Vec<SocketAddr>,
-    /// The addresses of the local name; those not also in `all` are ignored.
+    /// The addresses on this node; those not also in `all` are ignored.
     pub local: Vec<SocketAddr>,
+    /// The addresses in this zone on other nodes (local ones win).
+    pub zone: Vec<SocketAddr>,
+    /// Addresses terminating but still serving: a fallback within their tier.
+    pub terminating: Vec<SocketAddr>,
+}
+
+impl Resolved {
+    /// Where `addr` sits.
+    pub fn tier(&self, addr: &SocketAddr) -> Tier {
+        if self.local.contains(addr) {
+            Tier::Local
+        } else if self.zone.contains(addr) {
+            Tier::Zone
+        } else {
+            Tier::Remote
+        }
+    }
 }
 
 /// How an update changed membership, so the IO layer can open and close connections.
@@ -57,25 +79,38 @@ pub struct Changes {
     pub removed: Vec<SocketAddr>,
 }
 
-/// Where an endpoint sits: on this node or another.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where an endpoint sits: on this node, in this zone, or elsewhere; in that order of
+/// preference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Tier {
     /// On this node (an address of the local name).
     Local,
-    /// On another node: picked only when no local endpoint is ready.
+    /// On another node in this zone: picked only when no local endpoint is ready.
+    Zone,
+    /// Elsewhere: picked only when no local or zone endpoint is ready.
     Remote,
 }
 
 impl Tier {
-    fn of(local: bool) -> Tier {
-        if local { Tier::Local } else { Tier::Remote }
+    /// Every tier, in order of preference.
+    pub const ALL: [Tier; 3] = [Tier::Local, Tier::Zone, Tier::Remote];
+
+    /// `local`, `zone` or `remote`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Local => "local",
+            Tier::Zone => "zone",
+            Tier::Remote => "remote",
+        }
     }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Endpoint {
     addr: SocketAddr,
-    local: bool,
+    tier: Tier,
+    /// Discovery says it is terminating (still serving): a fallback in its tier.
+    terminating: bool,
     /// A connection is up and accepting new streams.
     ready: bool,
     /// Until when calls wait for this new endpoint's first connection (local only).
@@ -112,16 +147,17 @@ impl EndpointSet {
         self.endpoints = all
             .into_iter()
             .map(|addr| {
-                let local = resolved.local.contains(&addr);
+                let tier = resolved.tier(&addr);
+                let terminating = resolved.terminating.contains(&addr);
                 let (ready, grace_until) = match old.binary_search_by_key(&addr, |e| e.addr) {
                     Ok(i) => (old[i].ready, old[i].grace_until),
                     Err(_) => {
                         changes.added.push(addr);
-                        (false, (local && !self.started).then(|| now + LOCAL_GRACE))
+                        (false, (tier == Tier::Local && !self.started).then(|| now + LOCAL_GRACE))
                     }
                 };
                 let ejected = old.binary_search_by_key(&addr, |e| e.addr).is_ok_and(|i| old[i].ejected);
-                Endpoint { addr, local, ready, grace_until, ejected }
+                Endpoint { addr, tier, terminating, ready, grace_until, ejected }
             })
             .collect();
         changes
@@ -148,14 +184,20 @@ impl EndpointSet {
     /// side's connection) returns `Some`, with that handle. `handle` is called once per
     /// ready endpoint, in address order.
     pub fn snapshot<T>(&self, mut handle: impl FnMut(SocketAddr) -> Option<T>) -> Snapshot<T> {
-        let mut tiers = [Vec::new(), Vec::new()];
+        let mut tiers = [Vec::new(), Vec::new(), Vec::new()];
         // Ejected endpoints take no calls, per tier (ejecting every local one fails over
         // to remote ones), unless every ready endpoint is ejected: then all take calls
         // rather than none (Envoy's panic mode).
         let panic = !self.endpoints.iter().any(|e| e.ready && !e.ejected);
-        for e in self.endpoints.iter().filter(|e| e.ready && (panic || !e.ejected)) {
-            if let Some(h) = handle(e.addr) {
-                tiers[Tier::of(e.local) as usize].push((e.addr, h));
+        let usable = |e: &&Endpoint| e.ready && (panic || !e.ejected);
+        for tier in Tier::ALL {
+            let in_tier = || self.endpoints.iter().filter(move |e| e.tier == tier).filter(usable);
+            // Terminating endpoints only when the tier has nothing else.
+            let fallback = !in_tier().any(|e| !e.terminating);
+            for e in in_tier().filter(|e| fallback || !e.terminating) {
+                if let Some(h) = handle(e.addr) {
+                    tiers[tier as usize].push((e.addr, h));
+                }
             }
         }
         Snapshot::new(tiers, self.last_grace())
@@ -167,7 +209,7 @@ impl EndpointSet {
     }
 
     fn last_grace(&self) -> Option<Instant> {
-        self.endpoints.iter().filter(|e| e.local).filter_map(|e| e.grace_until).max()
+        self.endpoints.iter().filter(|e| e.tier == Tier::Local).filter_map(|e| e.grace_until).max()
     }
 
     /// Whether `addr` is a current member.
@@ -190,9 +232,14 @@ impl EndpointSet {
         self.endpoints.iter().filter(|e| e.ready).count()
     }
 
-    /// Every known address with its locality, in order.
-    pub fn addrs(&self) -> impl Iterator<Item = (SocketAddr, bool)> + '_ {
-        self.endpoints.iter().map(|e| (e.addr, e.local))
+    /// Every known address with its tier, in order.
+    pub fn addrs(&self) -> impl Iterator<Item = (SocketAddr, Tier)> + '_ {
+        self.endpoints.iter().map(|e| (e.addr, e.tier))
+    }
+
+    /// Whether discovery says `addr` is terminating.
+    pub fn is_terminating(&self, addr: SocketAddr) -> bool {
+        self.endpoints.binary_search_by_key(&addr, |e| e.addr).is_ok_and(|i| self.endpoints[i].terminating)
     }
 }
 

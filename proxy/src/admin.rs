@@ -15,7 +15,7 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use balancer::{EndpointState, Endpoints, PoolEvent, counters::Counters, histogram::Reading};
+use balancer::{EndpointState, Endpoints, PoolEvent, counters::Counters, histogram::Reading, pick::Tier};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use http::{Method, Request, Response, StatusCode, header};
@@ -149,10 +149,6 @@ fn respond(status: StatusCode, content_type: &'static str, body: String) -> Resp
     resp
 }
 
-fn locality(local: bool) -> &'static str {
-    if local { "local" } else { "remote" }
-}
-
 /// The live page on `/`: one file with its script and style, nothing fetched elsewhere.
 const PAGE: &str = include_str!("page.html");
 
@@ -165,7 +161,7 @@ fn endpoints_json(snap: &Snapshot, now: SystemTime) -> serde_json::Value {
         .map(|ep| {
             json!({
                 "address": ep.address.to_string(),
-                "locality": locality(ep.local),
+                "locality": ep.tier.as_str(),
                 "state": ep.state.as_str(),
                 "protocol": ep.protocol,
                 "since": rfc3339(ep.since),
@@ -223,7 +219,7 @@ fn metrics(snap: &Snapshot) -> String {
                 "{},{t},grpc_status=\"{code}\",endpoint=\"{}\",grpc_lb_locality=\"{}\"",
                 method_label(method),
                 ep.address,
-                locality(ep.local)
+                ep.tier.as_str()
             );
             histogram(&mut out, "grpc_client_attempt_duration_seconds", &labels, reading, SECONDS);
         }
@@ -258,15 +254,16 @@ fn metrics(snap: &Snapshot) -> String {
         }
     }
 
-    let mut open = [0u32; 2];
+    let mut open = [0u32; 3];
     for ep in &e.endpoints {
         if ep.protocol.is_some() {
-            open[usize::from(ep.local)] += 1;
+            open[ep.tier as usize] += 1;
         }
     }
     head(&mut out, "grpc_subchannel_open_connections", "gauge", "Connections open to endpoints, by locality.");
-    for (i, place) in ["remote", "local"].iter().enumerate() {
-        let _ = writeln!(out, "grpc_subchannel_open_connections{{{t},grpc_lb_locality=\"{place}\"}} {}", open[i]);
+    for tier in Tier::ALL {
+        let (place, n) = (tier.as_str(), open[tier as usize]);
+        let _ = writeln!(out, "grpc_subchannel_open_connections{{{t},grpc_lb_locality=\"{place}\"}} {n}");
     }
     let links = &e.links;
     head(&mut out, "grpc_subchannel_connection_attempts_succeeded_total", "counter", "Connections made to endpoints.");
@@ -284,11 +281,11 @@ fn metrics(snap: &Snapshot) -> String {
         "counter",
         "Connections to endpoints that ended, by locality and why.",
     );
-    for ((local, why), n) in &links.disconnections {
+    for ((tier, why), n) in &links.disconnections {
         let _ = writeln!(
             out,
             "grpc_subchannel_disconnections_total{{{t},grpc_lb_locality=\"{}\",grpc_disconnect_error=\"{why}\"}} {n}",
-            locality(*local)
+            tier.as_str()
         );
     }
 
@@ -309,7 +306,7 @@ fn metrics(snap: &Snapshot) -> String {
         let _ = writeln!(out, "lb_retry_throttle_max_tokens{{{t}}} {max}");
     }
     let labels = |ep: &balancer::EndpointView| {
-        format!("{t},endpoint=\"{}\",grpc_lb_locality=\"{}\"", ep.address, locality(ep.local))
+        format!("{t},endpoint=\"{}\",grpc_lb_locality=\"{}\"", ep.address, ep.tier.as_str())
     };
     head(&mut out, "lb_endpoint_state", "gauge", "1 for the state each endpoint is in, 0 for the others.");
     for ep in &e.endpoints {

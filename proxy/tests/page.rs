@@ -101,7 +101,7 @@ impl Browser {
                 group: tr.closest('tbody').id,
                 share: tr.querySelector('.share').textContent,
             })),
-            groups: [...document.querySelectorAll('tbody')].map((b) => b.rows[0]?.textContent ?? ''),
+            groups: [...document.querySelectorAll('tbody')].filter((b) => b.rows.length > 0).map((b) => b.rows[0].textContent),
             events: [...document.querySelectorAll('ol#events > li')].map((li) => ({
                 kind: li.dataset.kind,
                 endpoint: li.querySelector('code').textContent,

@@ -52,7 +52,12 @@ fn render_proxy(frame: &mut Frame, area: Rect, p: &Proxy) {
         return;
     };
     let mut endpoints: Vec<&Endpoint> = snap.endpoints.iter().collect();
-    endpoints.sort_by_key(|e| e.locality != "local");
+    // This node's first, then this zone's, then the rest.
+    endpoints.sort_by_key(|e| match e.locality.as_str() {
+        "local" => 0,
+        "zone" => 1,
+        _ => 2,
+    });
     let total: f64 = endpoints.iter().map(|e| e.rps).sum();
     let rows = endpoints.iter().map(|e| {
         let share = if total > 0.0 { e.rps / total } else { 0.0 };

@@ -12,7 +12,7 @@ const SLOT_BITS: u32 = 8;
 /// snapshot continues the rotation.
 ///
 /// A method path is hashed to one of [`Cursors::SLOTS`] slots, each holding a cursor
-/// per tier, so memory stays 4 KiB (on 64-bit) however many distinct paths arrive. The
+/// per tier, so memory stays 6 KiB (on 64-bit) however many distinct paths arrive. The
 /// hash is fixed (FNV-1a, not seeded), so rotations repeat from run to run. The
 /// trade-off: two methods that share a slot share its cursors and interleave as every
 /// method did with one cursor; each still reaches every endpoint, but a strict
@@ -22,7 +22,7 @@ const SLOT_BITS: u32 = 8;
 pub struct Cursors {
     /// Indexed by [`slot_index`], then by [`Tier`](super::Tier). Each value is the
     /// position, in a snapshot's list of that tier, just after the endpoint last picked.
-    slots: [[AtomicUsize; 2]; Cursors::SLOTS],
+    slots: [[AtomicUsize; 3]; Cursors::SLOTS],
 }
 
 impl Cursors {
@@ -31,11 +31,11 @@ impl Cursors {
 
     /// Every rotation starting at the first endpoint.
     pub const fn new() -> Cursors {
-        Cursors { slots: [const { [const { AtomicUsize::new(0) }; 2] }; Cursors::SLOTS] }
+        Cursors { slots: [const { [const { AtomicUsize::new(0) }; 3] }; Cursors::SLOTS] }
     }
 
     /// The cursors of `method`, indexed by [`Tier`](super::Tier).
-    pub(super) fn slot(&self, method: &str) -> &[AtomicUsize; 2] {
+    pub(super) fn slot(&self, method: &str) -> &[AtomicUsize; 3] {
         &self.slots[slot_index(method)]
     }
 }
@@ -86,6 +86,6 @@ mod tests {
         for path in ["", "/", "/a.B/C", long.as_str(), "/ünïcode.Svc/Mëthod"] {
             assert!(slot_index(path) < Cursors::SLOTS, "{path:.20}");
         }
-        assert_eq!(size_of::<Cursors>(), Cursors::SLOTS * 2 * size_of::<usize>());
+        assert_eq!(size_of::<Cursors>(), Cursors::SLOTS * 3 * size_of::<usize>());
     }
 }

@@ -14,8 +14,8 @@ use super::{Cursors, Tier};
 /// [`EndpointSet::snapshot`](super::EndpointSet::snapshot).
 #[derive(Debug)]
 pub struct Snapshot<T> {
-    /// Indexed by [`Tier`]: the local list, then the remote one.
-    tiers: [Vec<(SocketAddr, T)>; 2],
+    /// Indexed by [`Tier`]: the local list, the zone one, then the remote one.
+    tiers: [Vec<(SocketAddr, T)>; 3],
     /// When the last new local endpoint stops being waited for; may be past already,
     /// as nothing publishes a new snapshot when it passes.
     grace_until: Option<Instant>,
@@ -28,7 +28,7 @@ pub enum Pick<'a, T> {
     Endpoint {
         /// The endpoint's address, for `avoid` on a later attempt and for errors.
         addr: SocketAddr,
-        /// Whether the call stays on this node.
+        /// Whether the call stays on this node, in this zone, or goes elsewhere.
         tier: Tier,
         /// The handle given to [`EndpointSet::snapshot`](super::EndpointSet::snapshot).
         handle: &'a T,
@@ -41,7 +41,7 @@ pub enum Pick<'a, T> {
 }
 
 impl<T> Snapshot<T> {
-    pub(super) fn new(tiers: [Vec<(SocketAddr, T)>; 2], grace_until: Option<Instant>) -> Snapshot<T> {
+    pub(super) fn new(tiers: [Vec<(SocketAddr, T)>; 3], grace_until: Option<Instant>) -> Snapshot<T> {
         Snapshot { tiers, grace_until }
     }
 
@@ -59,9 +59,10 @@ impl<T> Snapshot<T> {
         let allowed = |addr: &SocketAddr| !c.exclude.contains(addr);
         let untried = |addr: &SocketAddr| allowed(addr) && !c.avoid.contains(addr);
         let slot = cursors.slot(method);
-        let local = |ok: &dyn Fn(&SocketAddr) -> bool| self.pick_in(Tier::Local, slot, ok);
-        let remote = |ok: &dyn Fn(&SocketAddr) -> bool| self.pick_in(Tier::Remote, slot, ok);
-        if let Some(p) = local(&untried) {
+        let first = |ok: &dyn Fn(&SocketAddr) -> bool, tiers: &[Tier]| {
+            tiers.iter().find_map(|&tier| self.pick_in(tier, slot, ok))
+        };
+        if let Some(p) = first(&untried, &[Tier::Local]) {
             return p;
         }
         if c.may_wait
@@ -70,7 +71,7 @@ impl<T> Snapshot<T> {
         {
             return Pick::WaitUntil(grace);
         }
-        remote(&untried).or_else(|| local(&allowed)).or_else(|| remote(&allowed)).unwrap_or(Pick::NoneReady)
+        first(&untried, &[Tier::Zone, Tier::Remote]).or_else(|| first(&allowed, &Tier::ALL)).unwrap_or(Pick::NoneReady)
     }
 
     /// The first endpoint of `tier` that is `ok`, from the slot's cursor on, leaving the
@@ -78,7 +79,7 @@ impl<T> Snapshot<T> {
     /// position picked even when tried endpoints were skipped, and a new snapshot goes on
     /// from that position: an endpoint added after it comes next. Lock-free: a call that
     /// loses the race to another tries again from where that one left the cursor.
-    fn pick_in(&self, tier: Tier, slot: &[AtomicUsize; 2], ok: &dyn Fn(&SocketAddr) -> bool) -> Option<Pick<'_, T>> {
+    fn pick_in(&self, tier: Tier, slot: &[AtomicUsize; 3], ok: &dyn Fn(&SocketAddr) -> bool) -> Option<Pick<'_, T>> {
         let endpoints = &self.tiers[tier as usize];
         let cursor = &slot[tier as usize];
         let n = endpoints.len();
@@ -109,6 +110,6 @@ pub struct Constraints<'a> {
 impl<T> Default for Snapshot<T> {
     /// Nothing ready and nothing waited for: what calls see before discovery answers.
     fn default() -> Snapshot<T> {
-        Snapshot::new([Vec::new(), Vec::new()], None)
+        Snapshot::new([Vec::new(), Vec::new(), Vec::new()], None)
     }
 }

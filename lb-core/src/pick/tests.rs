@@ -39,7 +39,7 @@ fn octet(addr: SocketAddr) -> u8 {
 /// 1 and 2 local, 3 remote, all ready.
 fn cluster() -> EndpointSet {
     let mut set = EndpointSet::default();
-    set.apply(&Resolved { all: vec![a(3), a(1), a(2)], local: vec![a(1), a(2)] }, t0());
+    set.apply(&Resolved { all: vec![a(3), a(1), a(2)], local: vec![a(1), a(2)], ..Resolved::default() }, t0());
     for n in 1..=3 {
         set.set_ready(a(n), true);
     }
@@ -94,7 +94,7 @@ fn prefers_local_until_none_ready_then_fails_back() {
 #[test]
 fn without_locality_round_robins_over_all() {
     let mut set = EndpointSet::default();
-    set.apply(&Resolved { all: vec![a(1), a(2), a(3)], local: vec![] }, t0());
+    set.apply(&Resolved { all: vec![a(1), a(2), a(3)], local: vec![], ..Resolved::default() }, t0());
     for n in 1..=3 {
         set.set_ready(a(n), true);
     }
@@ -112,7 +112,7 @@ fn retries_go_to_another_local_then_remote_then_anything() {
 #[test]
 fn a_retry_moves_the_rotation_past_its_pick() {
     let mut set = EndpointSet::default();
-    set.apply(&Resolved { all: vec![a(1), a(2), a(3)], local: vec![] }, t0());
+    set.apply(&Resolved { all: vec![a(1), a(2), a(3)], local: vec![], ..Resolved::default() }, t0());
     for n in 1..=3 {
         set.set_ready(a(n), true);
     }
@@ -125,7 +125,10 @@ fn a_retry_moves_the_rotation_past_its_pick() {
 #[test]
 fn new_endpoints_wait_for_their_connection() {
     let (mut set, cursors) = (cluster(), Cursors::new());
-    let ch = set.apply(&Resolved { all: vec![a(1), a(2), a(3), a(4)], local: vec![a(1), a(2), a(4)] }, t0());
+    let ch = set.apply(
+        &Resolved { all: vec![a(1), a(2), a(3), a(4)], local: vec![a(1), a(2), a(4)], ..Resolved::default() },
+        t0(),
+    );
     assert_eq!(ch, Changes { added: vec![a(4)], removed: vec![] });
     assert_eq!(picks(&snap(&set), &cursors, 4), [1, 2, 1, 2]);
     set.set_ready(a(4), true);
@@ -135,13 +138,13 @@ fn new_endpoints_wait_for_their_connection() {
 #[test]
 fn removed_endpoints_get_no_picks_and_stale_events_are_ignored() {
     let mut set = cluster();
-    let ch = set.apply(&Resolved { all: vec![a(2), a(3)], local: vec![a(2)] }, t0());
+    let ch = set.apply(&Resolved { all: vec![a(2), a(3)], local: vec![a(2)], ..Resolved::default() }, t0());
     assert_eq!(ch, Changes { added: vec![], removed: vec![a(1)] });
     set.set_ready(a(1), true);
     assert!(!set.contains(a(1)));
     assert_eq!(picks(&snap(&set), &Cursors::new(), 3), [2, 2, 2]);
     assert_eq!((set.len(), set.ready_count()), (2, 2));
-    assert_eq!(set.addrs().collect::<Vec<_>>(), [(a(2), true), (a(3), false)]);
+    assert_eq!(set.addrs().collect::<Vec<_>>(), [(a(2), Tier::Local), (a(3), Tier::Remote)]);
 }
 
 #[test]
@@ -149,7 +152,7 @@ fn nothing_ready_picks_nothing() {
     let cursors = Cursors::new();
     assert_eq!(Snapshot::<u8>::default().pick(&cursors, SAY_HELLO, &[], late()), Pick::NoneReady);
     let mut set = EndpointSet::default();
-    set.apply(&Resolved { all: vec![a(1)], local: vec![] }, t0());
+    set.apply(&Resolved { all: vec![a(1)], local: vec![], ..Resolved::default() }, t0());
     assert_eq!(snap(&set).pick(&cursors, SAY_HELLO, &[], late()), Pick::NoneReady);
 }
 
@@ -170,7 +173,7 @@ fn endpoints_without_a_handle_are_left_out() {
 fn a_new_local_endpoint_is_waited_for_before_going_remote() {
     let cursors = Cursors::new();
     let mut set = EndpointSet::default();
-    set.apply(&Resolved { all: vec![a(1), a(3)], local: vec![a(1)] }, t0());
+    set.apply(&Resolved { all: vec![a(1), a(3)], local: vec![a(1)], ..Resolved::default() }, t0());
     set.set_ready(a(3), true); // the remote handshake finished first
     let waiting = snap(&set);
     let grace = t0() + LOCAL_GRACE;
@@ -189,14 +192,14 @@ fn a_new_local_endpoint_is_waited_for_before_going_remote() {
 #[test]
 fn locality_follows_the_local_name() {
     let mut set = cluster();
-    set.apply(&Resolved { all: vec![a(1), a(2), a(3)], local: vec![a(3)] }, t0());
+    set.apply(&Resolved { all: vec![a(1), a(2), a(3)], local: vec![a(3)], ..Resolved::default() }, t0());
     assert_eq!(picks(&snap(&set), &Cursors::new(), 3), [3, 3, 3]);
 }
 
 #[test]
 fn each_method_round_robins_on_its_own() {
     let mut set = EndpointSet::default();
-    set.apply(&Resolved { all: vec![a(1), a(2), a(3)], local: vec![a(1), a(2), a(3)] }, t0());
+    set.apply(&Resolved { all: vec![a(1), a(2), a(3)], local: vec![a(1), a(2), a(3)], ..Resolved::default() }, t0());
     for n in 1..=3 {
         set.set_ready(a(n), true);
     }
@@ -228,7 +231,10 @@ fn the_rotation_survives_a_snapshot_swap() {
     let (mut set, cursors) = (cluster(), Cursors::new());
     assert_eq!(picks(&snap(&set), &cursors, 3), [1, 2, 1]);
     assert_eq!(picks(&snap(&set), &cursors, 3), [2, 1, 2], "same endpoints: goes on");
-    set.apply(&Resolved { all: vec![a(1), a(2), a(3), a(4)], local: vec![a(1), a(2), a(4)] }, t0());
+    set.apply(
+        &Resolved { all: vec![a(1), a(2), a(3), a(4)], local: vec![a(1), a(2), a(4)], ..Resolved::default() },
+        t0(),
+    );
     set.set_ready(a(4), true);
     assert_eq!(picks(&snap(&set), &cursors, 6), [4, 1, 2, 4, 1, 2], "one added: joins in turn");
 }
@@ -236,7 +242,7 @@ fn the_rotation_survives_a_snapshot_swap() {
 #[test]
 fn concurrent_picks_spread_exactly_evenly() {
     let mut set = EndpointSet::default();
-    set.apply(&Resolved { all: vec![a(1), a(2), a(3)], local: vec![a(1), a(2), a(3)] }, t0());
+    set.apply(&Resolved { all: vec![a(1), a(2), a(3)], local: vec![a(1), a(2), a(3)], ..Resolved::default() }, t0());
     for n in 1..=3 {
         set.set_ready(a(n), true);
     }
@@ -283,7 +289,7 @@ fn excluded_endpoints_are_never_picked_and_do_not_hide_free_ones() {
 #[test]
 fn a_caller_that_cannot_wait_skips_the_local_grace() {
     let mut set = EndpointSet::default();
-    set.apply(&Resolved { all: vec![a(1), a(3)], local: vec![a(1)] }, t0());
+    set.apply(&Resolved { all: vec![a(1), a(3)], local: vec![a(1)], ..Resolved::default() }, t0());
     set.set_ready(a(3), true);
     let cursors = Cursors::new();
     let s = snap(&set);
@@ -299,9 +305,9 @@ fn a_caller_that_cannot_wait_skips_the_local_grace() {
 fn a_local_endpoint_found_after_the_start_gets_no_grace() {
     let cursors = Cursors::new();
     let mut set = EndpointSet::default();
-    set.apply(&Resolved { all: vec![a(3)], local: vec![] }, t0());
+    set.apply(&Resolved { all: vec![a(3)], local: vec![], ..Resolved::default() }, t0());
     set.set_ready(a(3), true); // serving from the remote node
-    set.apply(&Resolved { all: vec![a(1), a(3)], local: vec![a(1)] }, t0());
+    set.apply(&Resolved { all: vec![a(1), a(3)], local: vec![a(1)], ..Resolved::default() }, t0());
     assert_eq!(set.grace_until(t0()), None);
     let remote = Pick::Endpoint { addr: a(3), tier: Tier::Remote, handle: &3 };
     assert_eq!(snap(&set).pick(&cursors, SAY_HELLO, &[], t0()), remote, "no wait: go remote now");
@@ -321,6 +327,65 @@ fn ejected_endpoints_take_no_calls_per_tier_unless_every_ready_one_is_ejected() 
     assert_eq!(picks(&snap(&set), &cursors, 4), [2, 1, 2, 1], "all ejected: panic mode, the locals again");
     set.set_ejected(a(1), false);
     assert_eq!(picks(&snap(&set), &cursors, 2), [1, 1], "one back: it takes the calls");
-    set.apply(&Resolved { all: vec![a(1), a(2), a(3)], local: vec![a(1), a(2)] }, t0());
+    set.apply(&Resolved { all: vec![a(1), a(2), a(3)], local: vec![a(1), a(2)], ..Resolved::default() }, t0());
     assert_eq!(picks(&snap(&set), &cursors, 2), [1, 1], "ejection survives a discovery update");
+}
+
+/// 1 on this node, 2 and 3 in this zone on other nodes, 4 and 5 elsewhere.
+fn zoned(terminating: Vec<SocketAddr>) -> EndpointSet {
+    let mut set = EndpointSet::default();
+    let resolved = Resolved { all: (1..=5).map(a).collect(), local: vec![a(1)], zone: vec![a(2), a(3)], terminating };
+    set.apply(&resolved, t0());
+    for n in 1..=5 {
+        set.set_ready(a(n), true);
+    }
+    set
+}
+
+fn fresh_picks(set: &EndpointSet, n: usize) -> Vec<(u8, Tier)> {
+    let (s, cursors) = (snap(set), Cursors::new());
+    (0..n).map(|_| pick_of(&s, &cursors, SAY_HELLO, &[]).unwrap()).collect()
+}
+
+#[test]
+fn the_node_first_then_the_zone_then_the_rest() {
+    let mut set = zoned(vec![]);
+    assert_eq!(fresh_picks(&set, 3), [(1, Tier::Local); 3]);
+    set.set_ready(a(1), false);
+    assert_eq!(fresh_picks(&set, 4), [(2, Tier::Zone), (3, Tier::Zone), (2, Tier::Zone), (3, Tier::Zone)]);
+    set.set_ready(a(2), false);
+    set.set_ready(a(3), false);
+    assert_eq!(fresh_picks(&set, 3), [(4, Tier::Remote), (5, Tier::Remote), (4, Tier::Remote)]);
+    set.set_ready(a(1), true);
+    assert_eq!(fresh_picks(&set, 2), [(1, Tier::Local); 2], "failback to the node");
+}
+
+#[test]
+fn a_retry_avoids_what_it_tried_in_tier_order() {
+    let set = zoned(vec![]);
+    let (s, cursors) = (snap(&set), Cursors::new());
+    assert_eq!(pick_of(&s, &cursors, SAY_HELLO, &[a(1)]), Some((2, Tier::Zone)));
+    assert_eq!(pick_of(&s, &cursors, SAY_HELLO, &[a(1), a(2), a(3)]), Some((4, Tier::Remote)));
+    let everything: Vec<_> = (1..=5).map(a).collect();
+    assert_eq!(pick_of(&s, &cursors, SAY_HELLO, &everything), Some((1, Tier::Local)), "all tried: local again");
+}
+
+#[test]
+fn terminating_endpoints_take_calls_only_when_their_tier_has_nothing_else() {
+    // 1 (the only local) drains: it keeps the traffic local while nothing else is here.
+    let set = zoned(vec![a(1)]);
+    assert_eq!(fresh_picks(&set, 2), [(1, Tier::Local); 2]);
+    // 2 drains beside a ready 3 in the zone: 3 takes every call.
+    let mut set = zoned(vec![a(1), a(2)]);
+    set.set_ready(a(1), false);
+    assert_eq!(fresh_picks(&set, 3), [(3, Tier::Zone); 3]);
+    assert!(set.is_terminating(a(2)) && !set.is_terminating(a(3)));
+    // A replacement for 1 becomes ready: it takes the node's calls, 1 none.
+    let mut set = EndpointSet::default();
+    let resolved = Resolved { all: vec![a(1), a(6)], local: vec![a(1), a(6)], zone: vec![], terminating: vec![a(1)] };
+    set.apply(&resolved, t0());
+    set.set_ready(a(1), true);
+    assert_eq!(fresh_picks(&set, 2), [(1, Tier::Local); 2]);
+    set.set_ready(a(6), true);
+    assert_eq!(fresh_picks(&set, 3), [(6, Tier::Local); 3]);
 }
