@@ -22,8 +22,9 @@ use crate::{
     call::{Shared, forward},
     connect::{Connector, H3, Protocol, client_endpoint},
     counters::Counters,
-    discover::{Discovery, HostPort},
+    discover::{Discovery, Dns, HostPort},
     error::Error,
+    kubernetes::KubernetesSettings,
     pool::{Endpoints, Pool, PoolEvent},
     replay::{BoxError, Budget},
     response::UpstreamBody,
@@ -57,6 +58,9 @@ pub struct Settings {
     pub protocol: Protocol,
     /// The CA that signs the endpoints' certificates (needed for HTTP/3).
     pub ca_cert: Option<PathBuf>,
+    /// Discover endpoints from a Service's EndpointSlices instead of DNS (`target`,
+    /// `local_target` and `dns_server` are then unused).
+    pub kubernetes: Option<KubernetesSettings>,
     /// Per-method counters and the call and attempt histograms (what
     /// [`Balancer::counters`] and [`EndpointView::attempts`] read); off, a call records
     /// only what outlier detection and the endpoints' rates need.
@@ -78,6 +82,7 @@ impl Settings {
             service_config: ServiceConfig::default(),
             protocol: Protocol::H2,
             ca_cert: None,
+            kubernetes: None,
             metrics: true,
         }
     }
@@ -101,12 +106,17 @@ where
 {
     /// Starts discovery and connections in the background (needs a tokio runtime).
     pub fn new(s: Settings) -> Result<Self, Error> {
+        // The name requests carry and certificates are checked against: the DNS name,
+        // or the Service's (its short name, as a pod in its namespace resolves it).
+        let host = s.kubernetes.as_ref().map_or_else(|| s.target.host.clone(), |k| k.service.clone());
+        let authority = match &s.kubernetes {
+            Some(_) => host.parse(),
+            None => s.target.to_string().parse(),
+        };
         let h3 = match (s.protocol, &s.ca_cert) {
             (Protocol::H2, _) => None,
             (_, None) => return Err(Error::H3(format!("--upstream-protocol {} needs --ca-cert", s.protocol))),
-            (_, Some(ca)) => {
-                Some(H3 { endpoint: client_endpoint(ca).map_err(Error::H3)?, server_name: s.target.host.clone() })
-            }
+            (_, Some(ca)) => Some(H3 { endpoint: client_endpoint(ca).map_err(Error::H3)?, server_name: host }),
         };
         let connector = Connector {
             protocol: s.protocol,
@@ -114,7 +124,7 @@ where
             keepalive: s.keepalive,
             h3,
             health_service: s.service_config.health_check_service.as_deref().map(Arc::from),
-            authority: s.target.to_string().parse().unwrap_or_else(|_| http::uri::Authority::from_static("localhost")),
+            authority: authority.unwrap_or_else(|_| http::uri::Authority::from_static("localhost")),
         };
         if let Some(service) = &s.service_config.health_check_service {
             tracing::info!(service = %service, "Health checking every endpoint (grpc.health.v1.Health/Watch)");
@@ -130,7 +140,10 @@ where
                 "Outlier detection on"
             );
         }
-        let discovery = Discovery::new(s.target, s.local_target, s.dns_server)?;
+        let discovery = match s.kubernetes {
+            Some(k) => Discovery::Kubernetes(k),
+            None => Discovery::Dns(Box::new(Dns::new(s.target, s.local_target, s.dns_server)?)),
+        };
         let pool = Pool::spawn(discovery, s.resolve_interval, connector, s.service_config.outlier.clone());
         let counters = Counters::default();
         counters.spawn_reporter(pool.target.clone());

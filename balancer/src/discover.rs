@@ -1,6 +1,7 @@
-//! DNS discovery: resolves every A/AAAA record of the target (and of the local-target
-//! name) with caching off, every `interval` and whenever a connection fails. The only
-//! module that talks DNS.
+//! Discovery: where the endpoints come from. DNS (the default) resolves every A/AAAA
+//! record of the target (and of the local-target name) with caching off, every
+//! `interval` and whenever a connection fails; this is the only module that talks DNS.
+//! Kubernetes watches a Service's EndpointSlices ([`crate::kubernetes`]).
 
 use std::{
     fmt,
@@ -17,7 +18,7 @@ use hickory_resolver::{
 };
 use tokio::sync::Notify;
 
-use crate::{error::Error, pick::Resolved};
+use crate::{error::Error, kubernetes::KubernetesSettings, pick::Resolved};
 
 /// A `host:port` target, where host is a DNS name or an IP literal.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,14 +61,47 @@ pub enum Lookup {
     Failed(String),
 }
 
+/// Where the endpoints come from.
+pub enum Discovery {
+    Dns(Box<Dns>),
+    Kubernetes(KubernetesSettings),
+}
+
+impl Discovery {
+    /// The target as logs and the admin API name it.
+    pub fn target(&self) -> String {
+        match self {
+            Discovery::Dns(d) => d.target.to_string(),
+            Discovery::Kubernetes(k) => k.target(),
+        }
+    }
+
+    /// Tells every answer to `send` until it says nobody listens: DNS every `interval`
+    /// and on `refresh`; Kubernetes as the slices change.
+    pub(crate) async fn run(self, send: impl Fn(Lookup) -> bool, refresh: Refresh, interval: Duration) {
+        match self {
+            Discovery::Dns(dns) => loop {
+                if !send(dns.lookup().await) {
+                    return;
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(interval) => {}
+                    () = refresh.notified() => {}
+                }
+            },
+            Discovery::Kubernetes(k) => crate::kubernetes::run(k, send).await,
+        }
+    }
+}
+
 /// Resolves the target and local-target names.
-pub struct Discovery {
+pub struct Dns {
     resolver: TokioResolver,
     target: HostPort,
     local: Option<HostPort>,
 }
 
-impl Discovery {
+impl Dns {
     /// Uses `dns_server` when given, else the system configuration (/etc/resolv.conf).
     pub fn new(target: HostPort, local: Option<HostPort>, dns_server: Option<SocketAddr>) -> Result<Self, Error> {
         let provider = TokioRuntimeProvider::default();
@@ -88,11 +122,7 @@ impl Discovery {
         opts.timeout = Duration::from_millis(500);
         opts.attempts = 2;
         let resolver = builder.build().map_err(|e| Error::Resolver(e.to_string()))?;
-        Ok(Discovery { resolver, target, local })
-    }
-
-    pub fn target(&self) -> &HostPort {
-        &self.target
+        Ok(Dns { resolver, target, local })
     }
 
     /// Resolves both names once.

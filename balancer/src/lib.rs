@@ -6,7 +6,9 @@
 //! set and the snapshot picker), [`retry`] (service config, policies, throttle),
 //! [`backoff`], [`rng`], [`frame`], [`duration`]; the call state machine is
 //! `lb_core::call`. This crate is the IO around them:
-//! - [`discover`]: DNS lookups of the target and local-target names (the only DNS IO).
+//! - [`discover`]: where endpoints come from: DNS lookups of the target and
+//!   local-target names (the only DNS IO), or [`kubernetes`]: a Service's
+//!   EndpointSlices, with node, zone and conditions.
 //! - `pool`: the task that owns membership, connections, health and ejections, and
 //!   publishes the snapshot calls pick from; [`connect`] keeps each connection up;
 //!   `health` watches each connection's `grpc.health.v1` status.
@@ -39,6 +41,7 @@ pub mod counters;
 pub mod discover;
 pub mod error;
 mod health;
+pub mod kubernetes;
 mod pool;
 pub mod probe;
 pub mod replay;

@@ -377,7 +377,7 @@ where
         connector: Connector,
         outlier: Option<OutlierConfig>,
     ) -> Arc<Self> {
-        let target = discovery.target().to_string();
+        let target = discovery.target();
         let pool = Arc::new(Pool {
             authority: connector.authority.clone(),
             target,
@@ -393,7 +393,12 @@ where
             nudge: Arc::new(Notify::new()),
         });
         let (updates, rx) = mpsc::unbounded_channel();
-        tokio::spawn(discover(updates.clone(), pool.refresh.clone(), discovery, interval));
+        let tell = updates.clone();
+        tokio::spawn(discovery.run(
+            move |lookup| tell.send(Update::Resolved(lookup)).is_ok(),
+            pool.refresh.clone(),
+            interval,
+        ));
         let state = State {
             set: EndpointSet::default(),
             conns: HashMap::new(),
@@ -678,7 +683,7 @@ where
         match update {
             Update::Resolved(Lookup::Failed(e)) => {
                 if self.dns_error.as_ref() != Some(&e) {
-                    warn!(target = %pool.target, error = %e, "DNS lookup failed; keeping known endpoints");
+                    warn!(target = %pool.target, error = %e, "Discovery failed; keeping known endpoints");
                 }
                 self.dns_error = Some(e);
             }
@@ -899,24 +904,6 @@ async fn own<B>(
 }
 
 /// Resolves every `interval`, and at once when asked, until the membership task is gone.
-async fn discover<B>(
-    updates: mpsc::UnboundedSender<Update<B>>,
-    refresh: Arc<Notify>,
-    discovery: Discovery,
-    interval: Duration,
-) {
-    loop {
-        let lookup = discovery.lookup().await;
-        if updates.send(Update::Resolved(lookup)).is_err() {
-            return;
-        }
-        tokio::select! {
-            () = tokio::time::sleep(interval) => {}
-            () = refresh.notified() => {}
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #[test]

@@ -2,7 +2,11 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use balancer::{HostPort, Protocol, Settings, duration, retry::ServiceConfig};
+use balancer::{
+    HostPort, Protocol, Settings, duration,
+    kubernetes::{KubernetesSettings, PortRef},
+    retry::ServiceConfig,
+};
 use clap::{Args as ClapArgs, Parser, Subcommand};
 
 /// A gRPC proxy that spreads calls round-robin over the replicas on its node and fails
@@ -95,11 +99,29 @@ pub struct ServeArgs {
     pub admin_listen: AdminListen,
     /// Per-method counters and the gRPC call and attempt histograms on /metrics: on or
     /// off (off: endpoint states, counts and rates only, for measuring their cost).
-    #[arg(long, env = "PROXY_METRICS", default_value = "on", value_parser = on_off)]
+    #[arg(long, env = "PROXY_METRICS", default_value = "on", value_parser = on_off, action = clap::ArgAction::Set)]
     pub metrics: bool,
-    /// The node this proxy runs on, shown by the admin API and its page.
+    /// Where replicas come from: `dns` (--target, --local-target) or `kubernetes` (the
+    /// EndpointSlices of --service, with node and zone locality).
+    #[arg(long, env = "PROXY_DISCOVERY", default_value = "dns", value_parser = ["dns", "kubernetes"])]
+    pub discovery: String,
+    /// With --discovery kubernetes: the Service whose EndpointSlices to watch.
+    #[arg(long, env = "PROXY_SERVICE")]
+    pub service: Option<String>,
+    /// With --discovery kubernetes: the Service's namespace [default: the pod's own,
+    /// or the kubeconfig context's].
+    #[arg(long, env = "PROXY_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// With --discovery kubernetes: the Service's port, by name or number.
+    #[arg(long = "port", env = "PROXY_SERVICE_PORT")]
+    pub service_port: Option<PortRef>,
+    /// The node this proxy runs on (the downward API's spec.nodeName): with Kubernetes
+    /// discovery its replicas come first; shown by the admin API and its page.
     #[arg(long, env = "NODE_NAME")]
     pub node: Option<String>,
+    /// The zone this proxy runs in: with Kubernetes discovery its replicas come next.
+    #[arg(long, env = "ZONE")]
+    pub zone: Option<String>,
     /// How long open calls may finish after SIGTERM/SIGINT.
     #[arg(long, env = "PROXY_DRAIN_TIMEOUT", default_value = "10s", value_parser = duration::parse)]
     pub drain_timeout: Duration,
@@ -142,6 +164,25 @@ impl ServeArgs {
         if self.keepalive_interval < Duration::from_millis(10) {
             anyhow::bail!("--keepalive-interval must be at least 10ms, got {:?}", self.keepalive_interval);
         }
+        let kubernetes = match self.discovery.as_str() {
+            "kubernetes" => {
+                let (Some(service), Some(port)) = (&self.service, &self.service_port) else {
+                    anyhow::bail!("--discovery kubernetes needs --service NAME and --port NAME|NUMBER");
+                };
+                let non_empty = |s: &Option<String>| s.clone().filter(|s| !s.is_empty());
+                if non_empty(&self.node).is_none() {
+                    tracing::warn!("--discovery kubernetes without --node (NODE_NAME): no replica counts as local");
+                }
+                Some(KubernetesSettings {
+                    service: service.clone(),
+                    namespace: non_empty(&self.namespace),
+                    port: port.clone(),
+                    node: non_empty(&self.node),
+                    zone: non_empty(&self.zone),
+                })
+            }
+            _ => None,
+        };
         if self.upstream_protocol != Protocol::H2 && self.ca_cert.is_none() {
             anyhow::bail!("--upstream-protocol {} needs --ca-cert to verify the replicas", self.upstream_protocol);
         }
@@ -158,6 +199,7 @@ impl ServeArgs {
             service_config,
             protocol: self.upstream_protocol,
             ca_cert: self.ca_cert.clone(),
+            kubernetes,
             metrics: self.metrics,
         })
     }
