@@ -39,11 +39,18 @@ need_port() {
 
 build() {
   echo "building static binaries (cargo, $TARGET_TRIPLE)..."
-  RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked --target "$TARGET_TRIPLE" --bins \
+  local packages=()
+  for bin in "${BINS[@]}"; do packages+=(-p "$bin"); done
+  RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked --target "$TARGET_TRIPLE" "${packages[@]}" \
     || die "error: the build failed (cargo build), see above"
   mkdir -p dist
+  # Wherever cargo put them: CARGO_TARGET_DIR or build.target-dir may move target/.
+  local target_dir
+  target_dir=$(cargo metadata --format-version 1 --no-deps --locked \
+    | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])') \
+    || die "error: cargo metadata could not say where the binaries are"
   for bin in "${BINS[@]}"; do
-    cp "target/$TARGET_TRIPLE/release/$bin" "dist/$bin"
+    cp "$target_dir/$TARGET_TRIPLE/release/$bin" "dist/$bin"
   done
   local log
   log=$(mktemp)
@@ -225,19 +232,36 @@ failover() {
   stop_traffic
 }
 
+# Extra node-a replicas (server4, server5, ...): `task scale` adds or removes them so
+# that REPLICAS run, each named like the others.
 scale() {
   need_docker
-  local n=${REPLICAS:-2}
-  say "scale: $n extra replica(s) on node-a"
-  dc --profile scale up -d --no-recreate --scale "server-extra=$n" server-extra >/dev/null 2>&1
-  [ "$n" -gt 0 ] && wait_healthy server-extra
-  local t0=$SECONDS
+  local n=${REPLICAS:-2} have i name
+  [[ $n =~ ^[0-9]+$ ]] || die "error: REPLICAS must be a number of extra replicas, got '$n'"
+  mapfile -t have < <(docker ps --filter "label=com.docker.compose.project=$COMPOSE_PROJECT_NAME" \
+    --filter label=sandbox.scaled --format '{{.Label "sandbox.scaled"}}' | sort -V)
+  say "scale: $n extra replica(s) on node-a (${#have[@]} before)"
+  for ((i = ${#have[@]}; i < n; i++)); do
+    name="server$((4 + i))"
+    SCALED=$name extra_replica "$name"
+  done
+  for ((i = ${#have[@]} - 1; i >= n; i--)); do
+    docker rm -f "${COMPOSE_PROJECT_NAME}_${have[i]}" >/dev/null
+  done
+  local deadline=$((SECONDS + 30))
+  for ((i = 0; i < n; i++)); do
+    name="${COMPOSE_PROJECT_NAME}_server$((4 + i))"
+    # The image has no shell for a --health-cmd: ask its own health check.
+    until docker exec "$name" /app health-check >/dev/null 2>&1; do
+      [ $SECONDS -ge $deadline ] && die "error: $name not healthy after 30s"
+      sleep 0.2
+    done
+  done
   sleep 1
   echo "replicas now:"; replicas | sed 's/^/  /'
   echo "calls 1 s after they became healthy:"
   verify_lb "$@"
   echo "(scale back with: task scale REPLICAS=0)"
-  : "$t0"
 }
 
 lint_docker() {
@@ -250,15 +274,18 @@ lint_docker() {
     sh -c 'cargo fmt --all -- --check && cargo clippy --all-targets -- -D warnings'
 }
 
-# An extra node-a replica outside compose: `extra_replica NAME ENV=VALUE...`.
+# An extra node-a replica outside compose: `extra_replica NAME ENV=VALUE...`
+# (SCALED=NAME labels it as one of `task scale`'s).
 extra_replica() {
   local name=$1
   shift
   local envs=()
   for e in "$@"; do envs+=(-e "$e"); done
+  local scaled=()
+  [ -n "${SCALED:-}" ] && scaled=(--label "sandbox.scaled=$SCALED")
   docker run -d --rm --name "${COMPOSE_PROJECT_NAME}_$name" --hostname "$name" \
     --network "${COMPOSE_PROJECT_NAME}_cluster" --network-alias server --network-alias node-a.server \
-    --label "com.docker.compose.project=$COMPOSE_PROJECT_NAME" --label sandbox.node=node-a \
+    --label "com.docker.compose.project=$COMPOSE_PROJECT_NAME" --label sandbox.node=node-a "${scaled[@]}" \
     -v "${COMPOSE_PROJECT_NAME}_certs:/certs:ro" -e SERVER_NODE=node-a "${envs[@]}" lb-sandbox/server:latest \
     --tls-cert /certs/cert.pem --tls-key /certs/key.pem >/dev/null
 }
@@ -343,7 +370,12 @@ down() {
     echo "Docker is not running; nothing to stop"
     return 0
   fi
-  dc --profile scale --profile tools down --remove-orphans --volumes --timeout 15
+  # Replicas started outside compose (task scale, the demos) go first: the network
+  # cannot be removed while they are attached.
+  local extras
+  extras=$(docker ps -aq --filter "label=com.docker.compose.project=$COMPOSE_PROJECT_NAME" --filter label=sandbox.node)
+  [ -n "$extras" ] && docker rm -f $extras >/dev/null 2>&1
+  dc --profile tools down --remove-orphans --volumes --timeout 15
 }
 
 cmd=${1:?usage: sandbox.sh COMMAND}
