@@ -88,6 +88,19 @@ impl Settings {
     }
 }
 
+impl Settings {
+    /// Settings that discover the endpoints from a Service's EndpointSlices.
+    pub fn kubernetes(k: KubernetesSettings) -> Self {
+        let port = match k.port {
+            crate::kubernetes::PortRef::Number(n) => n,
+            crate::kubernetes::PortRef::Name(_) => 0,
+        };
+        let mut s = Settings::new(HostPort { host: k.service.clone(), port });
+        s.kubernetes = Some(k);
+        s
+    }
+}
+
 /// Balances requests over every address of a DNS name. Cheap to clone.
 pub struct Balancer<B> {
     shared: Arc<Shared<B>>,

@@ -4,7 +4,7 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::{Context, bail};
-use balancer::{Balancer, HostPort, Settings, discover::Discovery, duration};
+use balancer::{Balancer, HostPort, Settings, discover::Dns, duration};
 use clap::Args;
 use grpc_h3::client::H3Channel;
 use proto::{HelloRequest, HelloResponse, HelloStreamRequest, hello_service_client::HelloServiceClient};
@@ -23,6 +23,22 @@ pub struct ConnArgs {
     /// With --target: HOST:PORT whose addresses are this node's replicas.
     #[arg(long, global = true, env = "CLIENT_LOCAL_TARGET", requires = "target")]
     pub local_target: Option<HostPort>,
+    /// With client-side balancing: where replicas come from, `dns` (--target) or
+    /// `kubernetes` (the EndpointSlices of --service, through the kubeconfig).
+    #[arg(long, global = true, env = "CLIENT_DISCOVERY", default_value = "dns", value_parser = ["dns", "kubernetes"])]
+    pub discovery: String,
+    /// With --discovery kubernetes: the Service, its namespace, and its port (name or number).
+    #[arg(long, global = true, env = "CLIENT_SERVICE")]
+    pub service: Option<String>,
+    #[arg(long, global = true, env = "CLIENT_NAMESPACE")]
+    pub namespace: Option<String>,
+    #[arg(long = "port", global = true, env = "CLIENT_SERVICE_PORT")]
+    pub service_port: Option<balancer::kubernetes::PortRef>,
+    /// With --discovery kubernetes: this node and zone, whose replicas come first.
+    #[arg(long, global = true, env = "NODE_NAME")]
+    pub node: Option<String>,
+    #[arg(long, global = true, env = "ZONE")]
+    pub zone: Option<String>,
     /// DNS server IP:PORT [default: the system resolver configuration].
     #[arg(long, global = true, env = "CLIENT_DNS_SERVER")]
     pub dns_server: Option<SocketAddr>,
@@ -54,6 +70,24 @@ pub struct Conn {
 
 impl Conn {
     pub async fn open(a: &ConnArgs) -> anyhow::Result<Conn> {
+        if a.discovery == "kubernetes" {
+            let (Some(service), Some(port)) = (&a.service, &a.service_port) else {
+                bail!("--discovery kubernetes needs --service NAME and --port NAME|NUMBER");
+            };
+            let k = balancer::kubernetes::KubernetesSettings {
+                service: service.clone(),
+                namespace: a.namespace.clone().filter(|n| !n.is_empty()),
+                port: port.clone(),
+                node: a.node.clone().filter(|n| !n.is_empty()),
+                zone: a.zone.clone().filter(|z| !z.is_empty()),
+            };
+            let describe = format!("{} (client-side balancing)", k.target());
+            let mut s = Settings::kubernetes(k);
+            s.connect_timeout = a.timeout;
+            let balancer = Balancer::new(s).context("starting the balancer")?;
+            let inner = Inner::Direct { ready: balancer.ready_endpoints(), hello: HelloServiceClient::new(balancer) };
+            return Ok(Conn { inner, describe, timeout: a.timeout });
+        }
         if let Some(target) = &a.target {
             let mut s = Settings::new(target.clone());
             s.local_target = a.local_target.clone();
@@ -143,7 +177,7 @@ fn serving(r: Result<tonic::Response<tonic_health::pb::HealthCheckResponse>, Sta
 }
 
 async fn resolve(hp: &HostPort, dns: Option<SocketAddr>) -> anyhow::Result<SocketAddr> {
-    let discovery = Discovery::new(hp.clone(), None, dns)?;
+    let discovery = Dns::new(hp.clone(), None, dns)?;
     match discovery.lookup().await {
         balancer::discover::Lookup::Found(r) => {
             let mut all = r.all;
