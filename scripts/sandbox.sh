@@ -9,7 +9,16 @@ export COMPOSE_PROJECT_NAME=${COMPOSE_PROJECT_NAME:-lbsandbox}
 PROXY_PORT=${PROXY_PORT:-50050}
 CLIENT=${CLIENT:-dist/client}
 TARGET_TRIPLE=x86_64-unknown-linux-gnu
-BINS=(server proxy client)
+BINS=(server proxy client slice-api)
+
+# DISCOVERY=kubernetes: the proxies watch EndpointSlices served by slice-api (a
+# stand-in for the API server) instead of resolving DNS; every task works either way.
+DISCOVERY=${DISCOVERY:-dns}
+case $DISCOVERY in
+  dns) ;;
+  kubernetes) export COMPOSE_FILE=docker-compose.yml:docker-compose.kubernetes.yml ;;
+  *) echo "error: DISCOVERY must be dns or kubernetes, got '$DISCOVERY'" >&2; exit 1 ;;
+esac
 
 die() { echo "$*" >&2; exit 1; }
 say() { printf '\n== %s\n' "$*"; }
@@ -101,7 +110,7 @@ up() {
   # The CA, for calling the HTTP/3 front from this machine (client --http3).
   mkdir -p certs
   docker cp "$(dc ps -q proxy):/certs/ca.pem" certs/ca.pem >/dev/null
-  echo "sandbox healthy in $((SECONDS - started))s (upstream protocol: ${UPSTREAM_PROTOCOL:-h2}):"
+  echo "sandbox healthy in $((SECONDS - started))s (upstream protocol: ${UPSTREAM_PROTOCOL:-h2}, discovery: $DISCOVERY):"
   replicas | sed 's/^/  replica /'
   cat <<MSG
 
@@ -370,6 +379,8 @@ down() {
     echo "Docker is not running; nothing to stop"
     return 0
   fi
+  # Whichever way it was started: slice-api is removed as a service, not an orphan.
+  export COMPOSE_FILE=docker-compose.yml:docker-compose.kubernetes.yml
   # Replicas started outside compose (task scale, the demos) go first: the network
   # cannot be removed while they are attached.
   local extras

@@ -576,6 +576,9 @@ where
             Some(c) if c.send.is_some() => match &c.health {
                 Health::Unhealthy(why) => why.as_str(),
                 Health::Healthy if self.outliers.is_ejected(addr) => "ejected",
+                Health::Healthy if self.set.is_terminating(addr) => {
+                    "terminating (its EndpointSlice says so): takes calls only while its tier has no other"
+                }
                 Health::Healthy => "ready",
             },
             Some(Conn { last_error: Some(e), .. }) => e.as_str(),
@@ -591,6 +594,7 @@ where
                 Health::Unhealthy(why) if why == WAITING_FOR_HEALTH => EndpointState::Connecting,
                 Health::Unhealthy(_) => EndpointState::Unhealthy,
                 Health::Healthy if self.outliers.is_ejected(addr) => EndpointState::Ejected,
+                Health::Healthy if self.set.is_terminating(addr) => EndpointState::Draining,
                 Health::Healthy => EndpointState::Ready,
             },
             Some(c) if c.draining => EndpointState::Draining,
