@@ -56,6 +56,24 @@ task verify-lb -- --check
 UPSTREAM_PROTOCOL=h3 task failover
 UPSTREAM_PROTOCOL=h3 task simulate-rolling-update
 
+step "Kubernetes discovery: DISCOVERY=kubernetes task up (slice-api, EndpointSlices)"
+task down >/dev/null
+export DISCOVERY=kubernetes
+task up
+out=$(grpcurl -plaintext -d '{"name":"World"}' "localhost:$PORT" hello.HelloService/SayHello)
+echo "$out"
+grep -q '"node": "node-a"' <<<"$out" || fail "kubernetes discovery: a node-a replica answers"
+curl -fsS "localhost:${PROXY_ADMIN_PORT:-9901}/admin/endpoints" | grep -q '"target": "kubernetes:///server.default:grpc"' \
+  || fail "kubernetes discovery: the proxy watches the Service"
+
+step "Kubernetes discovery: verify-lb, failover, rolling update, scale"
+task verify-lb -- --check
+task failover
+task simulate-rolling-update
+task scale REPLICAS=1
+task scale REPLICAS=0
+unset DISCOVERY
+
 step "task down leaves nothing behind"
 task down
 left=$(docker ps -aq --filter "label=com.docker.compose.project=$COMPOSE_PROJECT_NAME")

@@ -698,7 +698,13 @@ where
                 }
                 self.resolved_once = true;
                 self.resolved_at = Some(SystemTime::now());
+                let newly_terminating: Vec<SocketAddr> =
+                    resolved.terminating.iter().copied().filter(|a| !self.set.is_terminating(*a)).collect();
                 let changes = self.set.apply(&resolved, Instant::now().into_std());
+                for addr in newly_terminating.into_iter().filter(|a| self.conns.contains_key(a)) {
+                    info!(%addr, "Endpoint terminating (its EndpointSlice says so); no new calls while its tier has another");
+                    self.emit("terminating", Some(addr), "its EndpointSlice says terminating".to_owned());
+                }
                 self.outliers.sync(&resolved.all);
                 for addr in &changes.removed {
                     self.emit("removed", Some(*addr), "no longer in the target's addresses".to_owned());

@@ -93,12 +93,16 @@ pub async fn run(args: ServeArgs, listener: TcpListener, shutdown: impl Future<O
     let health = HealthServer::new(HealthService::from_health_reporter(reporter.clone()));
     reporter.set_service_status("", ServingStatus::NotServing).await;
     tokio::spawn(report_health(reporter, balancer.ready_endpoints()));
-    info!(
-        listen = %listener.local_addr()?,
-        target = %args.target,
-        local_target = ?args.local_target.as_ref().map(ToString::to_string),
-        "Proxying gRPC"
-    );
+    if args.discovery == "kubernetes" {
+        info!(listen = %listener.local_addr()?, "Proxying gRPC");
+    } else {
+        info!(
+            listen = %listener.local_addr()?,
+            target = %args.target,
+            local_target = ?args.local_target.as_ref().map(ToString::to_string),
+            "Proxying gRPC"
+        );
+    }
     let app = Arc::new(App { balancer, health });
     let (h3_stop, h3) = match h3_front(&args, app.clone())? {
         Some((stop, task)) => (Some(stop), Some(task)),

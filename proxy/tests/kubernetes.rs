@@ -94,6 +94,17 @@ impl Cluster {
         c
     }
 
+    /// The proxy's `/admin/events`, read from its greeting on.
+    async fn events(&self) -> tokio::io::Lines<tokio::io::BufReader<tokio::net::TcpStream>> {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let admin = SocketAddr::new(self.net.ip(201), support::ADMIN_PORT);
+        let mut tcp = tokio::net::TcpStream::connect(admin).await.expect("admin API reachable");
+        tcp.write_all(b"GET /admin/events HTTP/1.1\r\nHost: admin\r\n\r\n").await.unwrap();
+        let mut lines = BufReader::new(tcp).lines();
+        while !lines.next_line().await.unwrap().unwrap().starts_with(": events") {}
+        lines
+    }
+
     fn addr_of(&self, name: &str) -> SocketAddr {
         let i = PLACES.iter().position(|p| p.0 == name).unwrap();
         self.net.addr(i as u8 + 1)
@@ -238,9 +249,18 @@ async fn a_new_endpoint_takes_calls_within_a_second_of_its_slice_change() {
 async fn a_terminating_endpoint_takes_calls_only_when_its_tier_has_no_other() {
     let mut c = Cluster::start(&[("s1", Ready), ("s4", Ready), ("s3", Ready)]).await;
     c.settle_on(&["s1", "s4"], 10).await;
+    let mut events = c.events().await;
     // s1 drains (its pod is deleted): no new calls while s4 is ready.
     c.publish(&[("s1", Terminating), ("s4", Ready), ("s3", Ready)]);
     c.settle_on(&["s4"], 10).await;
+    let said = loop {
+        let line = tokio::time::timeout(Duration::from_secs(10), events.next_line()).await;
+        let line = line.expect("a terminating event within 10 s").unwrap().expect("the stream stays open");
+        if line.starts_with("data: ") && line.contains(r#""kind":"terminating""#) {
+            break line;
+        }
+    };
+    assert!(said.contains(&c.addr_of("s1").to_string()), "the event names s1: {said}");
     assert_eq!(c.tally(20).await, [("s4".to_owned(), 20)].into());
     // s4 goes as well: the draining s1 keeps the calls on this node rather than s3.
     c.publish(&[("s1", Terminating), ("s3", Ready)]);

@@ -179,7 +179,7 @@ fn render_events(frame: &mut Frame, area: Rect, model: &Model) {
 fn event_colour(kind: &str) -> Color {
     match kind {
         "added" | "returned" | "failback" | "reachable" => Color::Green,
-        "removed" | "goaway" | "state" => Color::Yellow,
+        "removed" | "goaway" | "terminating" | "state" => Color::Yellow,
         "ejected" | "failover" | "throttle" | "unreachable" | "missed" => Color::Red,
         _ => Color::Reset,
     }
