@@ -37,7 +37,16 @@ struct Args {
     /// Only the picker: a pick from the lock-free snapshot against one behind a mutex.
     #[arg(long)]
     picks: bool,
+    /// Also measure the peers in the same run: HAProxy (`haproxy` on PATH) with
+    /// bench/haproxy.cfg, one thread on the proxy's CPU.
+    #[arg(long)]
+    peers: bool,
 }
+
+/// HAProxy's configuration for `--peers`: the same shape as the proxy under test.
+const HAPROXY_CFG: &str = include_str!("../haproxy.cfg");
+/// Where `HAPROXY_CFG` listens.
+const HAPROXY: &str = "127.0.0.1:50154";
 
 /// One measurement of one target.
 #[derive(Debug, Clone, Copy, Default)]
@@ -80,12 +89,24 @@ async fn main() -> anyhow::Result<()> {
     let proxy_h2 = Child::spawn(&a.bin_dir.join("proxy"), 1, &as_str(&h2_args)).await?;
     let proxy_h3 = Child::spawn(&a.bin_dir.join("proxy"), 1, &as_str(&h3_args)).await?;
     let proxy_quiet = Child::spawn(&a.bin_dir.join("proxy"), 1, &as_str(&quiet_args)).await?;
-    let targets = [
+    let haproxy = match a.peers {
+        true => {
+            let cfg = certs.join("haproxy.cfg");
+            std::fs::write(&cfg, HAPROXY_CFG)?;
+            let bin = which("haproxy").context("--peers needs haproxy on PATH (apt-get install haproxy)")?;
+            Some(Child::spawn(&bin, 1, &["-db", "-f", &path(&cfg)]).await?)
+        }
+        false => None,
+    };
+    let mut targets = vec![
         ("direct", connect("127.0.0.1:50151").await?, None),
         ("proxy h2", connect("127.0.0.1:50150").await?, Some(&proxy_h2)),
         ("proxy h3", connect("127.0.0.1:50152").await?, Some(&proxy_h3)),
         ("h2 no-metrics", connect(QUIET).await?, Some(&proxy_quiet)),
     ];
+    if let Some(h) = &haproxy {
+        targets.push(("haproxy", connect(HAPROXY).await?, Some(h)));
+    }
     for (_, c, _) in &targets {
         warm(c).await?;
     }
@@ -109,13 +130,20 @@ async fn main() -> anyhow::Result<()> {
         rounds.push(row);
     }
     let busy_rss = proxy_h2.rss_kib()?;
-    report(&rounds, idle_rss, busy_rss);
+    let peer_rss = haproxy.as_ref().map(|h| h.rss_kib()).transpose()?;
+    report(&rounds, idle_rss, busy_rss, peer_rss);
     let _ = std::fs::remove_dir_all(&certs);
     Ok(())
 }
 
 /// The proxy with `--metrics off`, for what recording metrics costs.
 const QUIET: &str = "127.0.0.1:50153";
+
+/// `name` found on PATH.
+fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file())
+}
 
 fn as_str(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
@@ -199,15 +227,24 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn report(rounds: &[Vec<Sample>], idle_rss: u64, busy_rss: u64) {
+fn report(rounds: &[Vec<Sample>], idle_rss: u64, busy_rss: u64, peer_rss: Option<u64>) {
     let med = |i: usize, f: fn(&Sample) -> f64| median(rounds.iter().map(|r| f(&r[i])).collect());
     let ratio = |i: usize, j: usize, fi: fn(&Sample) -> f64, fj: fn(&Sample) -> f64| {
         median(rounds.iter().map(|r| fi(&r[i]) / fj(&r[j])).collect())
     };
-    let (d, h2, h3) = (0, 1, 2);
-    println!("\nmedians                          direct   proxy h2   proxy h3");
+    // Columns in the order of `targets`; HAProxy last when measured.
+    let (d, h2, h3, quiet, hap) = (0, 1, 2, 3, 4);
+    let peers = rounds[0].len() > hap;
+    let cols: &[usize] = if peers { &[d, h2, h3, hap] } else { &[d, h2, h3] };
+    let header = if peers { "   haproxy" } else { "" };
+    println!("\nmedians                          direct   proxy h2   proxy h3{header}");
     let line = |name: &str, f: fn(&Sample) -> f64, digits: usize| {
-        println!("{name:<30} {:>8.digits$} {:>10.digits$} {:>10.digits$}", med(d, f), med(h2, f), med(h3, f));
+        let cells: Vec<String> = cols
+            .iter()
+            .enumerate()
+            .map(|(k, &i)| format!("{:>w$.digits$}", med(i, f), w = if k == 0 { 8 } else { 10 }))
+            .collect();
+        println!("{name:<30} {}", cells.join(" "));
     };
     line("calls/s at c64", |s| s.calls_per_s, 0);
     line("p50 at c1 (µs)", |s| s.p50_us, 0);
@@ -222,10 +259,20 @@ fn report(rounds: &[Vec<Sample>], idle_rss: u64, busy_rss: u64) {
     println!("proxy h2 p50 / direct p50                          {:.2}x", ratio(h2, d, p50, p50));
     println!("proxy h3 CPU per call / proxy h2 CPU per call      {:.2}x", ratio(h3, h2, proxy_cpu, proxy_cpu));
     println!("proxy h3 p50 / proxy h2 p50                        {:.2}x", ratio(h3, h2, p50, p50));
-    println!("proxy h2 CPU per call, metrics on / off            {:.3}x", ratio(h2, 3, proxy_cpu, proxy_cpu));
+    println!("proxy h2 CPU per call, metrics on / off            {:.3}x", ratio(h2, quiet, proxy_cpu, proxy_cpu));
+    if peers {
+        println!("haproxy CPU per call / server CPU per direct call   {:.2}x", ratio(hap, d, proxy_cpu, server_cpu));
+        println!("haproxy p50 / direct p50                           {:.2}x", ratio(hap, d, p50, p50));
+        println!("proxy h2 CPU per call / haproxy CPU per call       {:.2}x", ratio(h2, hap, proxy_cpu, proxy_cpu));
+        println!("proxy h2 p50 / haproxy p50                         {:.2}x", ratio(h2, hap, p50, p50));
+    }
+    let mb = |kib: u64| kib as f64 / 1024.0;
     println!(
         "proxy resident memory (h2)                         idle {:.1} MB, after load {:.1} MB",
-        idle_rss as f64 / 1024.0,
-        busy_rss as f64 / 1024.0
+        mb(idle_rss),
+        mb(busy_rss)
     );
+    if let Some(rss) = peer_rss {
+        println!("haproxy resident memory                            after load {:.1} MB", mb(rss));
+    }
 }
