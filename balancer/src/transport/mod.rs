@@ -34,7 +34,7 @@ impl<B> FromBytes for crate::replay::ReplayBody<B> {
 
 /// A connection that can take requests. Cheap to clone.
 pub(crate) enum Upstream<B> {
-    H2(hyper::client::conn::http2::SendRequest<B>),
+    H2(h2::H2<B>),
     H3(grpc_h3::client::H3Client),
 }
 
@@ -96,7 +96,7 @@ pub(crate) type BodyError = (Code, BoxError);
 
 /// A response body over either protocol.
 pub enum Body {
-    H2(hyper::body::Incoming),
+    H2(h2::H2Body),
     H3(grpc_h3::client::ClientBody),
 }
 
@@ -104,7 +104,7 @@ impl Body {
     /// The next frame; a failure comes with the gRPC status it amounts to.
     pub(crate) fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self {
-            Body::H2(b) => Pin::new(b).poll_frame(cx).map_err(|e| (h2::code_of(&e), e.into())),
+            Body::H2(b) => b.poll_frame(cx),
             Body::H3(b) => Pin::new(b).poll_frame(cx).map_err(|e| (h3::code_of(&e), e.into())),
         }
     }
