@@ -59,3 +59,8 @@ pub use discover::HostPort;
 pub use error::Error;
 pub use pool::{EndpointState, EndpointView, Endpoints, Links, PoolEvent};
 pub use wire::grpc_timeout;
+
+/// HTTP/2 bodies over the `h2` crate, for a front that serves with it too.
+pub mod h2 {
+    pub use crate::transport::h2::{RecvBody, send_body};
+}

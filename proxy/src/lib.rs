@@ -10,6 +10,7 @@
 
 pub mod admin;
 pub mod config;
+mod front;
 
 use std::{convert::Infallible, future::Future, sync::Arc};
 
@@ -17,11 +18,6 @@ use anyhow::Context;
 use balancer::{Balancer, response::UpstreamBody};
 use http::{Request, Response};
 use http_body_util::Either;
-use hyper::body::Incoming;
-use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::graceful::GracefulShutdown,
-};
 use tokio::net::TcpListener;
 use tonic::body::Body as TonicBody;
 use tonic_health::{
@@ -30,12 +26,12 @@ use tonic_health::{
     server::{HealthReporter, HealthService},
 };
 use tower::Service;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use config::ServeArgs;
 
 /// Requests arrive over HTTP/2 (h2c) or HTTP/3.
-type FrontBody = Either<Incoming, grpc_h3::server::ServerBody>;
+type FrontBody = Either<balancer::h2::RecvBody, grpc_h3::server::ServerBody>;
 type ProxyBody = Either<UpstreamBody, TonicBody>;
 type Health = HealthServer<HealthService>;
 
@@ -108,7 +104,9 @@ pub async fn run(args: ServeArgs, listener: TcpListener, shutdown: impl Future<O
         Some((stop, task)) => (Some(stop), Some(task)),
         None => (None, None),
     };
-    let graceful = GracefulShutdown::new();
+    // Connections hold a clone of `alive` until they end; `drain` tells them to stop.
+    let (drain, draining) = tokio::sync::watch::channel(false);
+    let (alive, mut all_done) = tokio::sync::mpsc::channel::<()>(1);
     tokio::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
@@ -124,29 +122,19 @@ pub async fn run(args: ServeArgs, listener: TcpListener, shutdown: impl Future<O
             () = &mut shutdown => break,
         };
         let _ = tcp.set_nodelay(true);
-        let app = app.clone();
-        let svc = hyper::service::service_fn(move |req| {
-            let app = app.clone();
-            async move { Ok::<_, Infallible>(app.handle(req.map(Either::Left)).await) }
-        });
-        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .keep_alive_interval(std::time::Duration::from_secs(10))
-            .initial_stream_window_size(1 << 20)
-            .initial_connection_window_size(4 << 20)
-            .serve_connection(TokioIo::new(tcp), svc);
-        let conn = graceful.watch(conn);
+        let (app, draining, alive) = (app.clone(), draining.clone(), alive.clone());
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!(%peer, error = %e, "Client connection ended with an error");
-            }
+            front::serve(tcp, peer, app, draining).await;
+            drop(alive);
         });
     }
     info!(drain_timeout_ms = args.drain_timeout.as_millis() as u64, "Draining");
     if let Some(stop) = h3_stop {
         let _ = stop.send(());
     }
-    if tokio::time::timeout(args.drain_timeout, graceful.shutdown()).await.is_err() {
+    let _ = drain.send(true);
+    drop(alive);
+    if tokio::time::timeout(args.drain_timeout, all_done.recv()).await.is_err() {
         warn!("Drain deadline passed; closing with calls in flight");
     }
     if let Some(h3) = h3 {

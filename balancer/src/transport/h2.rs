@@ -22,7 +22,7 @@ use std::{
 use bytes::Bytes;
 use h2::{RecvStream, SendStream, client::SendRequest};
 use http::{HeaderMap, Request, Response, header};
-use http_body::Frame;
+use http_body::{Body as _, Frame};
 use lb_core::{
     Code,
     call::Ended,
@@ -277,12 +277,9 @@ where
         Ok(resp) => {
             // A streaming request goes on sending beside the response.
             if let Some(up) = upload {
-                tokio::spawn(async move {
-                    let mut up = up;
-                    poll_fn(|cx| up.poll(cx)).await;
-                });
+                tokio::spawn(send_body(up.body, up.stream));
             }
-            Ok(resp.map(|recv| Body::H2(H2Body { recv, data_done: false, _open: open })))
+            Ok(resp.map(|recv| Body::H2(H2Body { recv: RecvBody::new(recv), _open: open })))
         }
         Err(e) => Err(Failure { ended: classify(&e), error: e.into() }),
     }
@@ -365,35 +362,71 @@ where
 
 /// A response body from a replica: its data, then its trailers.
 pub(crate) struct H2Body {
-    recv: RecvStream,
-    data_done: bool,
+    recv: RecvBody,
     _open: Open,
 }
 
 impl H2Body {
     pub(super) fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        let failed = |e: h2::Error| (code_of(&e), BoxError::from(e));
+        Pin::new(&mut self.recv).poll_frame(cx).map_err(|e| (code_of(&e), BoxError::from(e)))
+    }
+
+    pub(super) fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
+    }
+}
+
+/// The body of an HTTP/2 stream as it arrives, data and then trailers; each chunk's
+/// flow-control window is given back as it is taken, so the peer may send as much
+/// again.
+pub struct RecvBody {
+    recv: RecvStream,
+    data_done: bool,
+}
+
+impl RecvBody {
+    pub fn new(recv: RecvStream) -> RecvBody {
+        RecvBody { recv, data_done: false }
+    }
+}
+
+impl http_body::Body for RecvBody {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
         if !self.data_done {
             match ready!(self.recv.poll_data(cx)) {
                 Some(Ok(data)) => {
-                    // Taken off the stream: the replica may send as much again.
                     let _ = self.recv.flow_control().release_capacity(data.len());
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
-                Some(Err(e)) => return Poll::Ready(Some(Err(failed(e)))),
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
                 None => self.data_done = true,
             }
         }
         match ready!(self.recv.poll_trailers(cx)) {
             Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
             Ok(None) => Poll::Ready(None),
-            Err(e) => Poll::Ready(Some(Err(failed(e)))),
+            Err(e) => Poll::Ready(Some(Err(e))),
         }
     }
 
-    pub(super) fn is_end_stream(&self) -> bool {
+    fn is_end_stream(&self) -> bool {
         self.recv.is_end_stream()
     }
+}
+
+/// Sends `body` on `stream` as the peer's flow control allows. Ends once the body is
+/// sent, when it fails (the stream is reset with CANCEL, so the peer does not take a
+/// truncated message as whole) or when the peer resets the stream.
+pub async fn send_body<B>(body: B, stream: SendStream<Bytes>)
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    let mut upload = Upload { body, stream, held: None };
+    poll_fn(|cx| upload.poll(cx)).await;
 }
 
 /// HTTP/1.1's connection-specific headers, which HTTP/2 forbids (a request carrying one

@@ -1,0 +1,113 @@
+//! The h2c front with the `h2` crate directly: one task per client connection accepts
+//! its streams, one task per stream runs the call and sends the response back as the
+//! client's flow control allows. A client's reset cancels its call; a drain sends
+//! GOAWAY and lets open streams finish. The limits are h2's, set here.
+
+use std::{future::poll_fn, net::SocketAddr, sync::Arc, task::Poll, time::Duration};
+
+use balancer::h2::{RecvBody, send_body};
+use bytes::Bytes;
+use h2::server::SendResponse;
+use http::Request;
+use http_body::Body as _;
+use http_body_util::Either;
+use tokio::{net::TcpStream, sync::watch, time::Instant};
+use tracing::debug;
+
+use crate::App;
+
+/// Streams one client may have open; the next is refused (REFUSED_STREAM).
+const MAX_STREAMS: u32 = 200;
+/// Request headers larger than this are refused (431).
+const MAX_HEADER_LIST: u32 = 16 << 10;
+/// Response bytes queued per stream before waiting for the client's window.
+const MAX_SEND_BUFFER: usize = 400 << 10;
+/// Streams the proxy may reset for a client's protocol errors before calling it an
+/// attack and closing the connection.
+const MAX_ERROR_RESETS: usize = 1024;
+// Streams the proxy closed early (a replica answered before the request ended) are
+// remembered up to `MAX_STREAMS` at a time, so the client's frames still in flight for
+// them are dropped quietly; h2's default of 10 forgot them under load, and each late
+// frame then cost a reset counted against `MAX_ERROR_RESETS`.
+
+/// A ping to each client this often, so a vanished one is let go...
+const PING_EVERY: Duration = Duration::from_secs(10);
+/// ...when it has not answered in this long.
+const PING_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Serves one client connection until it closes, or until `drain` turns true and its
+/// open streams are done.
+pub(crate) async fn serve(tcp: TcpStream, peer: SocketAddr, app: Arc<App>, mut drain: watch::Receiver<bool>) {
+    let handshake = h2::server::Builder::new()
+        .initial_window_size(1 << 20)
+        .initial_connection_window_size(4 << 20)
+        .max_concurrent_streams(MAX_STREAMS)
+        .max_header_list_size(MAX_HEADER_LIST)
+        .max_send_buffer_size(MAX_SEND_BUFFER)
+        .max_local_error_reset_streams(Some(MAX_ERROR_RESETS))
+        .max_concurrent_reset_streams(MAX_STREAMS as usize)
+        .handshake::<_, Bytes>(tcp);
+    let mut conn = tokio::select! {
+        c = handshake => match c {
+            Ok(c) => c,
+            Err(e) => return debug!(%peer, error = %e, "Client handshake failed"),
+        },
+        _ = drain.wait_for(|d| *d) => return,
+    };
+    let mut pings = conn.ping_pong().expect("taken once, here");
+    let mut tick = tokio::time::interval(PING_EVERY);
+    tick.reset();
+    let mut unanswered: Option<Instant> = None;
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            accepted = conn.accept() => match accepted {
+                Some(Ok((req, respond))) => {
+                    tokio::spawn(respond_to(app.clone(), req, respond));
+                }
+                Some(Err(e)) => return debug!(%peer, error = %e, "Client connection ended with an error"),
+                None => return,
+            },
+            _ = drain.wait_for(|d| *d), if !draining => {
+                draining = true;
+                conn.graceful_shutdown();
+            }
+            _ = tick.tick() => match unanswered {
+                Some(since) if since.elapsed() >= PING_TIMEOUT => {
+                    return debug!(%peer, "Client answered no ping in 20 s; closing");
+                }
+                Some(_) => {}
+                None => {
+                    if pings.send_ping(h2::Ping::opaque()).is_err() {
+                        return;
+                    }
+                    unanswered = Some(Instant::now());
+                }
+            },
+            _ = poll_fn(|cx| pings.poll_pong(cx)), if unanswered.is_some() => unanswered = None,
+        }
+    }
+}
+
+/// Runs one call and sends its response; a reset from the client drops the call, which
+/// cancels its attempts.
+async fn respond_to(app: Arc<App>, req: Request<h2::RecvStream>, mut respond: SendResponse<Bytes>) {
+    let req = req.map(|recv| Either::Left(RecvBody::new(recv)));
+    let call = app.handle(req);
+    tokio::pin!(call);
+    let resp = poll_fn(|cx| {
+        if respond.poll_reset(cx).is_ready() {
+            return Poll::Ready(None);
+        }
+        call.as_mut().poll(cx).map(Some)
+    })
+    .await;
+    let Some(resp) = resp else { return };
+    let (head, body) = resp.into_parts();
+    let end = body.is_end_stream();
+    match respond.send_response(http::Response::from_parts(head, ()), end) {
+        Ok(stream) if !end => send_body(body, stream).await,
+        Ok(_) => {}
+        Err(e) => debug!(error = %e, "Client stream gone before the response"),
+    }
+}
