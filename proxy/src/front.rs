@@ -93,8 +93,9 @@ pub(crate) async fn serve(tcp: TcpStream, peer: SocketAddr, app: Arc<App>, mut d
 /// cancels its attempts.
 async fn respond_to(app: Arc<App>, req: Request<h2::RecvStream>, mut respond: SendResponse<Bytes>) {
     let req = req.map(|recv| Either::Left(RecvBody::new(recv)));
-    let call = app.handle(req);
-    tokio::pin!(call);
+    // On the heap: the call is kilobytes of state, and a task moves its future (and
+    // rewrites it when done) by value; boxed, those moves copy a pointer.
+    let mut call = Box::pin(app.handle(req));
     let resp = poll_fn(|cx| {
         if respond.poll_reset(cx).is_ready() {
             return Poll::Ready(None);
