@@ -6,7 +6,7 @@
 use std::{net::SocketAddr, sync::Arc, task::Poll, time::Duration};
 
 use bytes::Bytes;
-use futures_util::future::BoxFuture;
+use futures_util::{FutureExt, future::BoxFuture};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, Version};
 use lb_core::{
     Code,
@@ -322,12 +322,12 @@ where
         slot.reader = body.reader();
         slot.outcome = Some(picked.outcome);
         let req = self.head.request(body, &send);
-        let fut = async move {
-            match picked.upstream.send(req).await {
-                Ok(resp) => Step::Response(resp),
-                Err(failure) => Step::Failed(failure),
-            }
-        };
+        // `map`, not an async block: a block holding the send across its await would
+        // keep the connection and the request twice in every attempt's state.
+        let fut = picked.upstream.send(req).map(|sent| match sent {
+            Ok(resp) => Step::Response(resp),
+            Err(failure) => Step::Failed(failure),
+        });
         self.push(id, fut);
     }
 

@@ -8,6 +8,7 @@
 
 mod picks;
 mod procs;
+mod streams;
 
 use std::{path::PathBuf, time::Duration};
 
@@ -37,6 +38,9 @@ struct Args {
     /// Only the picker: a pick from the lock-free snapshot against one behind a mutex.
     #[arg(long)]
     picks: bool,
+    /// Only memory: the proxy's resident memory holding this many open streams.
+    #[arg(long, value_name = "N")]
+    streams: Option<usize>,
     /// Also measure the peers in the same run: HAProxy (`haproxy` on PATH) with
     /// bench/haproxy.cfg, one thread on the proxy's CPU.
     #[arg(long)]
@@ -87,6 +91,10 @@ async fn main() -> anyhow::Result<()> {
     let h3_args = proxy_args("127.0.0.1:50152", "h3");
     let quiet_args = proxy_args(QUIET, "h2");
     let proxy_h2 = Child::spawn(&a.bin_dir.join("proxy"), 1, &as_str(&h2_args)).await?;
+    if let Some(n) = a.streams {
+        connect("127.0.0.1:50150").await?;
+        return streams::run(&proxy_h2, &server, "127.0.0.1:50150", n).await;
+    }
     let proxy_h3 = Child::spawn(&a.bin_dir.join("proxy"), 1, &as_str(&h3_args)).await?;
     let proxy_quiet = Child::spawn(&a.bin_dir.join("proxy"), 1, &as_str(&quiet_args)).await?;
     let haproxy = match a.peers {

@@ -16,6 +16,7 @@ use std::{convert::Infallible, future::Future, sync::Arc};
 
 use anyhow::Context;
 use balancer::{Balancer, response::UpstreamBody};
+use futures_util::FutureExt;
 use http::{Request, Response};
 use http_body_util::Either;
 use tokio::net::TcpListener;
@@ -46,18 +47,26 @@ struct App {
 }
 
 impl App {
-    async fn handle(&self, req: Request<FrontBody>) -> Response<ProxyBody> {
+    /// The call's future: a forwarded call, or the proxy's own health answer (boxed,
+    /// as tonic's future is as large as a forwarded call's and every call's state
+    /// would otherwise reserve room for both).
+    fn handle(&self, req: Request<FrontBody>) -> impl Future<Output = Response<ProxyBody>> + Send + 'static {
         if req.uri().path().starts_with(HEALTH_PREFIX) {
             let mut health = self.health.clone();
-            return match health.call(req).await {
-                Ok(resp) => resp.map(Either::Right),
-                Err(never) => match never {},
-            };
+            return futures_util::future::Either::Left(async move {
+                match Box::pin(health.call(req)).await {
+                    Ok(resp) => resp.map(Either::Right),
+                    Err(never) => match never {},
+                }
+            });
         }
-        match self.balancer.send(req).await {
+        // `map`, not an async block: one holding the future across its await would
+        // keep two copies of it.
+        let call = self.balancer.send(req).map(|result| match result {
             Ok(resp) => resp.map(Either::Left),
             Err(status) => status.into_http().map(Either::Right),
-        }
+        });
+        futures_util::future::Either::Right(call)
     }
 }
 
