@@ -51,8 +51,9 @@ pub struct ServeArgs {
     /// ready replica before failing with UNAVAILABLE.
     #[arg(long, env = "PROXY_CONNECT_TIMEOUT", default_value = "5s", value_parser = duration::parse)]
     pub connect_timeout: Duration,
-    /// HTTP/2 ping interval to each replica: a dead or hung one is noticed one interval
-    /// plus 750 ms after its last word. gRPC servers refuse pings more often than every 5 min during
+    /// HTTP/2 keepalive: a ping to each replica after this long with nothing heard from
+    /// it, so a dead or hung one is noticed 1 to 1.25 intervals plus 750 ms after its
+    /// last word. gRPC servers refuse pings more often than every 5 min during
     /// calls, and any between calls, by default (GOAWAY too_many_pings); the proxy then
     /// pings that replica half as often, up to 5 min, and only during calls.
     #[arg(long, env = "PROXY_KEEPALIVE_INTERVAL", default_value = "1s", value_parser = duration::parse)]
