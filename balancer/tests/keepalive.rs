@@ -1,7 +1,7 @@
 //! HTTP/2 keepalive against real sockets: a replica that completes its handshake and
-//! then falls silent (hung, or its node gone without a FIN) leaves rotation one
-//! keepalive interval plus the 750 ms ping timeout after its last word, while one that
-//! answers pings stays in.
+//! then falls silent (hung, or its node gone without a FIN) leaves rotation 1 to 1.25
+//! keepalive intervals plus the 750 ms ping timeout after its last word, while one
+//! that answers pings stays in.
 
 use std::time::Duration;
 

@@ -38,8 +38,8 @@ use super::{Body, BodyError, Connected, ConnectionEnd, Failure, Upstream};
 use crate::replay::BoxError;
 
 /// How long a ping may go unanswered: a silent peer (a hung replica, a dead node) is
-/// noticed one interval plus this after its last word, 1.75 s with the default 1 s
-/// interval. A ping's round trip inside a cluster takes well under a millisecond.
+/// noticed 1 to 1.25 intervals plus this after its last word, 1.75 to 2 s with the
+/// default 1 s interval. A ping's round trip inside a cluster takes well under a millisecond.
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_millis(750);
 
 /// Ticks per keepalive interval.
