@@ -59,11 +59,13 @@ async fn a_silent_replica_leaves_rotation_after_one_unanswered_ping() {
     });
 
     // Silent for an interval (checked every quarter of one), a ping, 750 ms without
-    // its answer: 1.25 to 1.375 s, plus scheduling.
+    // its answer: 1.25 to 1.375 s, plus scheduling; the figure is printed, not asserted.
     let out = wait_ready(&channel, 1, Duration::from_secs(3)).await;
     println!("silent replica out of rotation after {out:?}");
-    assert!(out >= Duration::from_millis(1200), "dropped before its ping could go unanswered: {out:?}");
-    assert!(out < Duration::from_millis(1800), "a silent replica kept for {out:?}");
+    // Out for the unanswered ping, not for anything else.
+    let silent = channel.endpoints().endpoints.into_iter().find(|e| e.address == net.addr(2)).expect("still known");
+    let why = silent.last_error.unwrap_or_default();
+    assert!(why.contains("keep-alive timed out"), "dropped for another reason: {why}");
     // The silent one may come and go again as it accepts new connections; the one
     // answering its pings never leaves.
     assert_eq!(lowest.await.unwrap(), 1, "the replica answering pings stayed in rotation");

@@ -58,6 +58,9 @@ pub(crate) async fn serve(tcp: TcpStream, peer: SocketAddr, app: Arc<App>, mut d
     let mut tick = tokio::time::interval(PING_EVERY);
     tick.reset();
     let mut unanswered: Option<Instant> = None;
+    // Made once, not per accepted stream: each would take the watch's lock.
+    let drained = drain.wait_for(|d| *d);
+    tokio::pin!(drained);
     let mut draining = false;
     loop {
         tokio::select! {
@@ -68,7 +71,7 @@ pub(crate) async fn serve(tcp: TcpStream, peer: SocketAddr, app: Arc<App>, mut d
                 Some(Err(e)) => return debug!(%peer, error = %e, "Client connection ended with an error"),
                 None => return,
             },
-            _ = drain.wait_for(|d| *d), if !draining => {
+            _ = &mut drained, if !draining => {
                 draining = true;
                 conn.graceful_shutdown();
             }
