@@ -2,12 +2,17 @@
 //! interleaved over several rounds. The proxy runs on CPU 1 with one worker thread;
 //! the replica and this load generator share CPU 0. Prints, per target, calls/s at
 //! concurrency C, p50/p99 at concurrency 1, CPU time per call of the server and of the
-//! proxy (utime+stime from /proc), and the proxy's resident memory; then the medians of
-//! the per-round ratios. A fourth target, the proxy with `--metrics off`, gives what
-//! recording metrics costs per call.
+//! proxy (user and system time from /proc), the proxy's system calls per call (perf's
+//! syscall tracepoint, where perf runs) and its resident memory; then the medians of the
+//! per-round ratios. Two more targets give what a flag costs or buys: the proxy with
+//! `--metrics off` (what recording metrics costs per call) and with `--busy-poll`
+//! (latency at concurrency 1, and the CPU it burns there). Last, the proxy runs inside
+//! this process under a counting allocator for its heap allocations per call.
 
+mod allocs;
 mod picks;
 mod procs;
+mod relay;
 mod streams;
 
 use std::{path::PathBuf, time::Duration};
@@ -18,7 +23,7 @@ use proto::{HelloRequest, hello_service_client::HelloServiceClient};
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
-use procs::Child;
+use procs::{Child, Cpu, Syscalls};
 
 #[derive(Debug, Parser)]
 #[command(name = "bench", about = "Direct vs proxy on loopback")]
@@ -45,6 +50,13 @@ struct Args {
     /// bench/haproxy.cfg, one thread on the proxy's CPU.
     #[arg(long)]
     peers: bool,
+    /// Run only the frame-relay prototype, LISTEN=TARGET (what the bench starts as its
+    /// relay target).
+    #[arg(long, hide = true, value_name = "LISTEN=TARGET")]
+    relay: Option<String>,
+    /// `--busy-poll` of the busy-polling proxy target, in microseconds.
+    #[arg(long, value_name = "MICROS", default_value_t = 200)]
+    busy_poll: u64,
 }
 
 /// HAProxy's configuration for `--peers`: the same shape as the proxy under test.
@@ -58,17 +70,33 @@ struct Sample {
     calls_per_s: f64,
     server_us_per_call: f64,
     proxy_us_per_call: f64,
+    proxy_user_us_per_call: f64,
+    proxy_sys_us_per_call: f64,
+    /// NaN where perf cannot count.
+    proxy_syscalls_per_call: f64,
+    /// The proxy's CPU during the concurrency-1 run, as a share of one core.
+    proxy_c1_core: f64,
     p50_us: f64,
     p99_us: f64,
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 1)]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     if a.picks {
         picks::run();
         return Ok(());
     }
+    if let Some(spec) = &a.relay {
+        // As the proxy with `--threads 1`: the current-thread scheduler.
+        let (listen, target) = spec.split_once('=').context("--relay LISTEN=TARGET")?;
+        let (listen, target) = (listen.parse().context("--relay LISTEN")?, target.parse().context("--relay TARGET")?);
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        return rt.block_on(relay::serve(listen, target));
+    }
+    tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?.block_on(bench(a))
+}
+
+async fn bench(a: Args) -> anyhow::Result<()> {
     procs::pin_self(0);
     let certs = std::env::temp_dir().join(format!("lb-bench-certs-{}", std::process::id()));
     grpc_h3::certs::generate(&certs, &["127.0.0.1".to_owned()]).map_err(anyhow::Error::msg)?;
@@ -84,12 +112,16 @@ async fn main() -> anyhow::Result<()> {
         if listen == QUIET {
             v.extend(["--metrics".into(), "off".into()]);
         }
+        if listen == BUSY {
+            v.extend(["--busy-poll".into(), a.busy_poll.to_string()]);
+        }
         v.extend(["--upstream-protocol".into(), protocol.into(), "--ca-cert".into(), path(&ca)]);
         v
     };
     let h2_args = proxy_args("127.0.0.1:50150", "h2");
     let h3_args = proxy_args("127.0.0.1:50152", "h3");
     let quiet_args = proxy_args(QUIET, "h2");
+    let busy_args = proxy_args(BUSY, "h2");
     let proxy_h2 = Child::spawn(&a.bin_dir.join("proxy"), 1, &as_str(&h2_args)).await?;
     if let Some(n) = a.streams {
         connect("127.0.0.1:50150").await?;
@@ -97,6 +129,9 @@ async fn main() -> anyhow::Result<()> {
     }
     let proxy_h3 = Child::spawn(&a.bin_dir.join("proxy"), 1, &as_str(&h3_args)).await?;
     let proxy_quiet = Child::spawn(&a.bin_dir.join("proxy"), 1, &as_str(&quiet_args)).await?;
+    let proxy_busy = Child::spawn(&a.bin_dir.join("proxy"), 1, &as_str(&busy_args)).await?;
+    let relay_spec = format!("{RELAY}=127.0.0.1:50151");
+    let relay = Child::spawn(&std::env::current_exe()?, 1, &["--relay", &relay_spec]).await?;
     let haproxy = match a.peers {
         true => {
             let cfg = certs.join("haproxy.cfg");
@@ -111,6 +146,8 @@ async fn main() -> anyhow::Result<()> {
         ("proxy h2", connect("127.0.0.1:50150").await?, Some(&proxy_h2)),
         ("proxy h3", connect("127.0.0.1:50152").await?, Some(&proxy_h3)),
         ("h2 no-metrics", connect(QUIET).await?, Some(&proxy_quiet)),
+        ("h2 busy-poll", connect(BUSY).await?, Some(&proxy_busy)),
+        ("relay (proto)", connect(RELAY).await?, Some(&relay)),
     ];
     if let Some(h) = &haproxy {
         targets.push(("haproxy", connect(HAPROXY).await?, Some(h)));
@@ -130,8 +167,15 @@ async fn main() -> anyhow::Result<()> {
         for (name, c, proxy) in &targets {
             let s = measure(&a, c, &server, *proxy).await?;
             println!(
-                "round {round} {name:<13} {:>7.0}/s  p50 {:>4.0}µs  server {:>5.2}µs/call  proxy {:>5.2}µs/call",
-                s.calls_per_s, s.p50_us, s.server_us_per_call, s.proxy_us_per_call
+                "round {round} {name:<13} {:>7.0}/s  p50 {:>4.0}µs  server {:>5.2}µs/call  proxy {:>5.2}µs/call \
+                 ({:.2} user + {:.2} sys, {:.1} syscalls)",
+                s.calls_per_s,
+                s.p50_us,
+                s.server_us_per_call,
+                s.proxy_us_per_call,
+                s.proxy_user_us_per_call,
+                s.proxy_sys_us_per_call,
+                s.proxy_syscalls_per_call
             );
             row.push(s);
         }
@@ -139,13 +183,18 @@ async fn main() -> anyhow::Result<()> {
     }
     let busy_rss = proxy_h2.rss_kib()?;
     let peer_rss = haproxy.as_ref().map(|h| h.rss_kib()).transpose()?;
-    report(&rounds, idle_rss, busy_rss, peer_rss);
+    let allocs = allocs::measure(&a).await?;
+    report(&a, &rounds, idle_rss, busy_rss, peer_rss, &allocs);
     let _ = std::fs::remove_dir_all(&certs);
     Ok(())
 }
 
 /// The proxy with `--metrics off`, for what recording metrics costs.
 const QUIET: &str = "127.0.0.1:50153";
+/// The proxy with `--busy-poll`.
+const BUSY: &str = "127.0.0.1:50155";
+/// The frame-relay prototype (src/relay.rs).
+const RELAY: &str = "127.0.0.1:50157";
 
 /// `name` found on PATH.
 fn which(name: &str) -> Option<PathBuf> {
@@ -189,17 +238,30 @@ async fn measure(
     proxy: Option<&Child>,
 ) -> anyhow::Result<Sample> {
     let secs = Duration::from_secs_f64(a.seconds);
-    let proxy_cpu = || proxy.map_or(Ok(0), Child::cpu_us);
+    let proxy_cpu = || proxy.map_or(Ok(Cpu::default()), Child::cpu_us);
+    let syscalls = match proxy {
+        Some(p) => Syscalls::start(p.pid()).await,
+        None => None,
+    };
     let (s0, p0) = (server.cpu_us()?, proxy_cpu()?);
     let (calls, _) = run_load(c, a.concurrency, secs).await;
     let (s1, p1) = (server.cpu_us()?, proxy_cpu()?);
+    let syscalls = syscalls.and_then(Syscalls::stop);
+    let c1 = Instant::now();
     let (_, mut lat) = run_load(c, 1, secs / 2).await;
+    let (c1_wall, p2) = (c1.elapsed(), proxy_cpu()?);
     lat.sort_unstable();
     let q = |q: f64| lat.get(((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(0);
+    let per_call = |us: u64| us as f64 / calls.max(1) as f64;
+    let proxy = p1.since(p0);
     Ok(Sample {
         calls_per_s: calls as f64 / a.seconds,
-        server_us_per_call: (s1 - s0) as f64 / calls.max(1) as f64,
-        proxy_us_per_call: (p1 - p0) as f64 / calls.max(1) as f64,
+        server_us_per_call: per_call(s1.since(s0).total()),
+        proxy_us_per_call: per_call(proxy.total()),
+        proxy_user_us_per_call: per_call(proxy.user),
+        proxy_sys_us_per_call: per_call(proxy.system),
+        proxy_syscalls_per_call: syscalls.map_or(f64::NAN, per_call),
+        proxy_c1_core: p2.since(p1).total() as f64 / c1_wall.as_micros() as f64,
         p50_us: q(0.5) as f64,
         p99_us: q(0.99) as f64,
     })
@@ -235,45 +297,72 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn report(rounds: &[Vec<Sample>], idle_rss: u64, busy_rss: u64, peer_rss: Option<u64>) {
+fn report(
+    a: &Args,
+    rounds: &[Vec<Sample>],
+    idle_rss: u64,
+    busy_rss: u64,
+    peer_rss: Option<u64>,
+    allocs: &allocs::PerCall,
+) {
     let med = |i: usize, f: fn(&Sample) -> f64| median(rounds.iter().map(|r| f(&r[i])).collect());
     let ratio = |i: usize, j: usize, fi: fn(&Sample) -> f64, fj: fn(&Sample) -> f64| {
         median(rounds.iter().map(|r| fi(&r[i]) / fj(&r[j])).collect())
     };
     // Columns in the order of `targets`; HAProxy last when measured.
-    let (d, h2, h3, quiet, hap) = (0, 1, 2, 3, 4);
+    let (d, h2, h3, quiet, busy, relay, hap) = (0, 1, 2, 3, 4, 5, 6);
     let peers = rounds[0].len() > hap;
-    let cols: &[usize] = if peers { &[d, h2, h3, hap] } else { &[d, h2, h3] };
+    let cols: &[usize] = if peers { &[d, h2, h3, busy, relay, hap] } else { &[d, h2, h3, busy, relay] };
     let header = if peers { "   haproxy" } else { "" };
-    println!("\nmedians                          direct   proxy h2   proxy h3{header}");
+    println!("\nmedians                          direct   proxy h2   proxy h3  busy-poll      relay{header}");
     let line = |name: &str, f: fn(&Sample) -> f64, digits: usize| {
         let cells: Vec<String> = cols
             .iter()
             .enumerate()
-            .map(|(k, &i)| format!("{:>w$.digits$}", med(i, f), w = if k == 0 { 8 } else { 10 }))
+            .map(|(k, &i)| match (med(i, f), i == d && k == 0) {
+                (v, true) if v == 0.0 || v.is_nan() => format!("{:>8}", "-"),
+                (v, _) if v.is_nan() => format!("{:>10}", "-"),
+                (v, first) => format!("{v:>w$.digits$}", w = if first { 8 } else { 10 }),
+            })
             .collect();
         println!("{name:<30} {}", cells.join(" "));
     };
-    line("calls/s at c64", |s| s.calls_per_s, 0);
+    line(&format!("calls/s at c{}", a.concurrency), |s| s.calls_per_s, 0);
     line("p50 at c1 (µs)", |s| s.p50_us, 0);
     line("p99 at c1 (µs)", |s| s.p99_us, 0);
     line("server CPU per call (µs)", |s| s.server_us_per_call, 2);
     line("proxy CPU per call (µs)", |s| s.proxy_us_per_call, 2);
+    line("  user (µs)", |s| s.proxy_user_us_per_call, 2);
+    line("  system (µs)", |s| s.proxy_sys_us_per_call, 2);
+    line("proxy syscalls per call", |s| s.proxy_syscalls_per_call, 1);
+    line("proxy CPU at c1 (cores)", |s| s.proxy_c1_core, 2);
     println!("\nratios (median of per-round ratios)");
     let server_cpu: fn(&Sample) -> f64 = |s| s.server_us_per_call;
     let proxy_cpu: fn(&Sample) -> f64 = |s| s.proxy_us_per_call;
     let p50: fn(&Sample) -> f64 = |s| s.p50_us;
+    let c1_core: fn(&Sample) -> f64 = |s| s.proxy_c1_core;
     println!("proxy h2 CPU per call / server CPU per direct call  {:.2}x", ratio(h2, d, proxy_cpu, server_cpu));
     println!("proxy h2 p50 / direct p50                          {:.2}x", ratio(h2, d, p50, p50));
     println!("proxy h3 CPU per call / proxy h2 CPU per call      {:.2}x", ratio(h3, h2, proxy_cpu, proxy_cpu));
     println!("proxy h3 p50 / proxy h2 p50                        {:.2}x", ratio(h3, h2, p50, p50));
     println!("proxy h2 CPU per call, metrics on / off            {:.3}x", ratio(h2, quiet, proxy_cpu, proxy_cpu));
+    println!("relay prototype CPU per call / proxy h2's          {:.2}x", ratio(relay, h2, proxy_cpu, proxy_cpu));
+    println!("relay prototype p50 / proxy h2 p50                 {:.2}x", ratio(relay, h2, p50, p50));
+    let bp = a.busy_poll;
+    println!("proxy h2 --busy-poll {bp} p50 / direct p50         {:.2}x", ratio(busy, d, p50, p50));
+    println!("proxy h2 --busy-poll {bp} p50 / without            {:.2}x", ratio(busy, h2, p50, p50));
+    println!("proxy h2 --busy-poll {bp} CPU at c1 / without      {:.2}x", ratio(busy, h2, c1_core, c1_core));
     if peers {
         println!("haproxy CPU per call / server CPU per direct call   {:.2}x", ratio(hap, d, proxy_cpu, server_cpu));
         println!("haproxy p50 / direct p50                           {:.2}x", ratio(hap, d, p50, p50));
         println!("proxy h2 CPU per call / haproxy CPU per call       {:.2}x", ratio(h2, hap, proxy_cpu, proxy_cpu));
         println!("proxy h2 p50 / haproxy p50                         {:.2}x", ratio(h2, hap, p50, p50));
+        println!("proxy h2 --busy-poll {bp} p50 / haproxy p50        {:.2}x", ratio(busy, hap, p50, p50));
     }
+    println!(
+        "proxy heap allocations per call (in-process)       c1 {:.1} ({:.0} B), c{} {:.1} ({:.0} B)",
+        allocs.c1.0, allocs.c1.1, a.concurrency, allocs.cn.0, allocs.cn.1
+    );
     let mb = |kib: u64| kib as f64 / 1024.0;
     println!(
         "proxy resident memory (h2)                         idle {:.1} MB, after load {:.1} MB",

@@ -37,14 +37,18 @@ impl Child {
         std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))
     }
 
-    /// utime + stime, in microseconds.
-    pub fn cpu_us(&self) -> anyhow::Result<u64> {
+    /// CPU time so far, in microseconds: user (utime) and system (stime).
+    pub fn cpu_us(&self) -> anyhow::Result<Cpu> {
         let stat = self.proc_file("stat")?;
         // Fields after the command name, which is in parentheses and may hold spaces.
         let rest = stat.rsplit_once(')').map(|(_, r)| r).context("parsing /proc/PID/stat")?;
         let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
-        Ok(ticks * 1_000_000 / clock_ticks())
+        let us = |i: usize| -> anyhow::Result<u64> { Ok(fields[i].parse::<u64>()? * 1_000_000 / clock_ticks()) };
+        Ok(Cpu { user: us(11)?, system: us(12)? })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.0.id()
     }
 
     /// Resident set size, in KiB.
@@ -59,6 +63,50 @@ impl Drop for Child {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+/// CPU time in microseconds.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Cpu {
+    pub user: u64,
+    pub system: u64,
+}
+
+impl Cpu {
+    pub fn total(self) -> u64 {
+        self.user + self.system
+    }
+
+    pub fn since(self, earlier: Cpu) -> Cpu {
+        Cpu { user: self.user - earlier.user, system: self.system - earlier.system }
+    }
+}
+
+/// Counts a process's system calls with `perf stat -e raw_syscalls:sys_enter`, a kernel
+/// tracepoint counter that costs the process almost nothing; `None` where perf is
+/// missing or not allowed.
+pub struct Syscalls(std::process::Child);
+
+impl Syscalls {
+    pub async fn start(pid: u32) -> Option<Syscalls> {
+        let child = Command::new("perf")
+            .args(["stat", "-x", ",", "-e", "raw_syscalls:sys_enter", "-p", &pid.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .ok()?;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await; // attached
+        Some(Syscalls(child))
+    }
+
+    /// Stops counting; the count since `start`.
+    pub fn stop(self) -> Option<u64> {
+        let _ = Command::new("kill").args(["-INT", &self.0.id().to_string()]).status();
+        let out = self.0.wait_with_output().ok()?;
+        // CSV: "COUNT,,raw_syscalls:sys_enter,..."
+        let text = String::from_utf8_lossy(&out.stderr);
+        text.lines().find(|l| l.contains("raw_syscalls:sys_enter"))?.split(',').next()?.trim().parse().ok()
     }
 }
 

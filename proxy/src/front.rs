@@ -93,19 +93,32 @@ pub(crate) async fn serve(tcp: TcpStream, peer: SocketAddr, app: Arc<App>, mut d
 }
 
 /// Runs one call and sends its response; a reset from the client drops the call, which
-/// cancels its attempts.
+/// cancels its attempts. `--busy-poll` hears when it starts and ends.
 async fn respond_to(app: Arc<App>, req: Request<h2::RecvStream>, mut respond: SendResponse<Bytes>) {
+    if let Some(busy) = &app.busy {
+        busy.touch();
+    }
+    answer(&app, req, &mut respond).await;
+    if let Some(busy) = &app.busy {
+        busy.touch();
+    }
+}
+
+async fn answer(app: &App, req: Request<h2::RecvStream>, respond: &mut SendResponse<Bytes>) {
     let req = req.map(|recv| Either::Left(RecvBody::new(recv)));
-    // On the heap: the call is kilobytes of state, and a task moves its future (and
-    // rewrites it when done) by value; boxed, those moves copy a pointer.
-    let mut call = Box::pin(app.handle(req));
-    let resp = poll_fn(|cx| {
-        if respond.poll_reset(cx).is_ready() {
-            return Poll::Ready(None);
-        }
-        call.as_mut().poll(cx).map(Some)
-    })
-    .await;
+    let resp = {
+        // On the heap: the call is kilobytes of state, and a task moves its future (and
+        // rewrites it when done) by value; boxed, those moves copy a pointer. Freed
+        // when the response headers are in, not held while a stream streams.
+        let mut call = Box::pin(app.handle(req));
+        poll_fn(|cx| {
+            if respond.poll_reset(cx).is_ready() {
+                return Poll::Ready(None);
+            }
+            call.as_mut().poll(cx).map(Some)
+        })
+        .await
+    };
     let Some(resp) = resp else { return };
     let (head, body) = resp.into_parts();
     let end = body.is_end_stream();

@@ -9,6 +9,7 @@
 //! - [`run`]: the accept loops, per-request routing, and graceful shutdown.
 
 pub mod admin;
+mod busy;
 pub mod config;
 mod front;
 
@@ -44,6 +45,8 @@ struct App {
     balancer: Balancer<FrontBody>,
     /// Answers health checks here, from the balancer's ready count.
     health: Health,
+    /// `--busy-poll`: told when h2c calls start and finish.
+    busy: Option<Arc<busy::BusyPoll>>,
 }
 
 impl App {
@@ -108,7 +111,8 @@ pub async fn run(args: ServeArgs, listener: TcpListener, shutdown: impl Future<O
             "Proxying gRPC"
         );
     }
-    let app = Arc::new(App { balancer, health });
+    let busy = (args.busy_poll > 0).then(|| busy::BusyPoll::start(std::time::Duration::from_micros(args.busy_poll)));
+    let app = Arc::new(App { balancer, health, busy });
     let (h3_stop, h3) = match h3_front(&args, app.clone())? {
         Some((stop, task)) => (Some(stop), Some(task)),
         None => (None, None),
