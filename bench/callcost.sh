@@ -4,6 +4,7 @@
 # (callgrind) and system calls (strace -c, by name) per unary SayHello, as the
 # difference between a run of N1 and of N2 calls (start-up and shutdown cancel out).
 #   bench/callcost.sh [PROXY_BIN] [SERVER_BIN]     (defaults: target/release/{proxy,server})
+# PROXY_BIN target/release/bench measures the bench's frame-relay prototype instead.
 # PROXY_ARGS adds proxy flags, e.g. PROXY_ARGS="--service-config config/outlier.json"
 # for the cost with health checking and outlier detection on.
 set -euo pipefail
@@ -28,8 +29,10 @@ run() {
   local under=(valgrind --tool="$tool" --"$tool"-out-file=/dev/null --log-file="$out")
   [ "$tool" = strace ] && under=(strace -f -c -o "$out")
   # shellcheck disable=SC2086 # PROXY_ARGS is a list of flags
-  "${under[@]}" "$proxy" --listen 127.0.0.1:50250 \
-    --target 127.0.0.1:50251 --threads 1 --admin-listen off ${PROXY_ARGS:-} >"$work/$tool-$calls.out" 2>&1 &
+  local cmd=("$proxy" --listen 127.0.0.1:50250 --target 127.0.0.1:50251 --threads 1 --admin-listen off ${PROXY_ARGS:-})
+  # The bench binary itself: its frame-relay prototype, for comparison.
+  [ "$(basename "$proxy")" = bench ] && cmd=("$proxy" --relay 127.0.0.1:50250=127.0.0.1:50251)
+  "${under[@]}" "${cmd[@]}" >"$work/$tool-$calls.out" 2>&1 &
   local vg=$!
   for _ in $(seq 300); do
     "$client" --proxy 127.0.0.1:50250 --timeout 2s hello >/dev/null 2>&1 && break

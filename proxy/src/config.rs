@@ -266,6 +266,8 @@ mod tests {
             (&["--resolve-interval", "soon"][..], "--resolve-interval"),
             (&["--dns-server", "dns"][..], "--dns-server"),
             (&["--listen", "50050"][..], "--listen"),
+            (&["--busy-poll", "100001"][..], "--busy-poll"),
+            (&["--busy-poll", "soon"][..], "--busy-poll"),
         ] {
             let err = parse(args).unwrap_err();
             assert!(err.contains(flag), "{err}");

@@ -207,3 +207,22 @@ over_h2_and_h3! {
         assert!(status.message().contains(&addr.to_string()), "{status:?}");
     }
 }
+
+/// `--busy-poll` changes when the runtime sleeps, not what is forwarded: unary calls
+/// and a stream pass through as without it, while the spin is on after each call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_pass_through_with_busy_polling_on() {
+    let c = Cluster::start(support::Protocol::H2, LAYOUT, &["--busy-poll", "500"]).await;
+    c.wait_for(&["s1", "s2"]).await;
+    let mut client = c.client().await;
+    let (by_server, failures) = support::tally(&mut client, 200).await;
+    assert!(failures.is_empty(), "{failures:?}");
+    assert_eq!(by_server.values().sum::<usize>(), 200, "{by_server:?}");
+    let req = HelloStreamRequest { name: "s".into(), count: 20, interval_ms: 1, resume_after: 0 };
+    let mut stream = client.say_hello_stream(req).await.unwrap().into_inner();
+    let mut seqs = Vec::new();
+    while let Some(m) = stream.next().await {
+        seqs.push(m.unwrap().seq);
+    }
+    assert_eq!(seqs, (1..=20).collect::<Vec<_>>());
+}
