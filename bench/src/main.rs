@@ -166,16 +166,16 @@ async fn bench(a: Args) -> anyhow::Result<()> {
         let mut row = Vec::new();
         for (name, c, proxy) in &targets {
             let s = measure(&a, c, &server, *proxy).await?;
+            let middle = match proxy {
+                Some(_) => format!(
+                    "  proxy {:>5.2}µs/call ({:.2} user + {:.2} sys, {:.1} syscalls)",
+                    s.proxy_us_per_call, s.proxy_user_us_per_call, s.proxy_sys_us_per_call, s.proxy_syscalls_per_call
+                ),
+                None => String::new(),
+            };
             println!(
-                "round {round} {name:<13} {:>7.0}/s  p50 {:>4.0}µs  server {:>5.2}µs/call  proxy {:>5.2}µs/call \
-                 ({:.2} user + {:.2} sys, {:.1} syscalls)",
-                s.calls_per_s,
-                s.p50_us,
-                s.server_us_per_call,
-                s.proxy_us_per_call,
-                s.proxy_user_us_per_call,
-                s.proxy_sys_us_per_call,
-                s.proxy_syscalls_per_call
+                "round {round} {name:<13} {:>7.0}/s  p50 {:>4.0}µs  server {:>5.2}µs/call{middle}",
+                s.calls_per_s, s.p50_us, s.server_us_per_call
             );
             row.push(s);
         }

@@ -62,14 +62,25 @@ struct Stats {
     examples: BTreeMap<&'static str, String>,
     latencies: Latencies,
     replicas: BTreeMap<Replica, u64>,
-    /// Phases in the order they began, with calls per server and failures.
-    phases: Vec<(String, BTreeMap<String, u64>, u64)>,
+    /// Phases in the order they began.
+    phases: Vec<Phase>,
+}
+
+/// What happened to the calls scheduled while a phase was on.
+#[derive(Debug, Default)]
+struct Phase {
+    name: String,
+    /// Successful calls per server.
+    calls: BTreeMap<String, u64>,
+    failed: u64,
+    /// The slowest successful call.
+    max: Duration,
 }
 
 impl Stats {
-    fn phase(&mut self, name: &str) -> &mut (String, BTreeMap<String, u64>, u64) {
-        if self.phases.last().is_none_or(|p| p.0 != name) {
-            self.phases.push((name.to_owned(), BTreeMap::new(), 0));
+    fn phase(&mut self, name: &str) -> &mut Phase {
+        if self.phases.last().is_none_or(|p| p.name != name) {
+            self.phases.push(Phase { name: name.to_owned(), ..Phase::default() });
         }
         self.phases.last_mut().unwrap()
     }
@@ -110,14 +121,16 @@ pub async fn run(conn: Conn, a: LoadArgs) -> anyhow::Result<ExitCode> {
                 Ok(r) => {
                     s.ok += 1;
                     s.latencies.record(took);
-                    *s.phase(&current).1.entry(r.server.clone()).or_default() += 1;
+                    let phase = s.phase(&current);
+                    *phase.calls.entry(r.server.clone()).or_default() += 1;
+                    phase.max = phase.max.max(took);
                     *s.replicas.entry(Replica { server: r.server, node: r.node }).or_default() += 1;
                 }
                 Err(status) => {
                     let code = code_name(status.code());
                     *s.failures.entry(code).or_default() += 1;
                     s.examples.entry(code).or_insert_with(|| status.message().to_owned());
-                    s.phase(&current).2 += 1;
+                    s.phase(&current).failed += 1;
                 }
             }
             drop(permit);
@@ -213,14 +226,15 @@ fn phase_table(s: &Stats) -> String {
     let servers: Vec<&String> = s.replicas.keys().map(|r| &r.server).collect();
     let mut header: Vec<&str> = vec!["phase"];
     header.extend(servers.iter().map(|s| s.as_str()));
-    header.push("failed");
+    header.extend(["failed", "max ms"]);
     let rows: Vec<Vec<String>> = s
         .phases
         .iter()
-        .map(|(name, per, failed)| {
-            let mut row = vec![name.clone()];
-            row.extend(servers.iter().map(|srv| per.get(*srv).copied().unwrap_or(0).to_string()));
-            row.push(failed.to_string());
+        .map(|p| {
+            let mut row = vec![p.name.clone()];
+            row.extend(servers.iter().map(|srv| p.calls.get(*srv).copied().unwrap_or(0).to_string()));
+            row.push(p.failed.to_string());
+            row.push(format!("{:.1}", p.max.as_secs_f64() * 1e3));
             row
         })
         .collect();
@@ -230,8 +244,11 @@ fn phase_table(s: &Stats) -> String {
 fn to_json(s: &mut Stats, elapsed: Duration, conn: &Conn) -> serde_json::Value {
     let replicas: Vec<_> =
         s.replicas.iter().map(|(r, n)| json!({"server": r.server, "node": r.node, "calls": n})).collect();
-    let phases: Vec<_> =
-        s.phases.iter().map(|(name, per, failed)| json!({"phase": name, "calls": per, "failed": failed})).collect();
+    let phases: Vec<_> = s
+        .phases
+        .iter()
+        .map(|p| json!({"phase": p.name, "calls": p.calls, "failed": p.failed, "max_ms": p.max.as_secs_f64() * 1e3}))
+        .collect();
     json!({
         "via": conn.describe(),
         "seconds": elapsed.as_secs_f64(),

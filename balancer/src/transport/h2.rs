@@ -95,17 +95,44 @@ impl Drop for Open {
     }
 }
 
+/// How long the first SYN is given before a fresh one is sent.
+const FIRST_SYN_WAIT: Duration = Duration::from_millis(100);
+
+/// A TCP connection within `timeout`, and the SYNs it took. A SYN that goes unanswered
+/// (a restarted replica's address not up yet, its accept queue full) would wait for the
+/// kernel's retransmission a whole second later, far beyond the 300 ms in which a
+/// returning replica must be back in rotation; so an unanswered attempt is dropped for
+/// a fresh one after 100 ms, then after twice as long each time, which still lets a
+/// slow network's handshake finish.
+async fn tcp_connect(addr: SocketAddr, timeout: Duration) -> Result<(TcpStream, u32), String> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut wait = FIRST_SYN_WAIT;
+    let mut syns = 1;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let this = wait.min(left);
+        match tokio::time::timeout(this, TcpStream::connect(addr)).await {
+            Ok(Ok(tcp)) => return Ok((tcp, syns)),
+            Ok(Err(e)) => return Err(format!("connect: {e}")),
+            Err(_) if this < left => {
+                wait = wait.saturating_mul(2);
+                syns += 1;
+            }
+            Err(_) => return Err(format!("connect: timed out after {timeout:?}")),
+        }
+    }
+}
+
 /// Connects and pings as `keepalive` says, so a dead peer is noticed.
 pub(crate) async fn connect<B>(
     addr: SocketAddr,
     timeout: Duration,
     keepalive: KeepAlive,
 ) -> Result<Connected<B>, String> {
-    let tcp = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-        Ok(Ok(tcp)) => tcp,
-        Ok(Err(e)) => return Err(format!("connect: {e}")),
-        Err(_) => return Err(format!("connect: timed out after {timeout:?}")),
-    };
+    let (tcp, syns) = tcp_connect(addr, timeout).await?;
+    if syns > 1 {
+        tracing::debug!(%addr, syns, "Connected after sending SYN afresh");
+    }
     let _ = tcp.set_nodelay(true);
     let link = Arc::new(Link::default());
     let (goaway_tx, goaway) = oneshot::channel();
@@ -471,4 +498,33 @@ fn chain(err: &h2::Error) -> String {
         source = e.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A replica whose accept queue is full drops SYNs, as one whose address is not up
+    /// yet does: the kernel would send the SYN again only a second later.
+    #[tokio::test]
+    async fn an_unanswered_syn_is_sent_afresh_instead_of_waiting_for_the_kernel() {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(0).unwrap();
+        let addr = listener.local_addr().unwrap();
+        // One queued connection fills a backlog of 0; the next SYN is dropped.
+        let _queued = TcpStream::connect(addr).await.unwrap();
+        let dropped = tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr)).await;
+        assert!(dropped.is_err(), "the accept queue is full: SYNs go unanswered");
+
+        let connecting = tokio::spawn(tcp_connect(addr, Duration::from_secs(5)));
+        // Let the first SYN be dropped, then make room, as a replica coming up would.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut accepted = Vec::new();
+        while let Ok(Ok((s, _))) = tokio::time::timeout(Duration::from_millis(50), listener.accept()).await {
+            accepted.push(s);
+        }
+        let (_tcp, syns) = connecting.await.unwrap().unwrap();
+        assert!(syns >= 2, "connected on the first SYN's retransmission, {syns} SYN");
+    }
 }
