@@ -228,17 +228,30 @@ failover() {
   wait_healthy proxy
   say "failover: stop both node-a replicas, calls move to node-b, then come back"
   start_traffic
+  # node-a's proxy's own account of the failover and failback, for the timeline.
+  curl -sN "localhost:${PROXY_ADMIN_PORT:-9901}/admin/events" >"$WORK/events" 2>/dev/null &
+  local events_pid=$! since ids killed started timeline
   sleep 3
   phase "kill server1+server2"
   dc kill -s SIGKILL server1 server2 >/dev/null 2>&1
   sleep 4
   phase "start server1+server2"
+  since=$(date +%s.%N)
   dc start server1 server2 >/dev/null 2>&1
   wait_healthy server1 server2
   sleep 3
   phase "back on node-a"
   sleep 3
+  kill "$events_pid" 2>/dev/null || true
+  # Docker's own times: when the last of the two died, when the first started again.
+  ids=$(dc ps -q server1 server2)
+  killed=$(docker inspect -f '{{.State.FinishedAt}}' $ids | sort | tail -1)
+  started=$(docker inspect -f '{{.State.StartedAt}}' $ids | sort | head -1)
+  for id in $ids; do docker logs --timestamps --since "$since" "$id" 2>&1; done >"$WORK/logs"
+  timeline=$(python3 scripts/timeline.py "$WORK/events" "$killed" "$started" "$WORK/logs")
   stop_traffic
+  say "timeline (node-a's proxy's /admin/events, the replicas' logs)"
+  echo "$timeline"
 }
 
 # Extra node-a replicas (server4, server5, ...): `task scale` adds or removes them so
