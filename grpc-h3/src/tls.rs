@@ -23,11 +23,22 @@ fn problem(path: &Path, problem: impl ToString) -> TlsError {
     TlsError { path: path.display().to_string(), problem: problem.to_string() }
 }
 
+/// quinn's default initial RTT, RFC 9002's for a path it knows nothing of: the server
+/// side keeps it, as its clients may be anywhere.
+const ANY_PATH_RTT: Duration = Duration::from_millis(333);
+
+/// The client side connects to replicas in the cluster, where a round trip takes well
+/// under a millisecond. The first Initial is resent after three initial RTTs: a
+/// replica whose address is published before it listens would otherwise wait a second
+/// for the resend, as a TCP connect waits for the kernel's SYN retransmission.
+const CLUSTER_RTT: Duration = Duration::from_millis(33);
+
 /// Keep-alive every 300 ms and a 1.2 s idle timeout: a lost peer (QUIC hears no reset
 /// from a killed one) is noticed within 2 s, and idle connections and quiet streams
 /// stay up.
-pub fn transport() -> Arc<TransportConfig> {
+fn transport(initial_rtt: Duration) -> Arc<TransportConfig> {
     let mut t = TransportConfig::default();
+    t.initial_rtt(initial_rtt);
     t.keep_alive_interval(Some(Duration::from_millis(300)));
     t.max_idle_timeout(Some(IdleTimeout::from(VarInt::from_u32(1_200))));
     t.max_concurrent_bidi_streams(VarInt::from_u32(256));
@@ -72,7 +83,7 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<ServerConfig, TlsError> 
     tls.max_early_data_size = 0;
     let quic = QuicServerConfig::try_from(tls).map_err(|e| problem(cert, e))?;
     let mut cfg = ServerConfig::with_crypto(Arc::new(quic));
-    cfg.transport_config(transport());
+    cfg.transport_config(transport(ANY_PATH_RTT));
     Ok(cfg)
 }
 
@@ -90,6 +101,55 @@ pub fn client_config(ca: &Path) -> Result<ClientConfig, TlsError> {
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let quic = QuicClientConfig::try_from(tls).map_err(|e| problem(ca, e))?;
     let mut cfg = ClientConfig::new(Arc::new(quic));
-    cfg.transport_config(transport());
+    cfg.transport_config(transport(CLUSTER_RTT));
     Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use tokio::{net::UdpSocket, time::Instant};
+
+    use super::*;
+
+    /// The first `n` times, on tokio's paused clock, at which Initial packets of one
+    /// connection attempt reach a socket that never answers (quinn reads the runtime's
+    /// clock). A resend may be two packets at once (RFC 9002's probes): one time. Fewer
+    /// if the attempt gives up first (its idle timeout).
+    async fn initials_to_a_silent_peer(n: usize) -> Vec<Instant> {
+        let dir = std::env::temp_dir().join(format!("grpc-h3-initials-{}", std::process::id()));
+        crate::certs::generate(&dir, &["localhost".to_owned()]).unwrap();
+        let silent = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse::<SocketAddr>().unwrap()).unwrap();
+        endpoint.set_default_client_config(client_config(&dir.join("ca.pem")).unwrap());
+        let connecting = endpoint.connect(silent.local_addr().unwrap(), "localhost").unwrap();
+        let attempt = tokio::spawn(connecting);
+        let mut times = Vec::new();
+        let mut buf = [0u8; 2048];
+        while times.len() < n {
+            let Ok(got) = tokio::time::timeout(Duration::from_secs(5), silent.recv_from(&mut buf)).await else {
+                break;
+            };
+            got.unwrap();
+            if times.last() != Some(&Instant::now()) {
+                times.push(Instant::now());
+            }
+        }
+        attempt.abort();
+        let _ = std::fs::remove_dir_all(&dir);
+        times
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unanswered_initial_is_sent_again_after_about_100_ms_not_a_second() {
+        let times = initials_to_a_silent_peer(3).await;
+        assert!(times.len() >= 2, "never sent again: {times:?}");
+        // A replica whose address is published before it listens loses the first
+        // Initial; quinn's default 333 ms initial RTT would resend it after 1 s.
+        let first_wait = times[1] - times[0];
+        assert!(first_wait <= Duration::from_millis(120), "first resend after {first_wait:?}");
+        assert_eq!(times.len(), 3, "the attempt gave up after {times:?}");
+        assert!(times[2] - times[1] > first_wait, "resends back off: {times:?}");
+    }
 }
