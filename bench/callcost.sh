@@ -19,7 +19,7 @@ cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm 
 pids=()
 trap cleanup EXIT
 
-"$server" --listen 127.0.0.1:50251 --name cost >"$work/server.log" 2>&1 &
+"$server" --listen 127.0.0.150:50251 --name cost >"$work/server.log" 2>&1 &
 pids+=($!)
 
 # run TOOL CALLS: prints the tool's total (blocks, instructions or system calls) for a proxy
@@ -29,16 +29,16 @@ run() {
   local under=(valgrind --tool="$tool" --"$tool"-out-file=/dev/null --log-file="$out")
   [ "$tool" = strace ] && under=(strace -f -c -o "$out")
   # shellcheck disable=SC2086 # PROXY_ARGS is a list of flags
-  local cmd=("$proxy" --listen 127.0.0.1:50250 --target 127.0.0.1:50251 --threads 1 --admin-listen off ${PROXY_ARGS:-})
+  local cmd=("$proxy" --listen 127.0.0.150:50250 --target 127.0.0.150:50251 --threads 1 --admin-listen off ${PROXY_ARGS:-})
   # The bench binary itself: its frame-relay prototype, for comparison.
-  [ "$(basename "$proxy")" = bench ] && cmd=("$proxy" --relay 127.0.0.1:50250=127.0.0.1:50251)
+  [ "$(basename "$proxy")" = bench ] && cmd=("$proxy" --relay 127.0.0.150:50250=127.0.0.150:50251)
   "${under[@]}" "${cmd[@]}" >"$work/$tool-$calls.out" 2>&1 &
   local vg=$!
   for _ in $(seq 300); do
-    "$client" --proxy 127.0.0.1:50250 --timeout 2s hello >/dev/null 2>&1 && break
+    "$client" --proxy 127.0.0.150:50250 --timeout 2s hello >/dev/null 2>&1 && break
     sleep 0.1
   done
-  "$client" --proxy 127.0.0.1:50250 load --rate 200 --concurrency 1 --quiet --timeout 5s \
+  "$client" --proxy 127.0.0.150:50250 load --rate 200 --concurrency 1 --quiet --timeout 5s \
     --duration "$(awk "BEGIN{print ($calls - 1) / 200}")s" >"$work/load.log" 2>&1 || true
   # Under strace the proxy is strace's child; strace writes its table when it exits.
   if [ "$tool" = strace ]; then kill -TERM "$(pgrep -P "$vg")"; else kill -TERM "$vg"; fi

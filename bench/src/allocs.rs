@@ -62,7 +62,7 @@ pub struct PerCall {
 }
 
 /// Where the in-process proxy listens.
-const LISTEN: &str = "127.0.0.1:50156";
+const LISTEN: &str = "127.0.0.150:50156";
 
 pub async fn measure(a: &Args) -> anyhow::Result<PerCall> {
     let args = proxy::config::Args::try_parse_from([
@@ -70,7 +70,7 @@ pub async fn measure(a: &Args) -> anyhow::Result<PerCall> {
         "--listen",
         LISTEN,
         "--target",
-        "127.0.0.1:50151",
+        crate::SERVER,
         "--admin-listen",
         "off",
     ])?

@@ -59,10 +59,20 @@ struct Args {
     busy_poll: u64,
 }
 
+/// Every target listens on this address, not 127.0.0.1: its ports are in the ephemeral
+/// range, and an outgoing connection from 127.0.0.1 (any process's) could hold one.
+const HOST: &str = "127.0.0.150";
+/// The replica.
+pub(crate) const SERVER: &str = "127.0.0.150:50151";
+/// The proxy over HTTP/2 to the replica.
+const PROXY_H2: &str = "127.0.0.150:50150";
+/// The proxy over HTTP/3 to the replica.
+const PROXY_H3: &str = "127.0.0.150:50152";
+
 /// HAProxy's configuration for `--peers`: the same shape as the proxy under test.
 const HAPROXY_CFG: &str = include_str!("../haproxy.cfg");
 /// Where `HAPROXY_CFG` listens.
-const HAPROXY: &str = "127.0.0.1:50154";
+const HAPROXY: &str = "127.0.0.150:50154";
 
 /// One measurement of one target.
 #[derive(Debug, Clone, Copy, Default)]
@@ -99,15 +109,15 @@ fn main() -> anyhow::Result<()> {
 async fn bench(a: Args) -> anyhow::Result<()> {
     procs::pin_self(0);
     let certs = std::env::temp_dir().join(format!("lb-bench-certs-{}", std::process::id()));
-    grpc_h3::certs::generate(&certs, &["127.0.0.1".to_owned()]).map_err(anyhow::Error::msg)?;
+    grpc_h3::certs::generate(&certs, &[HOST.to_owned()]).map_err(anyhow::Error::msg)?;
     let (cert, key, ca) = (certs.join("cert.pem"), certs.join("key.pem"), certs.join("ca.pem"));
     let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
     let server_args =
-        ["--listen", "127.0.0.1:50151", "--name", "bench", "--tls-cert", &path(&cert), "--tls-key", &path(&key)];
+        ["--listen", SERVER, "--name", "bench", "--tls-cert", &path(&cert), "--tls-key", &path(&key)];
     let server = Child::spawn(&a.bin_dir.join("server"), 0, &server_args).await?;
     let proxy_args = |listen: &'static str, protocol: &'static str| {
         let mut v: Vec<String> =
-            ["--listen", listen, "--target", "127.0.0.1:50151", "--threads", "1"].map(String::from).to_vec();
+            ["--listen", listen, "--target", SERVER, "--threads", "1"].map(String::from).to_vec();
         v.extend(["--admin-listen".into(), "off".into()]);
         if listen == QUIET {
             v.extend(["--metrics".into(), "off".into()]);
@@ -118,19 +128,19 @@ async fn bench(a: Args) -> anyhow::Result<()> {
         v.extend(["--upstream-protocol".into(), protocol.into(), "--ca-cert".into(), path(&ca)]);
         v
     };
-    let h2_args = proxy_args("127.0.0.1:50150", "h2");
-    let h3_args = proxy_args("127.0.0.1:50152", "h3");
+    let h2_args = proxy_args(PROXY_H2, "h2");
+    let h3_args = proxy_args(PROXY_H3, "h3");
     let quiet_args = proxy_args(QUIET, "h2");
     let busy_args = proxy_args(BUSY, "h2");
     let proxy_h2 = Child::spawn(&a.bin_dir.join("proxy"), 1, &as_str(&h2_args)).await?;
     if let Some(n) = a.streams {
-        connect("127.0.0.1:50150").await?;
-        return streams::run(&proxy_h2, &server, "127.0.0.1:50150", n).await;
+        connect(PROXY_H2).await?;
+        return streams::run(&proxy_h2, &server, PROXY_H2, n).await;
     }
     let proxy_h3 = Child::spawn(&a.bin_dir.join("proxy"), 1, &as_str(&h3_args)).await?;
     let proxy_quiet = Child::spawn(&a.bin_dir.join("proxy"), 1, &as_str(&quiet_args)).await?;
     let proxy_busy = Child::spawn(&a.bin_dir.join("proxy"), 1, &as_str(&busy_args)).await?;
-    let relay_spec = format!("{RELAY}=127.0.0.1:50151");
+    let relay_spec = format!("{RELAY}={SERVER}");
     let relay = Child::spawn(&std::env::current_exe()?, 1, &["--relay", &relay_spec]).await?;
     let haproxy = match a.peers {
         true => {
@@ -142,9 +152,9 @@ async fn bench(a: Args) -> anyhow::Result<()> {
         false => None,
     };
     let mut targets = vec![
-        ("direct", connect("127.0.0.1:50151").await?, None),
-        ("proxy h2", connect("127.0.0.1:50150").await?, Some(&proxy_h2)),
-        ("proxy h3", connect("127.0.0.1:50152").await?, Some(&proxy_h3)),
+        ("direct", connect(SERVER).await?, None),
+        ("proxy h2", connect(PROXY_H2).await?, Some(&proxy_h2)),
+        ("proxy h3", connect(PROXY_H3).await?, Some(&proxy_h3)),
         ("h2 no-metrics", connect(QUIET).await?, Some(&proxy_quiet)),
         ("h2 busy-poll", connect(BUSY).await?, Some(&proxy_busy)),
         ("relay (proto)", connect(RELAY).await?, Some(&relay)),
@@ -190,11 +200,11 @@ async fn bench(a: Args) -> anyhow::Result<()> {
 }
 
 /// The proxy with `--metrics off`, for what recording metrics costs.
-const QUIET: &str = "127.0.0.1:50153";
+const QUIET: &str = "127.0.0.150:50153";
 /// The proxy with `--busy-poll`.
-const BUSY: &str = "127.0.0.1:50155";
+const BUSY: &str = "127.0.0.150:50155";
 /// The frame-relay prototype (src/relay.rs).
-const RELAY: &str = "127.0.0.1:50157";
+const RELAY: &str = "127.0.0.150:50157";
 
 /// `name` found on PATH.
 fn which(name: &str) -> Option<PathBuf> {
