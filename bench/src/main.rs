@@ -112,12 +112,10 @@ async fn bench(a: Args) -> anyhow::Result<()> {
     grpc_h3::certs::generate(&certs, &[HOST.to_owned()]).map_err(anyhow::Error::msg)?;
     let (cert, key, ca) = (certs.join("cert.pem"), certs.join("key.pem"), certs.join("ca.pem"));
     let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
-    let server_args =
-        ["--listen", SERVER, "--name", "bench", "--tls-cert", &path(&cert), "--tls-key", &path(&key)];
+    let server_args = ["--listen", SERVER, "--name", "bench", "--tls-cert", &path(&cert), "--tls-key", &path(&key)];
     let server = Child::spawn(&a.bin_dir.join("server"), 0, &server_args).await?;
     let proxy_args = |listen: &'static str, protocol: &'static str| {
-        let mut v: Vec<String> =
-            ["--listen", listen, "--target", SERVER, "--threads", "1"].map(String::from).to_vec();
+        let mut v: Vec<String> = ["--listen", listen, "--target", SERVER, "--threads", "1"].map(String::from).to_vec();
         v.extend(["--admin-listen".into(), "off".into()]);
         if listen == QUIET {
             v.extend(["--metrics".into(), "off".into()]);
