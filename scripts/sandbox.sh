@@ -230,7 +230,9 @@ failover() {
   start_traffic
   # node-a's proxy's own account of the failover and failback, for the timeline.
   curl -sN "localhost:${PROXY_ADMIN_PORT:-9901}/admin/events" >"$WORK/events" 2>/dev/null &
-  local events_pid=$! since ids killed started timeline
+  EVENTS_PID=$!
+  trap 'kill $LOAD_PID $STREAM_PID $EVENTS_PID 2>/dev/null || true' EXIT
+  local since timeline
   sleep 3
   phase "kill server1+server2"
   dc kill -s SIGKILL server1 server2 >/dev/null 2>&1
@@ -242,16 +244,24 @@ failover() {
   sleep 3
   phase "back on node-a"
   sleep 3
-  kill "$events_pid" 2>/dev/null || true
-  # Docker's own times: when the last of the two died, when the first started again.
-  ids=$(dc ps -q server1 server2)
-  killed=$(docker inspect -f '{{.State.FinishedAt}}' $ids | sort | tail -1)
-  started=$(docker inspect -f '{{.State.StartedAt}}' $ids | sort | head -1)
-  for id in $ids; do docker logs --timestamps --since "$since" "$id" 2>&1; done >"$WORK/logs"
-  timeline=$(python3 scripts/timeline.py "$WORK/events" "$killed" "$started" "$WORK/logs")
+  kill "$EVENTS_PID" 2>/dev/null || true
+  timeline=$(failover_timeline "$since") || timeline="  (no timeline: see the error above)"
   stop_traffic
   say "timeline (node-a's proxy's /admin/events, the replicas' logs)"
   echo "$timeline"
+}
+
+# The failover's timeline: node-a's proxy's events against Docker's times (when each
+# replica died and started again) and the replicas' logs since SINCE.
+failover_timeline() {
+  local since=$1 ids
+  ids=$(dc ps -q server1 server2)
+  # shellcheck disable=SC2086 # one container id per word
+  for id in $ids; do docker logs --timestamps --since "$since" "$id" 2>&1; done >"$WORK/logs"
+  # shellcheck disable=SC2086
+  python3 scripts/timeline.py "$WORK/events" \
+    "$(docker inspect -f '{{.State.FinishedAt}}' $ids | paste -sd,)" \
+    "$(docker inspect -f '{{.State.StartedAt}}' $ids | paste -sd,)" "$WORK/logs"
 }
 
 # Extra node-a replicas (server4, server5, ...): `task scale` adds or removes them so

@@ -4,9 +4,9 @@ failed back after a restarted replica began serving.
     timeline.py EVENTS KILLED STARTED LOGS
 
 EVENTS is what `curl -sN .../admin/events` wrote during the scenario (Server-Sent
-Events); KILLED is when the last node-a replica died and STARTED when the first started
-again (RFC 3339, as `docker inspect` gives them); LOGS is `docker logs --timestamps` of
-the restarted replicas.
+Events); KILLED and STARTED are, comma-separated, when each node-a replica died and
+when it started again (RFC 3339, as `docker inspect` gives them); LOGS is `docker logs
+--timestamps` of the restarted replicas.
 """
 
 import json
@@ -59,7 +59,9 @@ def main():
         sys.exit(__doc__)
     path, logs = sys.argv[1], sys.argv[4]
     try:
-        killed, started = parse_time(sys.argv[2]), parse_time(sys.argv[3])
+        # The failover follows the last death; the failback the first start.
+        killed = max(parse_time(t) for t in sys.argv[2].split(","))
+        started = min(parse_time(t) for t in sys.argv[3].split(","))
     except ValueError as e:
         sys.exit(f"timeline: KILLED and STARTED must be RFC 3339 times: {e}")
     kinds = list(events(path))

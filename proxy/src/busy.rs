@@ -6,8 +6,10 @@
 //! and go, and for MICROS after the last one.
 //!
 //! The spin is a task that yields in a loop: tokio then polls its I/O driver with a zero
-//! timeout between turns instead of blocking in it. With `--threads 1` that is the one
-//! worker; with more, one worker spins and the others park as before.
+//! timeout between turns instead of blocking in it. That needs `--threads 1`: with more
+//! workers, one that is parked holds the I/O driver, and the spinning one cannot poll it.
+//! The window runs from the last call start or end, so a replica slower than MICROS
+//! answers a parked proxy.
 
 use std::{
     sync::{

@@ -94,7 +94,8 @@ pub struct ServeArgs {
     /// After a call starts or finishes, poll for I/O without sleeping for up to this
     /// many microseconds before parking (0: off). Cuts the latency of lone calls on
     /// virtual machines, where a wake-up is dear, at the price of a busy CPU while calls
-    /// come and go. Best with --threads 1: one worker spins.
+    /// come and go. Only with --threads 1: with more, the spinning worker cannot poll
+    /// the I/O a parked worker is waiting on.
     #[arg(long, value_name = "MICROS", env = "PROXY_BUSY_POLL", default_value_t = 0,
           value_parser = clap::value_parser!(u64).range(0..=100_000))]
     pub busy_poll: u64,

@@ -111,6 +111,9 @@ pub async fn run(args: ServeArgs, listener: TcpListener, shutdown: impl Future<O
             "Proxying gRPC"
         );
     }
+    if args.busy_poll > 0 && args.threads != Some(1) {
+        warn!("--busy-poll spins to no purpose without --threads 1: a parked worker holds the I/O it would poll");
+    }
     let busy = (args.busy_poll > 0).then(|| busy::BusyPoll::start(std::time::Duration::from_micros(args.busy_poll)));
     let app = Arc::new(App { balancer, health, busy });
     let (h3_stop, h3) = match h3_front(&args, app.clone())? {
