@@ -1,6 +1,7 @@
 //! Discovery: where the endpoints come from. DNS (the default) resolves every A/AAAA
 //! record of the target (and of the local-target name) with caching off, every
-//! `interval` and whenever a connection fails; this is the only module that talks DNS.
+//! `interval`, whenever a connection fails, and more often for a while after a failover;
+//! this is the only module that talks DNS.
 //! Kubernetes watches a Service's EndpointSlices ([`crate::kubernetes`]).
 
 use std::{
@@ -16,7 +17,10 @@ use hickory_resolver::{
     config::{LookupIpStrategy, NameServerConfig, ResolverConfig, ResolverOpts},
     net::runtime::TokioRuntimeProvider,
 };
-use tokio::sync::Notify;
+use tokio::{
+    sync::{Notify, watch},
+    time::Instant,
+};
 
 use crate::{error::Error, kubernetes::KubernetesSettings, pick::Resolved};
 
@@ -77,16 +81,29 @@ impl Discovery {
     }
 
     /// Tells every answer to `send` until it says nobody listens: DNS every `interval`
-    /// and on `refresh`; Kubernetes as the slices change.
-    pub(crate) async fn run(self, send: impl Fn(Lookup) -> bool, refresh: Refresh, interval: Duration) {
+    /// (sooner after a failover, see [`next_resolve`]) and on `refresh`; Kubernetes as
+    /// the slices change.
+    pub(crate) async fn run(
+        self,
+        send: impl Fn(Lookup) -> bool,
+        refresh: Refresh,
+        interval: Duration,
+        mut failed_over: watch::Receiver<Option<Instant>>,
+    ) {
         match self {
             Discovery::Dns(dns) => loop {
                 if !send(dns.lookup().await) {
                     return;
                 }
-                tokio::select! {
-                    () = tokio::time::sleep(interval) => {}
-                    () = refresh.notified() => {}
+                let resolved = Instant::now();
+                // A failover the answer just caused shortens the wait already begun.
+                loop {
+                    let wait = next_resolve(interval, *failed_over.borrow_and_update(), Instant::now());
+                    tokio::select! {
+                        () = tokio::time::sleep_until(resolved + wait) => break,
+                        () = refresh.notified() => break,
+                        Ok(()) = failed_over.changed() => {}
+                    }
                 }
             },
             Discovery::Kubernetes(k) => crate::kubernetes::run(k, send).await,
@@ -156,9 +173,38 @@ impl Dns {
 /// Wakes the discovery loop early, e.g. after a connection failure.
 pub type Refresh = Arc<Notify>;
 
+/// How often DNS is asked while failed over: a restarted local replica is back in
+/// rotation within this of being published, not within the interval.
+const FAILED_OVER_INTERVAL: Duration = Duration::from_millis(200);
+/// For how long after a failover: a node whose replicas are gone for good goes back
+/// to the interval.
+const FAILED_OVER_FOR: Duration = Duration::from_secs(30);
+
+/// How long DNS waits before resolving again: `interval`, or at most
+/// [`FAILED_OVER_INTERVAL`] within [`FAILED_OVER_FOR`] of a failover at `failed_over`.
+/// Dead replicas leave DNS (Docker's, Kubernetes'), so no failing reconnect would
+/// prompt a resolution that finds their successors.
+fn next_resolve(interval: Duration, failed_over: Option<Instant>, now: Instant) -> Duration {
+    match failed_over {
+        Some(at) if now.saturating_duration_since(at) < FAILED_OVER_FOR => interval.min(FAILED_OVER_INTERVAL),
+        _ => interval,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dns_is_asked_often_only_for_a_while_after_a_failover() {
+        let (second, now) = (Duration::from_secs(1), Instant::now());
+        let ms = Duration::from_millis;
+        assert_eq!(next_resolve(second, None, now), second);
+        assert_eq!(next_resolve(second, Some(now), now), ms(200));
+        assert_eq!(next_resolve(second, Some(now), now + ms(29_999)), ms(200));
+        assert_eq!(next_resolve(second, Some(now), now + ms(30_000)), second);
+        assert_eq!(next_resolve(ms(50), Some(now), now), ms(50), "never slower than the interval");
+    }
 
     #[test]
     fn parses_names_and_literals() {

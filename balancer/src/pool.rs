@@ -319,6 +319,9 @@ struct State<B> {
     events: tokio::sync::broadcast::Sender<PoolEvent>,
     /// The tier calls go to, as last published: local, remote (failed over) or none.
     serving: Option<Tier>,
+    /// When calls last moved to a worse tier or to none (cleared when they move back):
+    /// discovery resolves more often meanwhile.
+    failed_over: watch::Sender<Option<Instant>>,
     /// Connections made, failed and lost, for metrics.
     links: Links,
     rng: SplitMix64,
@@ -394,10 +397,12 @@ where
         });
         let (updates, rx) = mpsc::unbounded_channel();
         let tell = updates.clone();
+        let (failed_over, failed_over_rx) = watch::channel(None);
         tokio::spawn(discovery.run(
             move |lookup| tell.send(Update::Resolved(lookup)).is_ok(),
             pool.refresh.clone(),
             interval,
+            failed_over_rx,
         ));
         let state = State {
             set: EndpointSet::default(),
@@ -410,6 +415,7 @@ where
             started: Instant::now(),
             events: pool.events.clone(),
             serving: None,
+            failed_over,
             links: Links::default(),
             rng: SplitMix64::from_entropy(),
         };
@@ -645,11 +651,18 @@ where
                     let (was, now) = (was.as_str(), now.as_str());
                     warn!(from = was, to = now, "No {was} endpoint ready; failing over to {now} ones");
                     self.emit("failover", None, format!("no {was} endpoint ready: calls go to {now} ones"));
+                    self.failed_over.send_replace(Some(Instant::now()));
                 }
                 (Some(was), Some(now)) if now < was => {
                     let (was, now) = (was.as_str(), now.as_str());
                     info!(from = was, to = now, "A {now} endpoint is ready again; failing back");
                     self.emit("failback", None, format!("a {now} endpoint is ready again: calls go to it"));
+                    self.failed_over.send_replace(None);
+                }
+                // Every endpoint gone is a failover too; one coming back from there is
+                // no failback unless it is of the tier that was lost.
+                (Some(_), None) => {
+                    self.failed_over.send_replace(Some(Instant::now()));
                 }
                 _ => {}
             }

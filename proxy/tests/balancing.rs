@@ -70,6 +70,35 @@ over_h2_and_h3! {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_over_proxy_finds_a_new_local_replica_long_before_its_resolve_interval() {
+        // As in Docker or Kubernetes, dead replicas leave DNS: no failing reconnect
+        // prompts a resolution, only the interval, here 30 s. The sandbox's policy
+        // retries the calls the kill caught.
+        let args = ["--resolve-interval", "30s", "--service-config", support::SANDBOX_CONFIG];
+        let mut c = Cluster::start(PROTOCOL, LAYOUT, &args).await;
+        c.wait_for(&["s1", "s2"]).await;
+        let mut client = c.client().await;
+        for name in ["s1", "s2"] {
+            c.kill(name);
+            c.set_in_dns(name, false);
+        }
+        let (counts, failures) = tally(&mut client, 20).await;
+        assert!(failures.is_empty(), "{failures:?}");
+        assert_eq!(counts.get("s3"), Some(&20), "failed over: {counts:?}");
+
+        c.add("s4", "node-a");
+        let until = Instant::now() + Duration::from_secs(5);
+        loop {
+            let r = client.say_hello(hello()).await.expect("call during failback").into_inner();
+            if r.server == "s4" {
+                break;
+            }
+            assert!(Instant::now() < until, "s4 got no call 5 s after it was published");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_replica_removed_from_dns_receives_no_new_calls() {
         let mut c = Cluster::start(PROTOCOL, LAYOUT, &[]).await;
         c.wait_for(&["s1", "s2"]).await;

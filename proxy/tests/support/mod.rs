@@ -72,7 +72,9 @@ impl Cluster {
         let local = format!("{LOCAL}:50051");
         let dns = self.dns.addr().to_string();
         let mut argv = vec!["proxy", "--target", &target, "--local-target", &local, "--dns-server", &dns];
-        argv.extend_from_slice(&["--resolve-interval", "250ms"]);
+        if !extra.contains(&"--resolve-interval") {
+            argv.extend_from_slice(&["--resolve-interval", "250ms"]);
+        }
         let admin = SocketAddr::new(self.net.ip(201), ADMIN_PORT).to_string();
         argv.extend_from_slice(&["--admin-listen", &admin]);
         let ca = testkit::certs().join("ca.pem").to_string_lossy().into_owned();
