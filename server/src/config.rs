@@ -24,7 +24,9 @@ pub enum Command {
         #[arg(long, default_value = "127.0.0.1:50051")]
         addr: SocketAddr,
     },
-    /// Make a sandbox CA (ca.pem) and a certificate (cert.pem, key.pem) for HTTP/3.
+    /// Make a sandbox CA (ca.pem) and a certificate (cert.pem, key.pem) for HTTP/3,
+    /// unless OUT already holds a set made for the same names: that one is kept, as
+    /// running replicas were started with it.
     Certs {
         /// Directory to write into.
         #[arg(long)]

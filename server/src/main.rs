@@ -20,8 +20,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     match args.command {
         Some(Command::HealthCheck { addr }) => balancer::probe::exit_with_health(addr).await,
         Some(Command::Certs { out, names }) => {
-            grpc_h3::certs::generate(&out, &names).map_err(|e| anyhow::anyhow!("certs: {e}"))?;
-            println!("wrote {}/ca.pem, cert.pem, key.pem for {}", out.display(), names.join(", "));
+            let made = grpc_h3::certs::ensure(&out, &names).map_err(|e| anyhow::anyhow!("certs: {e}"))?;
+            let done = match made {
+                grpc_h3::certs::Made::Written => "wrote",
+                grpc_h3::certs::Made::Kept => "kept (made for the same names)",
+            };
+            println!("{done} {}/ca.pem, cert.pem, key.pem for {}", out.display(), names.join(", "));
             return Ok(());
         }
         None => {}
