@@ -4,10 +4,25 @@ mod support;
 
 use std::time::Duration;
 
+use proto::hello_service_client::HelloServiceClient;
 use support::{Cluster, hello, tally};
 use tokio::time::Instant;
+use tonic::transport::Channel;
 
 const LAYOUT: &[(&str, &str)] = &[("s1", "node-a"), ("s2", "node-a"), ("s3", "node-b")];
+
+/// Calls until one is answered by `replica`, every call succeeding, within `within`.
+async fn calls_reach(client: &mut HelloServiceClient<Channel>, replica: &str, within: Duration) {
+    let until = Instant::now() + within;
+    loop {
+        let r = client.say_hello(hello()).await.expect("call during failback").into_inner();
+        if r.server == replica {
+            return;
+        }
+        assert!(Instant::now() < until, "{replica} got no call within {within:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
 
 over_h2_and_h3! {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -37,15 +52,7 @@ over_h2_and_h3! {
         assert_eq!(counts.get("s3"), Some(&50), "{counts:?}");
 
         c.restart("s1");
-        let until = Instant::now() + Duration::from_secs(2);
-        loop {
-            let r = client.say_hello(hello()).await.expect("call during failback").into_inner();
-            if r.server == "s1" {
-                break;
-            }
-            assert!(Instant::now() < until, "s1 not back in rotation 2 s after restart");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        calls_reach(&mut client, "s1", Duration::from_secs(2)).await;
         let (counts, failures) = tally(&mut client, 20).await;
         assert!(failures.is_empty(), "{failures:?}");
         assert_eq!(counts.get("s1"), Some(&20), "calls return to the local replica: {counts:?}");
@@ -87,15 +94,7 @@ over_h2_and_h3! {
         assert_eq!(counts.get("s3"), Some(&20), "failed over: {counts:?}");
 
         c.add("s4", "node-a");
-        let until = Instant::now() + Duration::from_secs(5);
-        loop {
-            let r = client.say_hello(hello()).await.expect("call during failback").into_inner();
-            if r.server == "s4" {
-                break;
-            }
-            assert!(Instant::now() < until, "s4 got no call 5 s after it was published");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        calls_reach(&mut client, "s4", Duration::from_secs(5)).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
