@@ -95,15 +95,13 @@ impl Discovery {
                 if !send(dns.lookup().await) {
                     return;
                 }
-                let resolved = Instant::now();
-                // A failover the answer just caused shortens the wait already begun.
-                loop {
-                    let wait = next_resolve(interval, *failed_over.borrow_and_update(), Instant::now());
-                    tokio::select! {
-                        () = tokio::time::sleep_until(resolved + wait) => break,
-                        () = refresh.notified() => break,
-                        Ok(()) = failed_over.changed() => {}
-                    }
+                let wait = next_resolve(interval, *failed_over.borrow_and_update(), Instant::now());
+                // A failover or failback (often caused by the answer just sent) resolves
+                // at once and sets the waits that follow.
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = refresh.notified() => {}
+                    Ok(()) = failed_over.changed() => {}
                 }
             },
             Discovery::Kubernetes(k) => crate::kubernetes::run(k, send).await,

@@ -68,6 +68,12 @@ pub(crate) const SERVER: &str = "127.0.0.150:50151";
 const PROXY_H2: &str = "127.0.0.150:50150";
 /// The proxy over HTTP/3 to the replica.
 const PROXY_H3: &str = "127.0.0.150:50152";
+/// The proxy with `--metrics off`, for what recording metrics costs.
+const QUIET: &str = "127.0.0.150:50153";
+/// The proxy with `--busy-poll`.
+const BUSY: &str = "127.0.0.150:50155";
+/// The frame-relay prototype (src/relay.rs).
+const RELAY: &str = "127.0.0.150:50157";
 
 /// HAProxy's configuration for `--peers`: the same shape as the proxy under test.
 const HAPROXY_CFG: &str = include_str!("../haproxy.cfg");
@@ -196,13 +202,6 @@ async fn bench(a: Args) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&certs);
     Ok(())
 }
-
-/// The proxy with `--metrics off`, for what recording metrics costs.
-const QUIET: &str = "127.0.0.150:50153";
-/// The proxy with `--busy-poll`.
-const BUSY: &str = "127.0.0.150:50155";
-/// The frame-relay prototype (src/relay.rs).
-const RELAY: &str = "127.0.0.150:50157";
 
 /// `name` found on PATH.
 fn which(name: &str) -> Option<PathBuf> {
