@@ -1,0 +1,994 @@
+//! An HTTP/2 frame relay for gRPC, without IO: one client connection's calls forwarded,
+//! frame by frame, to connections to replicas, with no HTTP/2 library and no task or
+//! channel per call. The IO shell feeds it bytes and writes out what it queues.
+//!
+//! # What it does
+//! - Each new stream picks a replica ([`Picker::pick`], the balancer's snapshot) and
+//!   goes out on a connection to it, shared by the client connection's later calls.
+//!   Stream ids are rewritten; DATA payloads are copied once, into the other side's
+//!   output, as soon as both flow-control windows allow.
+//! - Header blocks: both sides are told `SETTINGS_HEADER_TABLE_SIZE = 0`, so a block a
+//!   peer sends refers to no dynamic-table entry once it has seen that, and passes
+//!   through as it is ([`hpack::static_only`]); others are decoded and encoded again
+//!   with static-table literals. Every block is still decoded, to keep each decoder's
+//!   table in step and to read `:path` and `grpc-status`.
+//! - Flow control end to end: what a side sends is credited back to it only when it has
+//!   gone on to the other side, so the relay holds at most one window per stream.
+//! - Unprocessed calls go to another replica, as gRPC's transparent retry allows: a
+//!   connection that could not be made, a stream refused (REFUSED_STREAM) or above a
+//!   GOAWAY's last stream id. The request is kept for that until the response begins,
+//!   up to [`Limits::replay`] bytes.
+//! - A connection lost mid-call ends the call with UNAVAILABLE; a reset is passed on.
+//! - Limits: concurrent streams, header list size, header block size (CONTINUATION
+//!   floods), rapid resets, frame size, flow-control violations.
+//! - `grpc.health.v1.Health/Check` is answered here, from [`Picker::serving`].
+//!
+//! # Call order
+//! [`Relay::new`]; then, as bytes arrive, [`Relay::client_read`] and
+//! [`Relay::back_read`]. After each, write out [`Relay::client_out`] and every back's
+//! [`Relay::back_out`]; reconcile sockets with [`Relay::backs`] (a new back needs a
+//! connection; a slot gone empty closes one). Report [`Relay::back_connected`] and
+//! [`Relay::back_lost`]. Stop when [`Relay::is_done`] and the output is written.
+
+pub mod frame;
+pub mod hpack;
+mod stream;
+
+use std::{collections::HashMap, net::SocketAddr};
+
+use bytes::{Buf, BytesMut};
+use loona_hpack::Decoder;
+
+use frame::{Head, Reason};
+pub use stream::Outcome;
+use stream::{DETACHED, Replay, Response, Stream};
+
+/// Where calls go: the balancer's picker, as the relay sees it.
+pub trait Picker {
+    /// Told how the call placed on the picked replica ended, once.
+    type Attempt: Attempt;
+    /// A ready replica for a new call on `path`, preferring those not in `avoid`
+    /// (replicas this call already tried); `None` when none is ready.
+    fn pick(&mut self, path: &str, avoid: &[SocketAddr]) -> Option<(SocketAddr, Self::Attempt)>;
+    /// Whether the proxy serves: what `grpc.health.v1.Health/Check` answers.
+    fn serving(&self) -> bool;
+}
+
+/// One attempt's outcome goes here.
+pub trait Attempt {
+    fn ended(self, outcome: Outcome);
+}
+
+/// Bounds on what one client connection may make the relay hold or do.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Streams a client may have open; the next is refused (REFUSED_STREAM).
+    pub max_streams: u32,
+    /// Request headers larger than this (RFC 7541 sizes) are answered 431.
+    pub max_header_list: usize,
+    /// A header block longer than this, in frames, ends the connection.
+    pub max_block: usize,
+    /// Client resets beyond this many more than calls that completed end the connection
+    /// (ENHANCE_YOUR_CALM): the rapid-reset attack.
+    pub max_resets: usize,
+    /// The receive window the relay opens per stream, on both sides.
+    pub stream_window: u32,
+    /// The receive window it opens per connection, on both sides.
+    pub conn_window: u32,
+    /// Request bytes kept per call to send it elsewhere if it was not processed.
+    pub replay: usize,
+    /// Times one call is sent elsewhere before it fails.
+    pub max_transparent_retries: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_streams: 200,
+            max_header_list: 16 << 10,
+            max_block: 64 << 10,
+            max_resets: 1024,
+            stream_window: 1 << 20,
+            conn_window: 4 << 20,
+            replay: 64 << 10,
+            max_transparent_retries: 3,
+        }
+    }
+}
+
+/// The bookkeeping of one HTTP/2 connection, either side.
+struct Conn {
+    /// Bytes to write to this peer.
+    out: BytesMut,
+    /// The peer's header blocks, decoded to keep its dynamic table in step.
+    decoder: Decoder<'static>,
+    /// A header block waiting for its CONTINUATION frames.
+    partial: Option<Partial>,
+    /// What the peer lets us send on the connection.
+    send_window: i64,
+    /// The peer's SETTINGS_INITIAL_WINDOW_SIZE: each new stream's send window.
+    initial_send: i64,
+    /// The peer's SETTINGS_MAX_FRAME_SIZE.
+    max_frame: usize,
+    /// What the peer may still send us on the connection.
+    recv_window: i64,
+    /// Bytes received and passed on, not yet credited back at connection level.
+    uncredited: u32,
+}
+
+struct Partial {
+    stream: u32,
+    flags: u8,
+    block: Vec<u8>,
+}
+
+impl Conn {
+    /// Opens with our SETTINGS and a connection window of `limits.conn_window`.
+    fn new(limits: &Limits, server: bool) -> Conn {
+        let mut out = BytesMut::with_capacity(16 << 10);
+        if !server {
+            out.extend_from_slice(frame::PREFACE);
+        }
+        let mut settings = vec![
+            (frame::SETTINGS_HEADER_TABLE_SIZE, 0),
+            (frame::SETTINGS_ENABLE_PUSH, 0),
+            (frame::SETTINGS_INITIAL_WINDOW_SIZE, limits.stream_window),
+        ];
+        if server {
+            settings.push((frame::SETTINGS_MAX_CONCURRENT_STREAMS, limits.max_streams));
+            settings.push((frame::SETTINGS_MAX_HEADER_LIST_SIZE, limits.max_header_list as u32));
+        }
+        frame::put_settings(&mut out, &settings);
+        let extra = i64::from(limits.conn_window) - frame::DEFAULT_WINDOW;
+        if extra > 0 {
+            frame::put_window_update(&mut out, 0, extra as u32);
+        }
+        Conn {
+            out,
+            decoder: Decoder::new(),
+            partial: None,
+            send_window: frame::DEFAULT_WINDOW,
+            initial_send: frame::DEFAULT_WINDOW,
+            max_frame: frame::DEFAULT_MAX_FRAME,
+            recv_window: i64::from(limits.conn_window.max(frame::DEFAULT_WINDOW as u32)),
+            uncredited: 0,
+        }
+    }
+
+    /// Counts `n` bytes received and passed on; credits them back in batches.
+    fn credit(&mut self, n: u32, conn_window: u32) {
+        self.uncredited += n;
+        if self.uncredited >= conn_window / 2 {
+            frame::put_window_update(&mut self.out, 0, self.uncredited);
+            self.recv_window += i64::from(self.uncredited);
+            self.uncredited = 0;
+        }
+    }
+
+    /// Applies a peer's SETTINGS; returns the change of the initial stream window.
+    fn settings(&mut self, payload: &[u8]) -> Result<(i64, Option<u32>), Reason> {
+        let mut delta = 0;
+        let mut max_streams = None;
+        for (id, value) in frame::settings(payload).ok_or(Reason::FrameSize)? {
+            match id {
+                frame::SETTINGS_INITIAL_WINDOW_SIZE => {
+                    if i64::from(value) > frame::MAX_WINDOW {
+                        return Err(Reason::FlowControl);
+                    }
+                    delta = i64::from(value) - self.initial_send;
+                    self.initial_send = i64::from(value);
+                }
+                frame::SETTINGS_MAX_FRAME_SIZE => {
+                    if !(frame::DEFAULT_MAX_FRAME..1 << 24).contains(&(value as usize)) {
+                        return Err(Reason::Protocol);
+                    }
+                    self.max_frame = value as usize;
+                }
+                frame::SETTINGS_MAX_CONCURRENT_STREAMS => max_streams = Some(value),
+                _ => {}
+            }
+        }
+        frame::put(&mut self.out, frame::SETTINGS, frame::ACK, 0, &[]);
+        Ok((delta, max_streams))
+    }
+
+    /// Takes a HEADERS or CONTINUATION frame; the whole block once END_HEADERS came.
+    fn header_fragment(&mut self, head: Head, payload: &[u8], max_block: usize) -> Result<Option<Partial>, Reason> {
+        let mut partial = match (head.kind, self.partial.take()) {
+            (frame::HEADERS, None) => {
+                let (start, end) = frame::content(payload, head.flags, head.kind).ok_or(Reason::Protocol)?;
+                Partial { stream: head.stream, flags: head.flags, block: payload[start..end].to_vec() }
+            }
+            (frame::CONTINUATION, Some(mut p)) if p.stream == head.stream => {
+                if p.block.len() + payload.len() > max_block {
+                    return Err(Reason::EnhanceYourCalm);
+                }
+                p.block.extend_from_slice(payload);
+                p
+            }
+            _ => return Err(Reason::Protocol),
+        };
+        if head.flags & frame::END_HEADERS != 0 {
+            partial.flags |= frame::END_HEADERS;
+            return Ok(Some(partial));
+        }
+        self.partial = Some(partial);
+        Ok(None)
+    }
+
+    /// Writes a header block as HEADERS and, beyond the peer's frame size, CONTINUATION.
+    fn put_block(&mut self, stream: u32, end_stream: bool, block: &[u8]) {
+        let mut chunks = block.chunks(self.max_frame).peekable();
+        let mut kind = frame::HEADERS;
+        let mut flags = if end_stream { frame::END_STREAM } else { 0 };
+        loop {
+            let chunk = chunks.next().unwrap_or_default();
+            let last = chunks.peek().is_none();
+            frame::put(&mut self.out, kind, flags | if last { frame::END_HEADERS } else { 0 }, stream, chunk);
+            if last {
+                return;
+            }
+            kind = frame::CONTINUATION;
+            flags = 0;
+        }
+    }
+}
+
+/// A connection to one replica, shared by the client connection's calls placed there.
+struct Back {
+    id: u64,
+    addr: SocketAddr,
+    conn: Conn,
+    /// Our stream id on this connection -> the client's.
+    streams: HashMap<u32, u32>,
+    next_id: u32,
+    /// The replica's SETTINGS_MAX_CONCURRENT_STREAMS.
+    max_streams: usize,
+    /// It sent GOAWAY, or its stream ids ran out: it takes no new calls.
+    closing: bool,
+    connected: bool,
+}
+
+impl Back {
+    fn takes_calls(&self) -> bool {
+        !self.closing && self.streams.len() < self.max_streams
+    }
+}
+
+/// What the IO shell sees of a back: its address, whether the relay wants it
+/// connected, and what to write to it.
+pub struct BackView<'a> {
+    pub id: u64,
+    pub addr: SocketAddr,
+    pub out: &'a mut BytesMut,
+}
+
+/// One client connection's relay.
+pub struct Relay<P: Picker> {
+    picker: P,
+    limits: Limits,
+    client: Conn,
+    /// Connections to replicas; one leaves the list when its socket should close.
+    backs: Vec<Back>,
+    /// The next back's id: ids are not reused, so the shell can tell a new back at an
+    /// address from the one it replaced.
+    next_back: u64,
+    /// Calls by the client's stream id.
+    streams: HashMap<u32, Stream<P::Attempt>>,
+    /// The client's preface has been read.
+    started: bool,
+    /// The highest stream id the client opened.
+    last_client_stream: u32,
+    /// We sent GOAWAY: new streams are refused; `error` when it ended the connection.
+    goaway: Option<Reason>,
+    /// The client sent GOAWAY or closed its side: no new calls will come.
+    client_done: bool,
+    /// Client resets not yet offset by completed calls.
+    resets: usize,
+    /// Header blocks encoded again go here first.
+    scratch: Vec<u8>,
+}
+
+const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
+const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";
+
+impl<P: Picker> Relay<P> {
+    pub fn new(picker: P, limits: Limits) -> Self {
+        let client = Conn::new(&limits, true);
+        Relay {
+            picker,
+            limits,
+            client,
+            backs: Vec::new(),
+            next_back: 0,
+            streams: HashMap::new(),
+            started: false,
+            last_client_stream: 0,
+            goaway: None,
+            client_done: false,
+            resets: 0,
+            scratch: Vec::with_capacity(1024),
+        }
+    }
+
+    /// Bytes to write to the client.
+    pub fn client_out(&mut self) -> &mut BytesMut {
+        &mut self.client.out
+    }
+
+    /// Every back, for the shell to keep one socket per back id: a new id needs a
+    /// connection, an id gone closes one.
+    pub fn backs(&mut self) -> impl Iterator<Item = BackView<'_>> {
+        self.backs.iter_mut().map(|b| BackView { id: b.id, addr: b.addr, out: &mut b.conn.out })
+    }
+
+    pub fn back_out(&mut self, back: u64) -> Option<&mut BytesMut> {
+        Some(&mut self.back_mut(back)?.conn.out)
+    }
+
+    fn back_mut(&mut self, back: u64) -> Option<&mut Back> {
+        self.backs.iter_mut().find(|b| b.id == back)
+    }
+
+    fn remove_back(&mut self, back: u64) -> Option<Back> {
+        let i = self.backs.iter().position(|b| b.id == back)?;
+        Some(self.backs.swap_remove(i))
+    }
+
+    /// Calls open now.
+    pub fn open_calls(&self) -> usize {
+        self.streams.len()
+    }
+
+    /// The connection is over: an error was sent, or no call is open and none can come.
+    pub fn is_done(&self) -> bool {
+        matches!(self.goaway, Some(r) if r != Reason::NoError)
+            || ((self.client_done || self.goaway.is_some()) && self.streams.is_empty())
+    }
+
+    /// Stops taking calls: GOAWAY to the client; open calls run on.
+    pub fn drain(&mut self) {
+        if self.goaway.is_none() {
+            frame::put_goaway(&mut self.client.out, self.last_client_stream, Reason::NoError);
+            self.goaway = Some(Reason::NoError);
+        }
+    }
+
+    /// The client closed its side: its open calls are cancelled.
+    pub fn client_closed(&mut self) {
+        self.client_done = true;
+        let ids: Vec<u32> = self.streams.keys().copied().collect();
+        for id in ids {
+            self.cancel(id);
+        }
+    }
+
+    /// Ends the connection with a connection error; open calls are cancelled.
+    fn fail(&mut self, reason: Reason) {
+        frame::put_goaway(&mut self.client.out, self.last_client_stream, reason);
+        self.goaway = Some(reason);
+        self.client_closed();
+    }
+
+    /// Handles every whole frame in `buf` from the client, leaving a partial one.
+    pub fn client_read(&mut self, buf: &mut BytesMut) {
+        if !self.started {
+            if buf.len() < frame::PREFACE.len() {
+                if !frame::PREFACE.starts_with(buf) {
+                    self.fail(Reason::Protocol);
+                }
+                return;
+            }
+            if !buf.starts_with(frame::PREFACE) {
+                return self.fail(Reason::Protocol);
+            }
+            buf.advance(frame::PREFACE.len());
+            self.started = true;
+        }
+        while let Some(head) = Head::parse(buf) {
+            if self.goaway.is_some_and(|r| r != Reason::NoError) {
+                buf.clear();
+                return;
+            }
+            if head.len > frame::DEFAULT_MAX_FRAME {
+                return self.fail(Reason::FrameSize);
+            }
+            if buf.len() < frame::HEADER_LEN + head.len {
+                buf.reserve(frame::HEADER_LEN + head.len - buf.len());
+                return;
+            }
+            let frame = buf.split_to(frame::HEADER_LEN + head.len);
+            if let Err(reason) = self.client_frame(head, &frame[frame::HEADER_LEN..]) {
+                return self.fail(reason);
+            }
+        }
+    }
+
+    fn client_frame(&mut self, head: Head, payload: &[u8]) -> Result<(), Reason> {
+        if self.client.partial.is_some() && head.kind != frame::CONTINUATION {
+            return Err(Reason::Protocol);
+        }
+        match head.kind {
+            frame::DATA => self.client_data(head, payload)?,
+            frame::HEADERS | frame::CONTINUATION => {
+                if let Some(block) = self.client.header_fragment(head, payload, self.limits.max_block)? {
+                    self.client_headers(block)?;
+                }
+            }
+            frame::RST_STREAM if self.streams.contains_key(&head.stream) => {
+                self.cancel(head.stream);
+                self.resets += 1;
+                if self.resets > self.limits.max_resets {
+                    return Err(Reason::EnhanceYourCalm);
+                }
+            }
+            frame::SETTINGS if head.flags & frame::ACK == 0 => {
+                let (delta, _) = self.client.settings(payload)?;
+                if delta != 0 {
+                    let ids: Vec<u32> = self.streams.keys().copied().collect();
+                    for id in ids {
+                        if let Some(s) = self.streams.get_mut(&id) {
+                            s.down.window += delta;
+                        }
+                        self.pump_down(id);
+                    }
+                }
+            }
+            frame::PING if head.flags & frame::ACK == 0 => {
+                frame::put(&mut self.client.out, frame::PING, frame::ACK, 0, payload);
+            }
+            frame::GOAWAY => self.client_done = true,
+            frame::WINDOW_UPDATE => {
+                let increment = i64::from(frame::u31(payload, 0).ok_or(Reason::FrameSize)?);
+                if head.stream == 0 {
+                    self.client.send_window += increment;
+                    if self.client.send_window > frame::MAX_WINDOW {
+                        return Err(Reason::FlowControl);
+                    }
+                    let ids: Vec<u32> =
+                        self.streams.iter().filter(|(_, s)| s.down.has_pending()).map(|(&id, _)| id).collect();
+                    for id in ids {
+                        self.pump_down(id);
+                    }
+                } else if let Some(s) = self.streams.get_mut(&head.stream) {
+                    s.down.window += increment;
+                    self.pump_down(head.stream);
+                }
+            }
+            frame::PUSH_PROMISE => return Err(Reason::Protocol),
+            _ => {} // PRIORITY, acks, unknown frame types
+        }
+        Ok(())
+    }
+
+    fn client_data(&mut self, head: Head, payload: &[u8]) -> Result<(), Reason> {
+        self.client.recv_window -= head.len as i64;
+        if self.client.recv_window < 0 {
+            return Err(Reason::FlowControl);
+        }
+        let (start, end) = frame::content(payload, head.flags, head.kind).ok_or(Reason::Protocol)?;
+        let Some(s) = self.streams.get_mut(&head.stream).filter(|s| !s.client_ended) else {
+            // A stream already over: its bytes are credited back and dropped.
+            self.client.credit(head.len as u32, self.limits.conn_window);
+            return Ok(());
+        };
+        s.up.recv_window -= head.len as i64;
+        if s.up.recv_window < 0 {
+            frame::put_rst(&mut self.client.out, head.stream, Reason::FlowControl);
+            self.client.credit(head.len as u32, self.limits.conn_window);
+            self.cancel(head.stream);
+            return Ok(());
+        }
+        // Padding is credited at once; the content when it has gone on.
+        self.client.credit((head.len - (end - start)) as u32, self.limits.conn_window);
+        let body = &payload[start..end];
+        let end_stream = head.flags & frame::END_STREAM != 0;
+        s.client_ended = end_stream;
+        if let Some(replay) = &mut s.replay {
+            if replay.data.len() + body.len() > self.limits.replay {
+                s.replay = None;
+            } else {
+                replay.data.extend_from_slice(body);
+            }
+        }
+        if s.local {
+            if end_stream {
+                self.answer_locally(head.stream);
+            }
+            return Ok(());
+        }
+        s.up.pending.extend_from_slice(body);
+        s.up.end |= end_stream;
+        self.pump_up(head.stream);
+        Ok(())
+    }
+
+    fn client_headers(&mut self, block: Partial) -> Result<(), Reason> {
+        let id = block.stream;
+        let end_stream = block.flags & frame::END_STREAM != 0;
+        self.scratch.clear();
+        let pass = hpack::static_only(&block.block).is_some();
+        let mut path = None;
+        let mut size = 0usize;
+        let scratch = &mut self.scratch;
+        self.client
+            .decoder
+            .decode_with_cb(&block.block, |name, value| {
+                size += name.len() + value.len() + 32;
+                if &*name == b":path" {
+                    path = Some(String::from_utf8_lossy(&value).into_owned());
+                }
+                if !pass {
+                    hpack::encode(&name, &value, scratch);
+                }
+            })
+            .map_err(|_| Reason::Compression)?;
+        if let Some(s) = self.streams.get_mut(&id) {
+            // Trailers from the client: the request's end.
+            if !end_stream || s.client_ended {
+                return Err(Reason::Protocol);
+            }
+            s.client_ended = true;
+            s.up.end = true;
+            s.replay = None;
+            let block = if pass { block.block } else { std::mem::take(&mut self.scratch) };
+            s.up.trailers = Some(block);
+            self.pump_up(id);
+            return Ok(());
+        }
+        if id.is_multiple_of(2) {
+            return Err(Reason::Protocol);
+        }
+        if id <= self.last_client_stream {
+            // A stream already over: its headers are dropped.
+            return Ok(());
+        }
+        self.last_client_stream = id;
+        if self.goaway.is_some() || self.streams.len() >= self.limits.max_streams as usize {
+            frame::put_rst(&mut self.client.out, id, Reason::RefusedStream);
+            return Ok(());
+        }
+        if size > self.limits.max_header_list {
+            let mut b = Vec::new();
+            hpack::encode(b":status", b"431", &mut b);
+            self.client.put_block(id, true, &b);
+            if !end_stream {
+                frame::put_rst(&mut self.client.out, id, Reason::NoError);
+            }
+            return Ok(());
+        }
+        let Some(path) = path else {
+            self.trailers_only(id, 13, "no :path");
+            return Ok(());
+        };
+        let block = if pass { block.block } else { self.scratch.clone() };
+        let mut stream = Stream::new(Replay::new(path, block), self.limits.stream_window, end_stream);
+        stream.down.window = self.client.initial_send;
+        if stream.replay.as_ref().is_some_and(|r| r.path.starts_with(HEALTH_PREFIX)) {
+            stream.local = true;
+            self.streams.insert(id, stream);
+            if end_stream {
+                self.answer_locally(id);
+            }
+            return Ok(());
+        }
+        self.streams.insert(id, stream);
+        self.place(id);
+        Ok(())
+    }
+
+    /// Sends a call (again) to a replica it has not tried, or fails it.
+    fn place(&mut self, id: u32) {
+        let Some(replay) = self.streams.get_mut(&id).and_then(|s| s.replay.as_mut()) else { return };
+        if replay.tried.len() > self.limits.max_transparent_retries {
+            return self.end_with(id, 14, "the call was refused unprocessed by every replica tried");
+        }
+        let Some((addr, attempt)) = self.picker.pick(&replay.path, &replay.tried) else {
+            return self.end_with(id, 14, "no ready replica");
+        };
+        replay.tried.push(addr);
+        let back = match self.backs.iter().find(|b| b.addr == addr && b.takes_calls()) {
+            Some(b) => b.id,
+            None => self.new_back(addr),
+        };
+        let b = self.backs.iter_mut().find(|b| b.id == back).expect("just found or made");
+        let up = b.next_id;
+        b.next_id += 2;
+        if b.next_id > (1 << 31) - 2 {
+            b.closing = true;
+        }
+        b.streams.insert(up, id);
+        let s = self.streams.get_mut(&id).expect("found above");
+        let replay = s.replay.as_ref().expect("found above");
+        s.back = back;
+        s.up_id = up;
+        s.attempt = Some(attempt);
+        s.up.window = b.conn.initial_send;
+        s.up.pending.clear();
+        s.up.pending.extend_from_slice(&replay.data);
+        s.up.resend = replay.data.len();
+        s.up.end = s.client_ended;
+        let end_now = s.client_ended && replay.data.is_empty() && s.up.trailers.is_none();
+        b.conn.put_block(up, end_now, &replay.block);
+        s.up.sent_end = end_now;
+        self.pump_up(id);
+    }
+
+    fn new_back(&mut self, addr: SocketAddr) -> u64 {
+        let id = self.next_back;
+        self.next_back += 1;
+        self.backs.push(Back {
+            id,
+            addr,
+            conn: Conn::new(&self.limits, false),
+            streams: HashMap::new(),
+            next_id: 1,
+            max_streams: usize::MAX,
+            closing: false,
+            connected: false,
+        });
+        id
+    }
+
+    /// Forwards what the stream's request has pending, as far as windows allow.
+    fn pump_up(&mut self, id: u32) {
+        let Some(s) = self.streams.get_mut(&id) else { return };
+        let Some(b) = self.backs.iter_mut().find(|b| b.id == s.back) else { return };
+        let moved = s.up.pump(&mut b.conn, s.up_id);
+        if moved > 0 && !s.client_ended {
+            s.up.credit(&mut self.client.out, id, moved, self.limits.stream_window);
+        }
+        self.client.credit(moved, self.limits.conn_window);
+    }
+
+    /// Forwards what the stream's response has pending, as far as windows allow, and
+    /// ends the call when all of it went.
+    fn pump_down(&mut self, id: u32) {
+        let Some(s) = self.streams.get_mut(&id) else { return };
+        let moved = s.down.pump(&mut self.client, id);
+        if let Some(b) = self.backs.iter_mut().find(|b| b.id == s.back) {
+            if moved > 0 && s.response != Response::Ended {
+                s.down.credit(&mut b.conn.out, s.up_id, moved, self.limits.stream_window);
+            }
+            b.conn.credit(moved, self.limits.conn_window);
+        }
+        if s.down.sent_end {
+            self.finish(id);
+        }
+    }
+
+    /// The response went out whole: the call is over.
+    fn finish(&mut self, id: u32) {
+        let Some(mut s) = self.streams.remove(&id) else { return };
+        if !s.client_ended {
+            frame::put_rst(&mut self.client.out, id, Reason::NoError);
+        }
+        self.resets = self.resets.saturating_sub(1);
+        self.detach(&mut s, Reason::NoError);
+        if let Some(a) = s.attempt.take() {
+            a.ended(s.outcome());
+        }
+    }
+
+    /// The client reset the call, or went away: the replica's stream is reset too.
+    fn cancel(&mut self, id: u32) {
+        let Some(mut s) = self.streams.remove(&id) else { return };
+        self.detach(&mut s, Reason::Cancel);
+        if let Some(a) = s.attempt.take() {
+            a.ended(Outcome::Cancelled);
+        }
+    }
+
+    /// Takes a stream off its back, resetting it there if it is still open; closes a
+    /// closing back left with no streams.
+    fn detach(&mut self, s: &mut Stream<P::Attempt>, reason: Reason) {
+        let Some(b) = self.back_mut(s.back) else { return };
+        b.streams.remove(&s.up_id);
+        if !s.up.sent_end || s.response != Response::Ended {
+            frame::put_rst(&mut b.conn.out, s.up_id, reason);
+        }
+        if b.closing && b.streams.is_empty() {
+            self.remove_back(s.back);
+        }
+        s.back = DETACHED;
+    }
+
+    /// Ends a call with a status from the relay: trailers-only if no response began,
+    /// else trailers after what is pending.
+    fn end_with(&mut self, id: u32, code: u8, message: &str) {
+        let Some(s) = self.streams.get_mut(&id) else { return };
+        s.status = Some(code);
+        s.replay = None;
+        if s.response == Response::None {
+            self.trailers_only(id, code, message);
+            if let Some(mut s) = self.streams.remove(&id) {
+                if !s.client_ended {
+                    frame::put_rst(&mut self.client.out, id, Reason::NoError);
+                }
+                self.detach(&mut s, Reason::Cancel);
+                if let Some(a) = s.attempt.take() {
+                    a.ended(Outcome::Lost);
+                }
+            }
+            return;
+        }
+        let mut block = Vec::new();
+        status_headers(code, message, &mut block);
+        s.down.trailers = Some(block);
+        s.down.end = true;
+        s.response = Response::Ended;
+        if let Some(a) = s.attempt.take() {
+            a.ended(Outcome::Lost);
+        }
+        self.pump_down(id);
+    }
+
+    /// A response of headers only, with `grpc-status: code`.
+    fn trailers_only(&mut self, id: u32, code: u8, message: &str) {
+        let mut block = Vec::new();
+        hpack::encode(b":status", b"200", &mut block);
+        hpack::encode(b"content-type", b"application/grpc", &mut block);
+        status_headers(code, message, &mut block);
+        self.client.put_block(id, true, &block);
+    }
+
+    /// Answers `grpc.health.v1.Health/Check` for the whole proxy (service "") from
+    /// [`Picker::serving`]; other services are NOT_FOUND, other methods UNIMPLEMENTED.
+    fn answer_locally(&mut self, id: u32) {
+        let Some(s) = self.streams.remove(&id) else { return };
+        let Some(replay) = s.replay else {
+            return self.trailers_only(id, 8, "health check request too large");
+        };
+        if replay.path != HEALTH_CHECK {
+            return self.trailers_only(id, 12, "only Health/Check is answered with --relay");
+        }
+        // A HealthCheckRequest with no service: an empty message, or field 1 empty.
+        if !matches!(&replay.data[..], [0, 0, 0, 0, 0] | [0, 0, 0, 0, 2, 0x0a, 0]) {
+            return self.trailers_only(id, 5, "unknown service");
+        }
+        let status = if self.picker.serving() { 1 } else { 2 };
+        let mut block = Vec::new();
+        hpack::encode(b":status", b"200", &mut block);
+        hpack::encode(b"content-type", b"application/grpc", &mut block);
+        self.client.put_block(id, false, &block);
+        frame::put(&mut self.client.out, frame::DATA, 0, id, &[0, 0, 0, 0, 2, 0x08, status]);
+        block.clear();
+        status_headers(0, "", &mut block);
+        self.client.put_block(id, true, &block);
+    }
+
+    /// The shell connected a back's socket.
+    pub fn back_connected(&mut self, back: u64) {
+        if let Some(b) = self.back_mut(back) {
+            b.connected = true;
+        }
+    }
+
+    /// A back's connection could not be made, or was lost: calls it never received go
+    /// elsewhere; those it may have end with UNAVAILABLE.
+    pub fn back_lost(&mut self, back: u64) {
+        let Some(b) = self.remove_back(back) else { return };
+        let mut ids: Vec<u32> = b.streams.values().copied().collect();
+        ids.sort_unstable();
+        for id in ids {
+            let Some(s) = self.streams.get_mut(&id) else { continue };
+            s.back = DETACHED;
+            if !b.connected && s.response == Response::None && s.replay.is_some() {
+                if let Some(a) = s.attempt.take() {
+                    a.ended(Outcome::Refused);
+                }
+                self.place(id);
+            } else {
+                self.end_with(id, 14, "the replica's connection was lost");
+            }
+        }
+    }
+
+    /// Handles every whole frame in `buf` from a back, leaving a partial one.
+    pub fn back_read(&mut self, back: u64, buf: &mut BytesMut) {
+        while let Some(head) = Head::parse(buf) {
+            if self.back_mut(back).is_none() {
+                buf.clear();
+                return;
+            }
+            if head.len > frame::DEFAULT_MAX_FRAME {
+                return self.back_error(back, Reason::FrameSize);
+            }
+            if buf.len() < frame::HEADER_LEN + head.len {
+                buf.reserve(frame::HEADER_LEN + head.len - buf.len());
+                return;
+            }
+            let frame = buf.split_to(frame::HEADER_LEN + head.len);
+            if let Err(reason) = self.back_frame(back, head, &frame[frame::HEADER_LEN..]) {
+                return self.back_error(back, reason);
+            }
+        }
+        if self.back_mut(back).is_some_and(|b| b.closing && b.streams.is_empty()) {
+            self.remove_back(back);
+        }
+    }
+
+    /// A back broke the protocol: GOAWAY to it, and its calls are lost.
+    fn back_error(&mut self, back: u64, reason: Reason) {
+        if let Some(b) = self.back_mut(back) {
+            frame::put_goaway(&mut b.conn.out, 0, reason);
+        }
+        self.back_lost(back);
+    }
+
+    fn back_frame(&mut self, back: u64, head: Head, payload: &[u8]) -> Result<(), Reason> {
+        let b = self.backs.iter_mut().find(|b| b.id == back).expect("checked by the caller");
+        if b.conn.partial.is_some() && head.kind != frame::CONTINUATION {
+            return Err(Reason::Protocol);
+        }
+        let client_id = b.streams.get(&head.stream).copied();
+        match head.kind {
+            frame::DATA => {
+                b.conn.recv_window -= head.len as i64;
+                if b.conn.recv_window < 0 {
+                    return Err(Reason::FlowControl);
+                }
+                let (start, end) = frame::content(payload, head.flags, head.kind).ok_or(Reason::Protocol)?;
+                let Some(s) =
+                    client_id.and_then(|id| self.streams.get_mut(&id)).filter(|s| s.response == Response::Headers)
+                else {
+                    b.conn.credit(head.len as u32, self.limits.conn_window);
+                    return Ok(());
+                };
+                b.conn.credit((head.len - (end - start)) as u32, self.limits.conn_window);
+                s.down.pending.extend_from_slice(&payload[start..end]);
+                if head.flags & frame::END_STREAM != 0 {
+                    s.down.end = true;
+                    s.response = Response::Ended;
+                }
+                self.pump_down(client_id.expect("found"));
+            }
+            frame::HEADERS | frame::CONTINUATION => {
+                if let Some(block) = b.conn.header_fragment(head, payload, self.limits.max_block)? {
+                    self.back_headers(back, client_id, block)?;
+                }
+            }
+            frame::RST_STREAM => {
+                let reason = frame::u32_at(payload, 0).ok_or(Reason::FrameSize)?;
+                let Some(id) = client_id else { return Ok(()) };
+                b.streams.remove(&head.stream);
+                let Some(s) = self.streams.get_mut(&id) else { return Ok(()) };
+                s.back = DETACHED;
+                if reason == Reason::RefusedStream as u32 && s.response == Response::None && s.replay.is_some() {
+                    if let Some(a) = s.attempt.take() {
+                        a.ended(Outcome::Refused);
+                    }
+                    self.place(id);
+                } else if let Some(mut s) = self.streams.remove(&id) {
+                    frame::put(&mut self.client.out, frame::RST_STREAM, 0, id, &reason.to_be_bytes());
+                    if let Some(a) = s.attempt.take() {
+                        a.ended(Outcome::Lost);
+                    }
+                    s.back = DETACHED;
+                }
+            }
+            frame::SETTINGS if head.flags & frame::ACK == 0 => {
+                let (delta, max_streams) = b.conn.settings(payload)?;
+                if let Some(n) = max_streams {
+                    b.max_streams = n as usize;
+                }
+                let ids: Vec<u32> = b.streams.values().copied().collect();
+                for id in ids {
+                    if let Some(s) = self.streams.get_mut(&id) {
+                        s.up.window += delta;
+                    }
+                    self.pump_up(id);
+                }
+            }
+            frame::PING if head.flags & frame::ACK == 0 => {
+                frame::put(&mut b.conn.out, frame::PING, frame::ACK, 0, payload);
+            }
+            frame::GOAWAY => {
+                let last = frame::u31(payload, 0).ok_or(Reason::FrameSize)?;
+                b.closing = true;
+                let mut unprocessed: Vec<(u32, u32)> =
+                    b.streams.iter().filter(|&(&up, _)| up > last).map(|(&up, &id)| (up, id)).collect();
+                unprocessed.sort_unstable();
+                for (up, _) in &unprocessed {
+                    b.streams.remove(up);
+                }
+                if b.streams.is_empty() {
+                    self.remove_back(back);
+                }
+                for (_, id) in unprocessed {
+                    let Some(s) = self.streams.get_mut(&id) else { continue };
+                    s.back = DETACHED;
+                    if let Some(a) = s.attempt.take() {
+                        a.ended(Outcome::Refused);
+                    }
+                    if s.replay.is_some() {
+                        self.place(id);
+                    } else {
+                        self.streams.remove(&id);
+                        frame::put_rst(&mut self.client.out, id, Reason::RefusedStream);
+                    }
+                }
+            }
+            frame::WINDOW_UPDATE => {
+                let increment = i64::from(frame::u31(payload, 0).ok_or(Reason::FrameSize)?);
+                if head.stream == 0 {
+                    b.conn.send_window += increment;
+                    let ids: Vec<u32> = b.streams.values().copied().collect();
+                    for id in ids {
+                        self.pump_up(id);
+                    }
+                } else if let Some(id) = client_id {
+                    if let Some(s) = self.streams.get_mut(&id) {
+                        s.up.window += increment;
+                    }
+                    self.pump_up(id);
+                }
+            }
+            frame::PUSH_PROMISE => return Err(Reason::Protocol),
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn back_headers(&mut self, back: u64, client_id: Option<u32>, block: Partial) -> Result<(), Reason> {
+        let b = self.backs.iter_mut().find(|b| b.id == back).expect("checked by the caller");
+        let end_stream = block.flags & frame::END_STREAM != 0;
+        let pass = hpack::static_only(&block.block).is_some();
+        self.scratch.clear();
+        let scratch = &mut self.scratch;
+        let mut status = None;
+        b.conn
+            .decoder
+            .decode_with_cb(&block.block, |name, value| {
+                if &*name == b"grpc-status" {
+                    status = std::str::from_utf8(&value).ok().and_then(|v| v.parse::<u8>().ok());
+                }
+                if !pass {
+                    hpack::encode(&name, &value, scratch);
+                }
+            })
+            .map_err(|_| Reason::Compression)?;
+        let Some(id) = client_id else { return Ok(()) };
+        let Some(s) = self.streams.get_mut(&id) else { return Ok(()) };
+        let block = if pass { block.block } else { std::mem::take(&mut self.scratch) };
+        match s.response {
+            Response::None => {
+                s.replay = None;
+                s.response = if end_stream { Response::Ended } else { Response::Headers };
+                s.status = status;
+                self.client.put_block(id, end_stream, &block);
+                if end_stream {
+                    s.down.sent_end = true;
+                    self.finish(id);
+                }
+            }
+            Response::Headers if end_stream => {
+                s.response = Response::Ended;
+                s.status = status;
+                s.down.trailers = Some(block);
+                s.down.end = true;
+                self.pump_down(id);
+            }
+            _ => return Err(Reason::Protocol),
+        }
+        Ok(())
+    }
+}
+
+/// `grpc-status` and, when there is one, `grpc-message`, as literals.
+fn status_headers(code: u8, message: &str, out: &mut Vec<u8>) {
+    let mut digits = [0u8; 3];
+    let n = {
+        use std::io::Write;
+        let mut w = &mut digits[..];
+        let _ = write!(w, "{code}");
+        3 - w.len()
+    };
+    hpack::encode(b"grpc-status", &digits[..n], out);
+    if !message.is_empty() {
+        hpack::encode(b"grpc-message", message.as_bytes(), out);
+    }
+}
+
+#[cfg(test)]
+mod tests;

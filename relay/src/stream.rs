@@ -1,0 +1,175 @@
+//! One relayed call: where it went, each direction's flow control and pending bytes,
+//! and the request kept for sending it elsewhere. Pure.
+
+use std::net::SocketAddr;
+
+use bytes::BytesMut;
+
+use crate::{Conn, frame};
+
+/// How an attempt ended, for outlier detection and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The replica's response ended with this `grpc-status` (UNKNOWN when it had none).
+    Status(u8),
+    /// The replica's connection was lost, or it reset the stream.
+    Lost,
+    /// The client cancelled the call.
+    Cancelled,
+    /// The replica did not process it (refused, or above its GOAWAY); it went elsewhere.
+    Refused,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Response {
+    /// Nothing from the replica yet: the call can still go elsewhere.
+    None,
+    /// Response headers sent on; the body flows.
+    Headers,
+    /// The replica's END_STREAM arrived.
+    Ended,
+}
+
+/// The request as first received, kept until the response begins.
+pub(crate) struct Replay {
+    pub path: String,
+    /// The request's header block, valid on any connection (no dynamic-table reference).
+    pub block: Vec<u8>,
+    /// Request DATA received so far.
+    pub data: BytesMut,
+    /// Replicas tried, in order.
+    pub tried: Vec<SocketAddr>,
+}
+
+impl Replay {
+    pub fn new(path: String, block: Vec<u8>) -> Replay {
+        Replay { path, block, data: BytesMut::new(), tried: Vec::new() }
+    }
+}
+
+/// One direction of a call: bytes waiting for the receiver's windows, and the credit
+/// owed to the sender.
+pub(crate) struct Dir {
+    /// What the receiver lets us send on this stream.
+    pub window: i64,
+    /// What the sender may still send us on this stream.
+    pub recv_window: i64,
+    /// Received, not yet sent on.
+    pub pending: BytesMut,
+    /// Of `pending`, bytes sent again on a new attempt: credited to the sender already.
+    pub resend: usize,
+    /// The sender ended the stream: END_STREAM follows `pending` (and `trailers`).
+    pub end: bool,
+    /// A trailing header block to send after `pending`.
+    pub trailers: Option<Vec<u8>>,
+    /// END_STREAM has been sent on.
+    pub sent_end: bool,
+    /// Bytes sent on, not yet credited back to the sender.
+    pub uncredited: u32,
+}
+
+impl Dir {
+    fn new(window: u32) -> Dir {
+        Dir {
+            window: frame::DEFAULT_WINDOW,
+            recv_window: i64::from(window),
+            pending: BytesMut::new(),
+            resend: 0,
+            end: false,
+            trailers: None,
+            sent_end: false,
+            uncredited: 0,
+        }
+    }
+
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty() || (self.end && !self.sent_end)
+    }
+
+    /// Sends what `pending` holds as DATA on `to`'s stream `id`, as far as the stream's
+    /// and the connection's windows allow, then the end; returns the bytes sent that
+    /// the sender is owed credit for.
+    pub fn pump(&mut self, to: &mut Conn, id: u32) -> u32 {
+        let mut moved = 0;
+        while !self.pending.is_empty() {
+            let n = (self.pending.len() as i64).min(self.window).min(to.send_window).min(to.max_frame as i64);
+            if n <= 0 {
+                break;
+            }
+            let n = n as usize;
+            let last = n == self.pending.len() && self.end && self.trailers.is_none();
+            let chunk = self.pending.split_to(n);
+            frame::put(&mut to.out, frame::DATA, if last { frame::END_STREAM } else { 0 }, id, &chunk);
+            self.window -= n as i64;
+            to.send_window -= n as i64;
+            moved += n;
+            self.sent_end |= last;
+        }
+        if self.pending.is_empty() && self.end && !self.sent_end {
+            match self.trailers.take() {
+                Some(block) => to.put_block(id, true, &block),
+                None => frame::put(&mut to.out, frame::DATA, frame::END_STREAM, id, &[]),
+            }
+            self.sent_end = true;
+        }
+        let resent = moved.min(self.resend);
+        self.resend -= resent;
+        (moved - resent) as u32
+    }
+
+    /// Owes the sender `n` more bytes of stream credit; sends a WINDOW_UPDATE on its
+    /// stream `id` once half a window is owed.
+    pub fn credit(&mut self, out: &mut BytesMut, id: u32, n: u32, window: u32) {
+        self.uncredited += n;
+        if self.uncredited >= window / 2 {
+            frame::put_window_update(out, id, self.uncredited);
+            self.recv_window += i64::from(self.uncredited);
+            self.uncredited = 0;
+        }
+    }
+}
+
+/// A call across the relay.
+pub(crate) struct Stream<A> {
+    /// The back it is placed on ([`DETACHED`] while none).
+    pub back: u64,
+    /// Its stream id there.
+    pub up_id: u32,
+    /// Answered by the relay itself (health checks).
+    pub local: bool,
+    pub attempt: Option<A>,
+    /// Client to replica.
+    pub up: Dir,
+    /// Replica to client.
+    pub down: Dir,
+    pub response: Response,
+    pub status: Option<u8>,
+    /// The client sent END_STREAM.
+    pub client_ended: bool,
+    /// The request, while it can still be sent elsewhere.
+    pub replay: Option<Replay>,
+}
+
+/// A stream on no back.
+pub(crate) const DETACHED: u64 = u64::MAX;
+
+impl<A> Stream<A> {
+    pub fn new(replay: Replay, window: u32, client_ended: bool) -> Self {
+        Stream {
+            back: DETACHED,
+            up_id: 0,
+            local: false,
+            attempt: None,
+            up: Dir::new(window),
+            down: Dir::new(window),
+            response: Response::None,
+            status: None,
+            client_ended,
+            replay: Some(replay),
+        }
+    }
+
+    pub fn outcome(&self) -> Outcome {
+        Outcome::Status(self.status.unwrap_or(2))
+    }
+}

@@ -1,0 +1,457 @@
+//! The relay driven by hand-made frames: exact sequences in, frames out.
+
+use std::{cell::RefCell, net::SocketAddr, rc::Rc};
+
+use bytes::BytesMut;
+use loona_hpack::{Decoder, Encoder};
+
+use super::*;
+use frame::{CONTINUATION, DATA, END_HEADERS, END_STREAM, GOAWAY, HEADERS, RST_STREAM, SETTINGS, WINDOW_UPDATE};
+
+type Log = Rc<RefCell<Vec<(SocketAddr, Outcome)>>>;
+
+/// Picks replicas in turn, skipping those to avoid while another is left.
+struct Turns {
+    replicas: Vec<SocketAddr>,
+    next: usize,
+    log: Log,
+    serving: bool,
+}
+
+struct Logged(SocketAddr, Log);
+
+impl Attempt for Logged {
+    fn ended(self, outcome: Outcome) {
+        self.1.borrow_mut().push((self.0, outcome));
+    }
+}
+
+impl Picker for Turns {
+    type Attempt = Logged;
+    fn pick(&mut self, _path: &str, avoid: &[SocketAddr]) -> Option<(SocketAddr, Logged)> {
+        let n = self.replicas.len();
+        let fresh = (0..n).map(|i| self.replicas[(self.next + i) % n]).find(|a| !avoid.contains(a));
+        let addr = fresh.or_else(|| self.replicas.get(self.next % n.max(1)).copied())?;
+        self.next += 1;
+        Some((addr, Logged(addr, self.log.clone())))
+    }
+    fn serving(&self) -> bool {
+        self.serving
+    }
+}
+
+fn addr(i: u8) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, i], 50051))
+}
+
+fn relay(replicas: &[u8]) -> (Relay<Turns>, Log) {
+    let log = Log::default();
+    let picker =
+        Turns { replicas: replicas.iter().map(|&i| addr(i)).collect(), next: 0, log: log.clone(), serving: true };
+    (Relay::new(picker, Limits::default()), log)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct F {
+    kind: u8,
+    flags: u8,
+    stream: u32,
+    payload: Vec<u8>,
+}
+
+/// Every whole frame in `out`, taken out of it.
+fn frames(out: &mut BytesMut) -> Vec<F> {
+    let mut v = Vec::new();
+    if out.starts_with(frame::PREFACE) {
+        out.advance(frame::PREFACE.len());
+    }
+    while let Some(h) = Head::parse(out) {
+        let f = out.split_to(frame::HEADER_LEN + h.len);
+        v.push(F { kind: h.kind, flags: h.flags, stream: h.stream, payload: f[frame::HEADER_LEN..].to_vec() });
+    }
+    v
+}
+
+/// Frames of interest: no SETTINGS, acks or connection window updates.
+fn calls(out: &mut BytesMut) -> Vec<F> {
+    frames(out).into_iter().filter(|f| f.kind != SETTINGS && !(f.kind == WINDOW_UPDATE && f.stream == 0)).collect()
+}
+
+fn put(out: &mut BytesMut, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+    frame::put(out, kind, flags, stream, payload);
+}
+
+fn request(path: &str) -> Vec<u8> {
+    let mut b = Vec::new();
+    for (n, v) in [(":method", "POST"), (":scheme", "http"), (":path", path), ("content-type", "application/grpc")] {
+        hpack::encode(n.as_bytes(), v.as_bytes(), &mut b);
+    }
+    b
+}
+
+fn response_headers() -> Vec<u8> {
+    let mut b = Vec::new();
+    hpack::encode(b":status", b"200", &mut b);
+    hpack::encode(b"content-type", b"application/grpc", &mut b);
+    b
+}
+
+fn trailers(code: &str) -> Vec<u8> {
+    let mut b = Vec::new();
+    hpack::encode(b"grpc-status", code.as_bytes(), &mut b);
+    b
+}
+
+fn decode(block: &[u8]) -> Vec<(String, String)> {
+    Decoder::new()
+        .decode(block)
+        .unwrap()
+        .into_iter()
+        .map(|(n, v)| (String::from_utf8(n).unwrap(), String::from_utf8(v).unwrap()))
+        .collect()
+}
+
+fn header<'a>(block: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    block.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+}
+
+/// A client that sent its preface and SETTINGS, and one call on `stream`.
+fn client_calls(r: &mut Relay<Turns>, streams: &[u32], body: &[u8]) {
+    let mut buf = BytesMut::from(frame::PREFACE);
+    frame::put_settings(&mut buf, &[]);
+    for &id in streams {
+        put(&mut buf, HEADERS, END_HEADERS, id, &request("/hello.HelloService/SayHello"));
+        put(&mut buf, DATA, END_STREAM, id, body);
+    }
+    r.client_read(&mut buf);
+    assert!(buf.is_empty());
+}
+
+/// The back at `slot`'s output, as frames.
+fn back_frames(r: &mut Relay<Turns>, slot: u64) -> Vec<F> {
+    calls(r.back_out(slot).expect("a live back"))
+}
+
+/// A replica's answer on its stream `up`: headers, one message, status.
+fn answer(r: &mut Relay<Turns>, slot: u64, up: u32, message: &[u8], code: &str) {
+    let mut buf = BytesMut::new();
+    frame::put_settings(&mut buf, &[]);
+    put(&mut buf, HEADERS, END_HEADERS, up, &response_headers());
+    put(&mut buf, DATA, 0, up, message);
+    put(&mut buf, HEADERS, END_HEADERS | END_STREAM, up, &trailers(code));
+    r.back_read(slot, &mut buf);
+}
+
+#[test]
+fn a_unary_call_goes_through_with_its_stream_ids_rewritten() {
+    let (mut r, log) = relay(&[1]);
+    client_calls(&mut r, &[5], b"\0\0\0\0\x02hi");
+    let live: Vec<_> = r.backs().map(|b| (b.id, b.addr)).collect();
+    assert_eq!(live, vec![(0, addr(1))]);
+    assert!(r.back_out(0).unwrap().starts_with(frame::PREFACE));
+    let sent = back_frames(&mut r, 0);
+    assert_eq!(
+        sent.iter().map(|f| (f.kind, f.flags, f.stream)).collect::<Vec<_>>(),
+        vec![(HEADERS, END_HEADERS, 1), (DATA, END_STREAM, 1)]
+    );
+    assert_eq!(header(&decode(&sent[0].payload), ":path"), Some("/hello.HelloService/SayHello"));
+    assert_eq!(sent[1].payload, b"\0\0\0\0\x02hi");
+    answer(&mut r, 0, 1, b"\0\0\0\0\x02yo", "0");
+    let got = calls(r.client_out());
+    assert_eq!(
+        got.iter().map(|f| (f.kind, f.flags, f.stream)).collect::<Vec<_>>(),
+        vec![(HEADERS, END_HEADERS, 5), (DATA, 0, 5), (HEADERS, END_HEADERS | END_STREAM, 5)]
+    );
+    assert_eq!(header(&decode(&got[2].payload), "grpc-status"), Some("0"));
+    assert_eq!(*log.borrow(), vec![(addr(1), Outcome::Status(0))]);
+    assert_eq!(r.open_calls(), 0);
+}
+
+#[test]
+fn calls_take_turns_and_share_one_connection_per_replica() {
+    let (mut r, _) = relay(&[1, 2]);
+    client_calls(&mut r, &[1, 3, 5], b"\0\0\0\0\0");
+    let addrs: Vec<_> = r.backs().map(|b| b.addr).collect();
+    assert_eq!(addrs, vec![addr(1), addr(2)]);
+    let ids = |f: Vec<F>| f.iter().filter(|f| f.kind == HEADERS).map(|f| f.stream).collect::<Vec<_>>();
+    assert_eq!(ids(back_frames(&mut r, 0)), vec![1, 3]);
+    assert_eq!(ids(back_frames(&mut r, 1)), vec![1]);
+}
+
+#[test]
+fn a_refused_stream_goes_to_another_replica_with_its_request() {
+    let (mut r, log) = relay(&[1, 2]);
+    client_calls(&mut r, &[1], b"\0\0\0\0\x01x");
+    back_frames(&mut r, 0);
+    let mut buf = BytesMut::new();
+    frame::put_rst(&mut buf, 1, Reason::RefusedStream);
+    r.back_read(0, &mut buf);
+    let again = back_frames(&mut r, 1);
+    assert_eq!(
+        again.iter().map(|f| (f.kind, f.flags)).collect::<Vec<_>>(),
+        vec![(HEADERS, END_HEADERS), (DATA, END_STREAM)]
+    );
+    assert_eq!(again[1].payload, b"\0\0\0\0\x01x");
+    answer(&mut r, 1, 1, b"\0\0\0\0\0", "0");
+    assert_eq!(*log.borrow(), vec![(addr(1), Outcome::Refused), (addr(2), Outcome::Status(0))]);
+    assert!(calls(r.client_out()).iter().all(|f| f.kind != RST_STREAM));
+}
+
+#[test]
+fn streams_above_a_goaway_go_elsewhere_and_those_below_finish() {
+    let (mut r, log) = relay(&[1, 2]);
+    client_calls(&mut r, &[1], b"\0\0\0\0\0");
+    // Both later calls on replica 1's connection: replica 2 is not ready.
+    r.picker.replicas = vec![addr(1)];
+    client_calls_more(&mut r, &[3, 5]);
+    r.picker.replicas = vec![addr(1), addr(2)];
+    back_frames(&mut r, 0);
+    let mut buf = BytesMut::new();
+    frame::put_goaway(&mut buf, 1, Reason::NoError);
+    r.back_read(0, &mut buf);
+    let moved: Vec<_> = back_frames(&mut r, 1).iter().filter(|f| f.kind == HEADERS).map(|f| f.stream).collect();
+    assert_eq!(moved, vec![1, 3], "client streams 3 and 5, as streams 1 and 3 on replica 2");
+    answer(&mut r, 0, 1, b"\0\0\0\0\0", "0");
+    assert!(r.backs().all(|b| b.id != 0), "the closing connection is let go once empty");
+    assert_eq!(log.borrow()[..2], [(addr(1), Outcome::Refused), (addr(1), Outcome::Refused)]);
+    assert_eq!(log.borrow()[2], (addr(1), Outcome::Status(0)));
+}
+
+fn client_calls_more(r: &mut Relay<Turns>, streams: &[u32]) {
+    let mut buf = BytesMut::new();
+    for &id in streams {
+        put(&mut buf, HEADERS, END_HEADERS, id, &request("/hello.HelloService/SayHello"));
+        put(&mut buf, DATA, END_STREAM, id, b"\0\0\0\0\0");
+    }
+    r.client_read(&mut buf);
+}
+
+#[test]
+fn a_connection_never_made_sends_its_calls_elsewhere_and_one_lost_fails_them() {
+    let (mut r, log) = relay(&[1, 2]);
+    client_calls(&mut r, &[1], b"\0\0\0\0\0");
+    r.back_lost(0);
+    assert!(back_frames(&mut r, 1).iter().any(|f| f.kind == HEADERS));
+    r.back_connected(1);
+    let mut buf = BytesMut::new();
+    put(&mut buf, HEADERS, END_HEADERS, 1, &response_headers());
+    put(&mut buf, DATA, 0, 1, b"\0\0\0\0\0");
+    r.back_read(1, &mut buf);
+    r.back_lost(1);
+    let got = calls(r.client_out());
+    let last = got.last().unwrap();
+    assert_eq!((last.kind, last.flags & END_STREAM), (HEADERS, END_STREAM));
+    assert_eq!(header(&decode(&last.payload), "grpc-status"), Some("14"));
+    assert_eq!(*log.borrow(), vec![(addr(1), Outcome::Refused), (addr(2), Outcome::Lost)]);
+}
+
+#[test]
+fn no_ready_replica_is_unavailable_at_once() {
+    let (mut r, _) = relay(&[]);
+    client_calls(&mut r, &[1], b"\0\0\0\0\0");
+    let got = calls(r.client_out());
+    assert_eq!((got[0].kind, got[0].flags & END_STREAM), (HEADERS, END_STREAM));
+    assert_eq!(header(&decode(&got[0].payload), "grpc-status"), Some("14"));
+}
+
+#[test]
+fn request_bytes_wait_for_the_replica_window_and_are_credited_only_once_sent() {
+    let (mut r, _) = relay(&[1]);
+    let mut buf = BytesMut::from(frame::PREFACE);
+    frame::put_settings(&mut buf, &[]);
+    put(&mut buf, HEADERS, END_HEADERS, 1, &request("/echo.Echo/Stream"));
+    for _ in 0..6 {
+        put(&mut buf, DATA, 0, 1, &[7; 16_384]);
+    }
+    r.client_read(&mut buf);
+    calls(r.client_out());
+    let sent: usize = back_frames(&mut r, 0).iter().filter(|f| f.kind == DATA).map(|f| f.payload.len()).sum();
+    assert_eq!(sent, 65_535, "the replica's default window");
+    let mut buf = BytesMut::new();
+    frame::put_window_update(&mut buf, 1, 100_000);
+    frame::put_window_update(&mut buf, 0, 100_000);
+    r.back_read(0, &mut buf);
+    let sent: usize = back_frames(&mut r, 0).iter().filter(|f| f.kind == DATA).map(|f| f.payload.len()).sum();
+    assert_eq!(sent, 6 * 16_384 - 65_535);
+    // 96 KiB forwarded of a 1 MiB stream window: no stream credit yet (half a window).
+    assert!(calls(r.client_out()).is_empty());
+}
+
+#[test]
+fn a_response_waits_for_the_client_window_and_trailers_follow_it() {
+    let (mut r, log) = relay(&[1]);
+    let mut buf = BytesMut::from(frame::PREFACE);
+    frame::put_settings(&mut buf, &[(frame::SETTINGS_INITIAL_WINDOW_SIZE, 10)]);
+    put(&mut buf, HEADERS, END_HEADERS | END_STREAM, 1, &request("/a/b"));
+    r.client_read(&mut buf);
+    let mut buf = BytesMut::new();
+    put(&mut buf, HEADERS, END_HEADERS, 1, &response_headers());
+    put(&mut buf, DATA, 0, 1, &[1; 25]);
+    put(&mut buf, HEADERS, END_HEADERS | END_STREAM, 1, &trailers("0"));
+    r.back_read(0, &mut buf);
+    let shape = |f: Vec<F>| f.iter().map(|f| (f.kind, f.flags, f.payload.len())).collect::<Vec<_>>();
+    assert_eq!(shape(calls(r.client_out())), vec![(HEADERS, END_HEADERS, 20), (DATA, 0, 10)]);
+    let mut buf = BytesMut::new();
+    frame::put_window_update(&mut buf, 1, 100);
+    r.client_read(&mut buf);
+    let rest = shape(calls(r.client_out()));
+    assert_eq!(rest[0], (DATA, 0, 15));
+    assert_eq!((rest[1].0, rest[1].1), (HEADERS, END_HEADERS | END_STREAM));
+    assert_eq!(*log.borrow(), vec![(addr(1), Outcome::Status(0))]);
+}
+
+#[test]
+fn a_header_block_naming_dynamic_entries_is_encoded_again_with_the_same_headers() {
+    let (mut r, _) = relay(&[1]);
+    let mut enc = Encoder::new();
+    let headers: Vec<(&[u8], &[u8])> =
+        vec![(b":method", b"POST"), (b":path", b"/a/b"), (b"x-key", b"value"), (b":scheme", b"http")];
+    let first = enc.encode(headers.iter().copied());
+    let second = enc.encode(headers.iter().copied());
+    assert!(hpack::static_only(&second).is_none(), "the encoder used its table");
+    let mut buf = BytesMut::from(frame::PREFACE);
+    put(&mut buf, HEADERS, END_HEADERS | END_STREAM, 1, &first);
+    put(&mut buf, HEADERS, END_HEADERS | END_STREAM, 3, &second);
+    r.client_read(&mut buf);
+    let sent = back_frames(&mut r, 0);
+    let want: Vec<(String, String)> = headers
+        .iter()
+        .map(|(n, v)| (String::from_utf8(n.to_vec()).unwrap(), String::from_utf8(v.to_vec()).unwrap()))
+        .collect();
+    // Each block stands alone: a fresh decoder reads both.
+    assert_eq!(decode(&sent[0].payload), want);
+    assert_eq!(decode(&sent[1].payload), want);
+}
+
+#[test]
+fn the_stream_limit_refuses_the_next_stream() {
+    let (mut r, _) = relay(&[1]);
+    let ids: Vec<u32> = (0..=200).map(|i| 2 * i + 1).collect();
+    let mut buf = BytesMut::from(frame::PREFACE);
+    for &id in &ids {
+        put(&mut buf, HEADERS, END_HEADERS, id, &request("/a/b"));
+    }
+    r.client_read(&mut buf);
+    let got = calls(r.client_out());
+    assert_eq!(got.len(), 1);
+    assert_eq!((got[0].kind, got[0].stream, got[0].payload.clone()), (RST_STREAM, 401, 7u32.to_be_bytes().to_vec()));
+    assert_eq!(r.open_calls(), 200);
+}
+
+#[test]
+fn an_oversized_header_list_is_answered_431_and_the_connection_goes_on() {
+    let (mut r, _) = relay(&[1]);
+    let mut block = request("/a/b");
+    hpack::encode(b"x-big", &[b'x'; 20_000], &mut block);
+    let rest = block.split_off(16_000);
+    let mut buf = BytesMut::from(frame::PREFACE);
+    put(&mut buf, HEADERS, 0, 1, &block);
+    put(&mut buf, CONTINUATION, END_HEADERS | END_STREAM, 1, &rest);
+    put(&mut buf, HEADERS, END_HEADERS | END_STREAM, 3, &request("/a/b"));
+    r.client_read(&mut buf);
+    let got = calls(r.client_out());
+    assert_eq!((got[0].kind, got[0].stream), (HEADERS, 1));
+    assert_eq!(header(&decode(&got[0].payload), ":status"), Some("431"));
+    assert!(back_frames(&mut r, 0).iter().any(|f| f.kind == HEADERS && f.stream == 1), "stream 3 went on");
+    assert!(!r.is_done());
+}
+
+#[test]
+fn a_continuation_flood_ends_the_connection() {
+    let (mut r, _) = relay(&[1]);
+    let mut buf = BytesMut::from(frame::PREFACE);
+    put(&mut buf, HEADERS, 0, 1, &request("/a/b"));
+    r.client_read(&mut buf);
+    let mut fed = 0;
+    while !r.is_done() {
+        let mut buf = BytesMut::new();
+        put(&mut buf, CONTINUATION, 0, 1, &[0x40; 16_000]);
+        r.client_read(&mut buf);
+        fed += 16_000;
+        assert!(fed < 1 << 20, "still reading one header block after {fed} bytes");
+    }
+    let goaway = frames(r.client_out()).into_iter().find(|f| f.kind == GOAWAY).unwrap();
+    assert_eq!(frame::u32_at(&goaway.payload, 4), Some(Reason::EnhanceYourCalm as u32));
+}
+
+#[test]
+fn a_rapid_reset_flood_is_calmed_and_cancels_reach_the_replica() {
+    let (mut r, log) = relay(&[1]);
+    let mut buf = BytesMut::from(frame::PREFACE);
+    for i in 0..2000u32 {
+        put(&mut buf, HEADERS, END_HEADERS, 2 * i + 1, &request("/a/b"));
+        frame::put_rst(&mut buf, 2 * i + 1, Reason::Cancel);
+    }
+    r.client_read(&mut buf);
+    assert!(r.is_done());
+    let goaway = frames(r.client_out()).into_iter().find(|f| f.kind == GOAWAY).unwrap();
+    assert_eq!(frame::u32_at(&goaway.payload, 4), Some(Reason::EnhanceYourCalm as u32));
+    assert_eq!(log.borrow().len(), 1025);
+    assert!(log.borrow().iter().all(|(_, o)| *o == Outcome::Cancelled));
+    let resets = back_frames(&mut r, 0).iter().filter(|f| f.kind == RST_STREAM).count();
+    assert_eq!(resets, 1025);
+}
+
+#[test]
+fn garbage_instead_of_a_preface_ends_the_connection() {
+    let (mut r, _) = relay(&[1]);
+    r.client_read(&mut BytesMut::from(&b"GET / HTTP/1.1\r\n\r\n"[..]));
+    assert!(r.is_done());
+    let (mut r, _) = relay(&[1]);
+    let mut buf = BytesMut::from(frame::PREFACE);
+    buf.extend_from_slice(&[0xff, 0xff, 0xff, 0]);
+    r.client_read(&mut buf);
+    assert!(!r.is_done(), "part of a frame header waits for the rest");
+    buf.extend_from_slice(&[0, 0, 0, 0, 0]);
+    r.client_read(&mut buf);
+    assert!(r.is_done(), "a 16 MiB frame is refused before it is read");
+}
+
+#[test]
+fn health_checks_are_answered_by_the_relay() {
+    for (serving, want) in [(true, 1u8), (false, 2)] {
+        let (mut r, _) = relay(&[1]);
+        r.picker.serving = serving;
+        let mut buf = BytesMut::from(frame::PREFACE);
+        put(&mut buf, HEADERS, END_HEADERS, 1, &request("/grpc.health.v1.Health/Check"));
+        put(&mut buf, DATA, END_STREAM, 1, b"\0\0\0\0\0");
+        r.client_read(&mut buf);
+        let got = calls(r.client_out());
+        assert_eq!(got[1].payload, [0, 0, 0, 0, 2, 0x08, want]);
+        assert_eq!(header(&decode(&got[2].payload), "grpc-status"), Some("0"));
+        assert!(r.backs().next().is_none(), "no replica asked");
+    }
+}
+
+#[test]
+fn a_client_reset_cancels_the_replica_stream() {
+    let (mut r, log) = relay(&[1]);
+    let mut buf = BytesMut::from(frame::PREFACE);
+    put(&mut buf, HEADERS, END_HEADERS, 1, &request("/a/b"));
+    frame::put_rst(&mut buf, 1, Reason::Cancel);
+    r.client_read(&mut buf);
+    let sent = back_frames(&mut r, 0);
+    assert_eq!(
+        sent.last().map(|f| (f.kind, f.stream, f.payload.clone())),
+        Some((RST_STREAM, 1, 8u32.to_be_bytes().to_vec()))
+    );
+    assert_eq!(*log.borrow(), vec![(addr(1), Outcome::Cancelled)]);
+}
+
+#[test]
+fn a_drain_refuses_new_streams_and_ends_once_calls_finish() {
+    let (mut r, _) = relay(&[1]);
+    let mut buf = BytesMut::from(frame::PREFACE);
+    put(&mut buf, HEADERS, END_HEADERS | END_STREAM, 1, &request("/a/b"));
+    r.client_read(&mut buf);
+    r.drain();
+    let mut buf = BytesMut::new();
+    put(&mut buf, HEADERS, END_HEADERS | END_STREAM, 3, &request("/a/b"));
+    r.client_read(&mut buf);
+    let got = calls(r.client_out());
+    assert_eq!((got[0].kind, frame::u31(&got[0].payload, 0)), (GOAWAY, Some(1)));
+    assert_eq!((got[1].kind, got[1].stream), (RST_STREAM, 3));
+    assert!(!r.is_done());
+    answer(&mut r, 0, 1, b"\0\0\0\0\0", "0");
+    assert!(r.is_done());
+}
