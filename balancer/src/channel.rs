@@ -25,7 +25,7 @@ use crate::{
     discover::{Discovery, Dns, HostPort},
     error::Error,
     kubernetes::KubernetesSettings,
-    pool::{Endpoints, Pool, PoolEvent},
+    pool::{Endpoints, Outcome, Pool, PoolEvent},
     replay::{BoxError, Budget},
     response::UpstreamBody,
     retry::{ServiceConfig, Throttle},
@@ -217,6 +217,81 @@ where
     ) -> impl Future<Output = Result<Response<UpstreamBody>, Status>> + Send + 'static {
         let shared = self.shared.clone();
         async move { forward(&shared, req).await }
+    }
+}
+
+/// A replica picked for a call forwarded by other means than [`Balancer::send`] (the
+/// proxy's frame relay), and where that attempt's outcome goes.
+pub struct Placement {
+    pub addr: SocketAddr,
+    outcome: Outcome,
+    /// Replicas the call was sent to before, unprocessed.
+    transparent_retries: u32,
+    started: tokio::time::Instant,
+}
+
+/// How a [`Placement`]'s attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placed {
+    /// With this `grpc-status`.
+    Status(lb_core::Code),
+    /// The connection was lost, or the replica reset the stream.
+    Lost,
+    /// The caller cancelled.
+    Cancelled,
+    /// The replica did not process it; the call goes on elsewhere.
+    Refused,
+}
+
+impl<B> Balancer<B>
+where
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError> + Send,
+{
+    /// Picks a ready replica for a call to `path` now, as [`Balancer::send`] would,
+    /// preferring those not in `avoid`; `None` when none is ready (no waiting).
+    pub fn place(&self, path: &str, avoid: &[SocketAddr]) -> Option<Placement> {
+        let picked = self.shared.pool.pick(path, avoid, &[], false).ok()?;
+        let transparent_retries = avoid.len() as u32;
+        Some(Placement {
+            addr: picked.addr,
+            outcome: picked.outcome,
+            transparent_retries,
+            started: tokio::time::Instant::now(),
+        })
+    }
+
+    /// Why [`Balancer::place`] found no replica, as a call failing at once hears it.
+    pub fn unplaced(&self) -> String {
+        let pool = &self.shared.pool;
+        Error::NoEndpoint { target: pool.target.clone(), waited: Duration::ZERO, tried: pool.describe() }.to_string()
+    }
+
+    /// A placed attempt ended: outlier detection and the metrics hear it as they hear
+    /// [`Balancer::send`]'s (a refused one is not counted; its call goes on).
+    pub fn placed_ended(&self, p: Placement, path: &str, how: Placed) {
+        let shared = &self.shared;
+        let method = |code| shared.metrics.then(|| shared.counters.method(path, code == lb_core::Code::Ok).0);
+        let code = match how {
+            Placed::Refused => return,
+            Placed::Status(code) => {
+                p.outcome.status(code, method(code));
+                code
+            }
+            Placed::Lost => {
+                p.outcome.lost(method(lb_core::Code::Unavailable));
+                lb_core::Code::Unavailable
+            }
+            Placed::Cancelled => {
+                p.outcome.cancelled(method(lb_core::Code::Cancelled));
+                lb_core::Code::Cancelled
+            }
+        };
+        if shared.metrics {
+            let stats =
+                lb_core::call::Stats { attempts: 1, transparent_retries: p.transparent_retries, ..Default::default() };
+            shared.counters.record(path, &stats, code, p.started.elapsed());
+        }
     }
 }
 

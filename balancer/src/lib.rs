@@ -53,7 +53,7 @@ mod wire;
 
 pub use lb_core::{backoff, duration, frame, histogram, pick, retry, rng};
 
-pub use channel::{Balancer, Settings};
+pub use channel::{Balancer, Placed, Placement, Settings};
 pub use connect::Protocol;
 pub use discover::HostPort;
 pub use error::Error;

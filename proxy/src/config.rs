@@ -99,6 +99,17 @@ pub struct ServeArgs {
     #[arg(long, value_name = "MICROS", env = "PROXY_BUSY_POLL", default_value_t = 0,
           value_parser = clap::value_parser!(u64).range(0..=100_000))]
     pub busy_poll: u64,
+    /// Forward h2c calls with the frame relay instead of the HTTP/2 stack: frames pass
+    /// between the client's connection and connections to replicas with their stream
+    /// ids rewritten, at a fraction of the CPU. It places every call local-first
+    /// round-robin, sends calls a replica did not process elsewhere, and keeps outlier
+    /// detection and metrics; it does not apply retryPolicy, hedgingPolicy or method
+    /// timeouts (a service config with them is refused), does not wait for a replica
+    /// when none is ready, and needs --upstream-protocol h2. HTTP/3 clients use the
+    /// HTTP/2 stack as before.
+    #[arg(long, env = "PROXY_RELAY", default_value = "off", value_parser = on_off, action = clap::ArgAction::Set,
+          num_args = 0..=1, default_missing_value = "on")]
+    pub relay: bool,
     /// Runtime worker threads [default: one per CPU].
     #[arg(long, env = "PROXY_THREADS")]
     pub threads: Option<usize>,
@@ -194,6 +205,19 @@ impl ServeArgs {
         };
         if self.upstream_protocol != Protocol::H2 && self.ca_cert.is_none() {
             anyhow::bail!("--upstream-protocol {} needs --ca-cert to verify the replicas", self.upstream_protocol);
+        }
+        if self.relay {
+            if self.upstream_protocol != Protocol::H2 {
+                anyhow::bail!("--relay forwards over HTTP/2 only, not --upstream-protocol {}", self.upstream_protocol);
+            }
+            if let Some(m) =
+                service_config.methods.iter().find(|m| m.retry.is_some() || m.hedging.is_some() || m.timeout.is_some())
+            {
+                let (service, method) = m.names.first().cloned().unwrap_or_default();
+                anyhow::bail!(
+                    "--relay does not apply retryPolicy, hedgingPolicy or timeout, and the service config sets one for {service}/{method}; drop --relay or that policy"
+                );
+            }
         }
         Ok(Settings {
             target: self.target.clone(),

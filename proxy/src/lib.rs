@@ -7,11 +7,14 @@
 //! - [`config`]: flags and env vars.
 //! - [`admin`]: the read-only admin API (`--admin-listen`): endpoints and metrics.
 //! - [`run`]: the accept loops, per-request routing, and graceful shutdown.
+//! - `front`: the h2c front over the `h2` crate; `relay`: the `--relay` front, the IO
+//!   around the `relay` crate's frame relay.
 
 pub mod admin;
 mod busy;
 pub mod config;
 mod front;
+mod relay;
 
 use std::{convert::Infallible, future::Future, sync::Arc};
 
@@ -47,6 +50,12 @@ struct App {
     health: Health,
     /// `--busy-poll`: told when h2c calls start and finish.
     busy: Option<Arc<busy::BusyPoll>>,
+    /// `--relay`: h2c clients are served by the frame relay.
+    relay: bool,
+    /// Bounds the relay's connects to replicas.
+    connect_timeout: std::time::Duration,
+    /// `--max-message-size`, for the relay (the balancer applies it on the h2 path).
+    max_message: u32,
 }
 
 impl App {
@@ -115,7 +124,17 @@ pub async fn run(args: ServeArgs, listener: TcpListener, shutdown: impl Future<O
         warn!("--busy-poll spins to no purpose without --threads 1: a parked worker holds the I/O it would poll");
     }
     let busy = (args.busy_poll > 0).then(|| busy::BusyPoll::start(std::time::Duration::from_micros(args.busy_poll)));
-    let app = Arc::new(App { balancer, health, busy });
+    if args.relay {
+        info!("Forwarding h2c calls with the frame relay (--relay)");
+    }
+    let app = Arc::new(App {
+        balancer,
+        health,
+        busy,
+        relay: args.relay,
+        connect_timeout: args.connect_timeout,
+        max_message: args.max_message_size,
+    });
     let (h3_stop, h3) = match h3_front(&args, app.clone())? {
         Some((stop, task)) => (Some(stop), Some(task)),
         None => (None, None),
@@ -140,7 +159,10 @@ pub async fn run(args: ServeArgs, listener: TcpListener, shutdown: impl Future<O
         let _ = tcp.set_nodelay(true);
         let (app, draining, alive) = (app.clone(), draining.clone(), alive.clone());
         tokio::spawn(async move {
-            front::serve(tcp, peer, app, draining).await;
+            match app.relay {
+                true => relay::serve(tcp, peer, app, draining).await,
+                false => front::serve(tcp, peer, app, draining).await,
+            }
             drop(alive);
         });
     }

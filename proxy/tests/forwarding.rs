@@ -32,6 +32,7 @@ fn msg(text: &str) -> EchoMessage {
 }
 
 over_h2_and_h3! {
+    relay;
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_server_status_with_metadata_reaches_the_client_unchanged() {
         let not_found = |_: &str| Faults { fail_rate: 1.0, fail_code: tonic::Code::NotFound, ..Faults::default() };

@@ -1,13 +1,14 @@
 //! The proxy's HTTP/2 front under hostile clients, in raw frames: the stream limit it
 //! advertises is enforced, an oversized header list is refused without harming the
 //! connection, and CONTINUATION and rapid-reset floods end the connection with bounded
-//! work. After each, the proxy serves a normal call.
+//! work. After each, the proxy serves a normal call. Each runs against the h2 front
+//! (`mod h2`) and the frame relay (`mod relay`).
 
 mod support;
 
 use std::{net::SocketAddr, time::Duration};
 
-use support::{Cluster, Protocol};
+use support::{Cluster, Path, Protocol};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -147,93 +148,111 @@ async fn still_serves(c: &Cluster) {
     assert_eq!(counts.values().sum::<usize>(), 5);
 }
 
-async fn cluster() -> Cluster {
-    let c = Cluster::start(Protocol::H2, &[("s1", "node-a")], &[]).await;
+async fn cluster(path: Path) -> Cluster {
+    let c = Cluster::start(path, &[("s1", "node-a")], &[]).await;
     c.wait_for(&["s1"]).await;
     c
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn streams_beyond_the_advertised_limit_are_refused() {
-    let c = cluster().await;
-    let mut raw = Raw::open(c.proxy).await;
-    let settings = raw.until(|f| f.0 == SETTINGS && f.1 & 1 == 0).await.expect("the proxy's SETTINGS");
-    let limit = settings.3.chunks(6).find(|s| s[..2] == [0, 3]).map(|s| error_code(s, 2)).expect("a stream limit");
-    assert_eq!(limit, 200);
-    // `limit` calls left open (no END_STREAM), then one more.
-    let mut burst = Vec::new();
-    for i in 0..=limit {
-        burst.extend(frame(HEADERS, END_HEADERS, 2 * i + 1, &say_hello(&[])));
-    }
-    raw.tcp.write_all(&burst).await.unwrap();
-    let over = 2 * limit + 1;
-    let reset = raw.until(|f| f.0 == RST_STREAM || f.0 == GOAWAY).await.expect("a reset");
-    assert_eq!((reset.0, reset.2, error_code(&reset.3, 0)), (RST_STREAM, over, REFUSED_STREAM));
-    // The open ones still complete.
-    raw.tcp.write_all(&frame(DATA, END_STREAM, 1, &message("raw"))).await.unwrap();
-    let answer = raw.until(|f| f.0 == DATA && f.2 == 1).await.expect("stream 1 answered");
-    assert!(String::from_utf8_lossy(&answer.3).contains("Hello, raw!"), "{answer:?}");
-    still_serves(&c).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_oversized_header_list_is_refused_and_the_connection_serves_on() {
-    let c = cluster().await;
-    let mut raw = Raw::open(c.proxy).await;
-    let big = "x".repeat(20_000);
-    let mut block = say_hello(&[("x-big", &big)]);
-    // Over two frames: the default maximum frame size is 16 KiB.
-    let rest = block.split_off(16_000);
-    raw.tcp.write_all(&frame(HEADERS, 0, 1, &block)).await.unwrap();
-    raw.tcp.write_all(&frame(CONTINUATION, END_HEADERS, 1, &rest)).await.unwrap();
-    let refused = raw.until(|f| f.2 == 1 && (f.0 == HEADERS || f.0 == RST_STREAM)).await.expect("an answer");
-    if refused.0 == HEADERS {
-        // A final answer from the front itself (h2's 431), not a gRPC response: ended
-        // at once, and not `:status: 200` (static table entry 8, 0x88).
-        assert!(refused.1 & END_STREAM != 0 && refused.3[0] != 0x88, "{refused:?}");
-    }
-    let mut call = frame(HEADERS, END_HEADERS, 3, &say_hello(&[]));
-    call.extend(frame(DATA, END_STREAM, 3, &message("after")));
-    raw.tcp.write_all(&call).await.unwrap();
-    let answer = raw.until(|f| f.0 == DATA && f.2 == 3).await.expect("stream 3 answered on the same connection");
-    assert!(String::from_utf8_lossy(&answer.3).contains("Hello, after!"), "{answer:?}");
-    still_serves(&c).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_continuation_flood_ends_the_connection_early() {
-    let c = cluster().await;
-    let mut raw = Raw::open(c.proxy).await;
-    raw.tcp.write_all(&frame(HEADERS, 0, 1, &say_hello(&[]))).await.unwrap();
-    // Header fields without end, 16 KiB a frame: up to 64 MiB if nobody stops it.
-    let junk = block(&[("x-flood", &"y".repeat(16_000))]);
-    let mut sent = 0usize;
-    let mut closed = false;
-    while sent < 64 << 20 {
-        if raw.tcp.write_all(&frame(CONTINUATION, 0, 1, &junk)).await.is_err() {
-            closed = true;
-            break;
+/// The tests once against the h2 front and once against the frame relay.
+macro_rules! on_both_fronts {
+    ($($item:item)*) => {
+        mod h2 {
+            use super::*;
+            const PATH: Path = Path { protocol: Protocol::H2, relay: false };
+            $($item)*
         }
-        sent += junk.len();
-    }
-    println!("the proxy closed after {sent} bytes of one header block");
-    assert!(closed, "the proxy took 64 MiB of one header block");
-    // What the sockets' buffers hold, at most, beyond what the proxy read.
-    assert!(sent < 8 << 20, "the proxy took {sent} bytes of one header block before closing");
-    still_serves(&c).await;
+        mod relay {
+            use super::*;
+            const PATH: Path = Path::RELAY;
+            $($item)*
+        }
+    };
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rapid_reset_flood_is_calmed() {
-    let c = cluster().await;
-    let mut raw = Raw::open(c.proxy).await;
-    let mut burst = Vec::new();
-    for i in 0..2000u32 {
-        burst.extend(frame(HEADERS, END_HEADERS, 2 * i + 1, &say_hello(&[])));
-        burst.extend(frame(RST_STREAM, 0, 2 * i + 1, &8u32.to_be_bytes())); // CANCEL
+on_both_fronts! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn streams_beyond_the_advertised_limit_are_refused() {
+        let c = cluster(PATH).await;
+        let mut raw = Raw::open(c.proxy).await;
+        let settings = raw.until(|f| f.0 == SETTINGS && f.1 & 1 == 0).await.expect("the proxy's SETTINGS");
+        let limit = settings.3.chunks(6).find(|s| s[..2] == [0, 3]).map(|s| error_code(s, 2)).expect("a stream limit");
+        assert_eq!(limit, 200);
+        // `limit` calls left open (no END_STREAM), then one more.
+        let mut burst = Vec::new();
+        for i in 0..=limit {
+            burst.extend(frame(HEADERS, END_HEADERS, 2 * i + 1, &say_hello(&[])));
+        }
+        raw.tcp.write_all(&burst).await.unwrap();
+        let over = 2 * limit + 1;
+        let reset = raw.until(|f| f.0 == RST_STREAM || f.0 == GOAWAY).await.expect("a reset");
+        assert_eq!((reset.0, reset.2, error_code(&reset.3, 0)), (RST_STREAM, over, REFUSED_STREAM));
+        // The open ones still complete.
+        raw.tcp.write_all(&frame(DATA, END_STREAM, 1, &message("raw"))).await.unwrap();
+        let answer = raw.until(|f| f.0 == DATA && f.2 == 1).await.expect("stream 1 answered");
+        assert!(String::from_utf8_lossy(&answer.3).contains("Hello, raw!"), "{answer:?}");
+        still_serves(&c).await;
     }
-    let _ = raw.tcp.write_all(&burst).await; // the proxy may close before reading all
-    let goaway = raw.until(|f| f.0 == GOAWAY).await.expect("a GOAWAY");
-    assert_eq!(error_code(&goaway.3, 4), ENHANCE_YOUR_CALM, "{goaway:?}");
-    still_serves(&c).await;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_oversized_header_list_is_refused_and_the_connection_serves_on() {
+        let c = cluster(PATH).await;
+        let mut raw = Raw::open(c.proxy).await;
+        let big = "x".repeat(20_000);
+        let mut block = say_hello(&[("x-big", &big)]);
+        // Over two frames: the default maximum frame size is 16 KiB.
+        let rest = block.split_off(16_000);
+        raw.tcp.write_all(&frame(HEADERS, 0, 1, &block)).await.unwrap();
+        raw.tcp.write_all(&frame(CONTINUATION, END_HEADERS, 1, &rest)).await.unwrap();
+        let refused = raw.until(|f| f.2 == 1 && (f.0 == HEADERS || f.0 == RST_STREAM)).await.expect("an answer");
+        if refused.0 == HEADERS {
+            // A final answer from the front itself (h2's 431), not a gRPC response: ended
+            // at once, and not `:status: 200` (static table entry 8, 0x88).
+            assert!(refused.1 & END_STREAM != 0 && refused.3[0] != 0x88, "{refused:?}");
+        }
+        let mut call = frame(HEADERS, END_HEADERS, 3, &say_hello(&[]));
+        call.extend(frame(DATA, END_STREAM, 3, &message("after")));
+        raw.tcp.write_all(&call).await.unwrap();
+        let answer = raw.until(|f| f.0 == DATA && f.2 == 3).await.expect("stream 3 answered on the same connection");
+        assert!(String::from_utf8_lossy(&answer.3).contains("Hello, after!"), "{answer:?}");
+        still_serves(&c).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_continuation_flood_ends_the_connection_early() {
+        let c = cluster(PATH).await;
+        let mut raw = Raw::open(c.proxy).await;
+        raw.tcp.write_all(&frame(HEADERS, 0, 1, &say_hello(&[]))).await.unwrap();
+        // Header fields without end, 16 KiB a frame: up to 64 MiB if nobody stops it.
+        let junk = block(&[("x-flood", &"y".repeat(16_000))]);
+        let mut sent = 0usize;
+        let mut closed = false;
+        while sent < 64 << 20 {
+            if raw.tcp.write_all(&frame(CONTINUATION, 0, 1, &junk)).await.is_err() {
+                closed = true;
+                break;
+            }
+            sent += junk.len();
+        }
+        println!("the proxy closed after {sent} bytes of one header block");
+        assert!(closed, "the proxy took 64 MiB of one header block");
+        // What the sockets' buffers hold, at most, beyond what the proxy read.
+        assert!(sent < 8 << 20, "the proxy took {sent} bytes of one header block before closing");
+        still_serves(&c).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rapid_reset_flood_is_calmed() {
+        let c = cluster(PATH).await;
+        let mut raw = Raw::open(c.proxy).await;
+        let mut burst = Vec::new();
+        for i in 0..2000u32 {
+            burst.extend(frame(HEADERS, END_HEADERS, 2 * i + 1, &say_hello(&[])));
+            burst.extend(frame(RST_STREAM, 0, 2 * i + 1, &8u32.to_be_bytes())); // CANCEL
+        }
+        let _ = raw.tcp.write_all(&burst).await; // the proxy may close before reading all
+        let goaway = raw.until(|f| f.0 == GOAWAY).await.expect("a GOAWAY");
+        assert_eq!(error_code(&goaway.3, 4), ENHANCE_YOUR_CALM, "{goaway:?}");
+        still_serves(&c).await;
+    }
 }

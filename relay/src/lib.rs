@@ -52,11 +52,16 @@ pub trait Picker {
     fn pick(&mut self, path: &str, avoid: &[SocketAddr]) -> Option<(SocketAddr, Self::Attempt)>;
     /// Whether the proxy serves: what `grpc.health.v1.Health/Check` answers.
     fn serving(&self) -> bool;
+    /// Why no replica is ready, for the status of a call that found none.
+    fn unavailable(&self) -> String {
+        "no ready replica".to_owned()
+    }
 }
 
 /// One attempt's outcome goes here.
 pub trait Attempt {
-    fn ended(self, outcome: Outcome);
+    /// The call to `path` ended on this replica as `outcome`.
+    fn ended(self, path: &str, outcome: Outcome);
 }
 
 /// Bounds on what one client connection may make the relay hold or do.
@@ -79,6 +84,8 @@ pub struct Limits {
     pub replay: usize,
     /// Times one call is sent elsewhere before it fails.
     pub max_transparent_retries: usize,
+    /// A request message declared longer than this fails the call (RESOURCE_EXHAUSTED).
+    pub max_message: u32,
 }
 
 impl Default for Limits {
@@ -92,6 +99,7 @@ impl Default for Limits {
             conn_window: 4 << 20,
             replay: 64 << 10,
             max_transparent_retries: 3,
+            max_message: 4 << 20,
         }
     }
 }
@@ -482,6 +490,11 @@ impl<P: Picker> Relay<P> {
         // Padding is credited at once; the content when it has gone on.
         self.client.credit((head.len - (end - start)) as u32, self.limits.conn_window);
         let body = &payload[start..end];
+        if let Err(too_large) = s.scan.feed(body) {
+            self.client.credit((end - start) as u32, self.limits.conn_window);
+            self.end_with(head.stream, 8, &too_large.to_string(), Outcome::Cancelled);
+            return Ok(());
+        }
         let end_stream = head.flags & frame::END_STREAM != 0;
         s.client_ended = end_stream;
         if let Some(replay) = &mut s.replay {
@@ -562,9 +575,10 @@ impl<P: Picker> Relay<P> {
             return Ok(());
         };
         let block = if pass { block.block } else { self.scratch.clone() };
-        let mut stream = Stream::new(Replay::new(path, block), self.limits.stream_window, end_stream);
+        let limits = &self.limits;
+        let mut stream = Stream::new(path, Replay::new(block), limits.stream_window, end_stream, limits.max_message);
         stream.down.window = self.client.initial_send;
-        if stream.replay.as_ref().is_some_and(|r| r.path.starts_with(HEALTH_PREFIX)) {
+        if stream.path.starts_with(HEALTH_PREFIX) {
             stream.local = true;
             self.streams.insert(id, stream);
             if end_stream {
@@ -579,12 +593,15 @@ impl<P: Picker> Relay<P> {
 
     /// Sends a call (again) to a replica it has not tried, or fails it.
     fn place(&mut self, id: u32) {
-        let Some(replay) = self.streams.get_mut(&id).and_then(|s| s.replay.as_mut()) else { return };
+        let Some(s) = self.streams.get_mut(&id) else { return };
+        let Some(replay) = &mut s.replay else { return };
         if replay.tried.len() > self.limits.max_transparent_retries {
-            return self.end_with(id, 14, "the call was refused unprocessed by every replica tried");
+            let why = "the call was refused unprocessed by every replica tried";
+            return self.end_with(id, 14, why, Outcome::Refused);
         }
-        let Some((addr, attempt)) = self.picker.pick(&replay.path, &replay.tried) else {
-            return self.end_with(id, 14, "no ready replica");
+        let Some((addr, attempt)) = self.picker.pick(&s.path, &replay.tried) else {
+            let why = self.picker.unavailable();
+            return self.end_with(id, 14, &why, Outcome::Refused);
         };
         replay.tried.push(addr);
         let back = match self.backs.iter().find(|b| b.addr == addr && b.takes_calls()) {
@@ -666,7 +683,7 @@ impl<P: Picker> Relay<P> {
         self.resets = self.resets.saturating_sub(1);
         self.detach(&mut s, Reason::NoError);
         if let Some(a) = s.attempt.take() {
-            a.ended(s.outcome());
+            a.ended(&s.path, s.outcome());
         }
     }
 
@@ -675,7 +692,7 @@ impl<P: Picker> Relay<P> {
         let Some(mut s) = self.streams.remove(&id) else { return };
         self.detach(&mut s, Reason::Cancel);
         if let Some(a) = s.attempt.take() {
-            a.ended(Outcome::Cancelled);
+            a.ended(&s.path, Outcome::Cancelled);
         }
     }
 
@@ -695,7 +712,7 @@ impl<P: Picker> Relay<P> {
 
     /// Ends a call with a status from the relay: trailers-only if no response began,
     /// else trailers after what is pending.
-    fn end_with(&mut self, id: u32, code: u8, message: &str) {
+    fn end_with(&mut self, id: u32, code: u8, message: &str, outcome: Outcome) {
         let Some(s) = self.streams.get_mut(&id) else { return };
         s.status = Some(code);
         s.replay = None;
@@ -707,7 +724,7 @@ impl<P: Picker> Relay<P> {
                 }
                 self.detach(&mut s, Reason::Cancel);
                 if let Some(a) = s.attempt.take() {
-                    a.ended(Outcome::Lost);
+                    a.ended(&s.path, outcome);
                 }
             }
             return;
@@ -718,7 +735,7 @@ impl<P: Picker> Relay<P> {
         s.down.end = true;
         s.response = Response::Ended;
         if let Some(a) = s.attempt.take() {
-            a.ended(Outcome::Lost);
+            a.ended(&s.path, outcome);
         }
         self.pump_down(id);
     }
@@ -739,7 +756,7 @@ impl<P: Picker> Relay<P> {
         let Some(replay) = s.replay else {
             return self.trailers_only(id, 8, "health check request too large");
         };
-        if replay.path != HEALTH_CHECK {
+        if s.path != HEALTH_CHECK {
             return self.trailers_only(id, 12, "only Health/Check is answered with --relay");
         }
         // A HealthCheckRequest with no service: an empty message, or field 1 empty.
@@ -775,11 +792,11 @@ impl<P: Picker> Relay<P> {
             s.back = DETACHED;
             if !b.connected && s.response == Response::None && s.replay.is_some() {
                 if let Some(a) = s.attempt.take() {
-                    a.ended(Outcome::Refused);
+                    a.ended(&s.path, Outcome::Refused);
                 }
                 self.place(id);
             } else {
-                self.end_with(id, 14, "the replica's connection was lost");
+                self.end_with(id, 14, &format!("the connection to replica {} was lost", b.addr), Outcome::Lost);
             }
         }
     }
@@ -856,13 +873,13 @@ impl<P: Picker> Relay<P> {
                 s.back = DETACHED;
                 if reason == Reason::RefusedStream as u32 && s.response == Response::None && s.replay.is_some() {
                     if let Some(a) = s.attempt.take() {
-                        a.ended(Outcome::Refused);
+                        a.ended(&s.path, Outcome::Refused);
                     }
                     self.place(id);
                 } else if let Some(mut s) = self.streams.remove(&id) {
                     frame::put(&mut self.client.out, frame::RST_STREAM, 0, id, &reason.to_be_bytes());
                     if let Some(a) = s.attempt.take() {
-                        a.ended(Outcome::Lost);
+                        a.ended(&s.path, Outcome::Lost);
                     }
                     s.back = DETACHED;
                 }
@@ -899,7 +916,7 @@ impl<P: Picker> Relay<P> {
                     let Some(s) = self.streams.get_mut(&id) else { continue };
                     s.back = DETACHED;
                     if let Some(a) = s.attempt.take() {
-                        a.ended(Outcome::Refused);
+                        a.ended(&s.path, Outcome::Refused);
                     }
                     if s.replay.is_some() {
                         self.place(id);

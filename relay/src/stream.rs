@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 
 use bytes::BytesMut;
+use lb_core::frame::FrameScan;
 
 use crate::{Conn, frame};
 
@@ -32,7 +33,6 @@ pub(crate) enum Response {
 
 /// The request as first received, kept until the response begins.
 pub(crate) struct Replay {
-    pub path: String,
     /// The request's header block, valid on any connection (no dynamic-table reference).
     pub block: Vec<u8>,
     /// Request DATA received so far.
@@ -42,8 +42,8 @@ pub(crate) struct Replay {
 }
 
 impl Replay {
-    pub fn new(path: String, block: Vec<u8>) -> Replay {
-        Replay { path, block, data: BytesMut::new(), tried: Vec::new() }
+    pub fn new(block: Vec<u8>) -> Replay {
+        Replay { block, data: BytesMut::new(), tried: Vec::new() }
     }
 }
 
@@ -131,6 +131,8 @@ impl Dir {
 
 /// A call across the relay.
 pub(crate) struct Stream<A> {
+    /// The method, `/service/method`.
+    pub path: String,
     /// The back it is placed on ([`DETACHED`] while none).
     pub back: u64,
     /// Its stream id there.
@@ -148,14 +150,17 @@ pub(crate) struct Stream<A> {
     pub client_ended: bool,
     /// The request, while it can still be sent elsewhere.
     pub replay: Option<Replay>,
+    /// Finds each request message's length, to refuse one over the limit.
+    pub scan: FrameScan,
 }
 
 /// A stream on no back.
 pub(crate) const DETACHED: u64 = u64::MAX;
 
 impl<A> Stream<A> {
-    pub fn new(replay: Replay, window: u32, client_ended: bool) -> Self {
+    pub fn new(path: String, replay: Replay, window: u32, client_ended: bool, max_message: u32) -> Self {
         Stream {
+            path,
             back: DETACHED,
             up_id: 0,
             local: false,
@@ -166,6 +171,7 @@ impl<A> Stream<A> {
             status: None,
             client_ended,
             replay: Some(replay),
+            scan: FrameScan::new(max_message),
         }
     }
 

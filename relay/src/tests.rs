@@ -21,7 +21,7 @@ struct Turns {
 struct Logged(SocketAddr, Log);
 
 impl Attempt for Logged {
-    fn ended(self, outcome: Outcome) {
+    fn ended(self, _path: &str, outcome: Outcome) {
         self.1.borrow_mut().push((self.0, outcome));
     }
 }
@@ -260,8 +260,11 @@ fn request_bytes_wait_for_the_replica_window_and_are_credited_only_once_sent() {
     let mut buf = BytesMut::from(frame::PREFACE);
     frame::put_settings(&mut buf, &[]);
     put(&mut buf, HEADERS, END_HEADERS, 1, &request("/echo.Echo/Stream"));
-    for _ in 0..6 {
-        put(&mut buf, DATA, 0, 1, &[7; 16_384]);
+    // One message of 96 KiB, its 5-byte prefix included.
+    let mut message = vec![7; 6 * 16_384];
+    message[..5].copy_from_slice(&[0, 0, 1, 0x7f, 0xfb]);
+    for chunk in message.chunks(16_384) {
+        put(&mut buf, DATA, 0, 1, chunk);
     }
     r.client_read(&mut buf);
     calls(r.client_out());
@@ -405,6 +408,20 @@ fn garbage_instead_of_a_preface_ends_the_connection() {
     buf.extend_from_slice(&[0, 0, 0, 0, 0]);
     r.client_read(&mut buf);
     assert!(r.is_done(), "a 16 MiB frame is refused before it is read");
+}
+
+#[test]
+fn a_message_over_the_limit_fails_the_call_and_resets_the_replica_stream() {
+    let (mut r, log) = relay(&[1]);
+    let mut buf = BytesMut::from(frame::PREFACE);
+    put(&mut buf, HEADERS, END_HEADERS, 1, &request("/a/b"));
+    put(&mut buf, DATA, 0, 1, &[0, 0, 0x40, 0, 1]); // 4 MiB + 1
+    r.client_read(&mut buf);
+    let got = calls(r.client_out());
+    assert_eq!(header(&decode(&got[0].payload), "grpc-status"), Some("8"));
+    assert_eq!((got[1].kind, got[1].stream), (RST_STREAM, 1), "the client is told to stop sending");
+    assert_eq!(back_frames(&mut r, 0).last().map(|f| f.kind), Some(RST_STREAM));
+    assert_eq!(*log.borrow(), vec![(addr(1), Outcome::Cancelled)]);
 }
 
 #[test]

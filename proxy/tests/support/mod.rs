@@ -30,11 +30,37 @@ struct Member {
     replica: Option<Replica>,
 }
 
+/// How the proxy under test forwards: the protocol to the replicas, and whether h2c
+/// calls go through the frame relay (`--relay`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Path {
+    pub protocol: Protocol,
+    pub relay: bool,
+}
+
+impl Path {
+    /// HTTP/2 to the replicas, through the frame relay.
+    pub const RELAY: Path = Path { protocol: Protocol::H2, relay: true };
+}
+
+impl From<Protocol> for Path {
+    fn from(protocol: Protocol) -> Path {
+        Path { protocol, relay: false }
+    }
+}
+
+impl PartialEq<Protocol> for Path {
+    fn eq(&self, other: &Protocol) -> bool {
+        self.protocol == *other
+    }
+}
+
 pub struct Cluster {
     pub net: Subnet,
     pub dns: Dns,
     members: BTreeMap<String, Member>,
     protocol: Protocol,
+    relay: bool,
     pub proxy: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
@@ -43,12 +69,12 @@ pub struct Cluster {
 impl Cluster {
     /// Replicas named in `layout` with their node; the proxy runs on node-a and talks
     /// to them over `protocol`.
-    pub async fn start(protocol: Protocol, layout: &[(&str, &str)], proxy_args: &[&str]) -> Cluster {
-        Self::start_with(protocol, layout, proxy_args, |_| Faults::default()).await
+    pub async fn start(path: impl Into<Path>, layout: &[(&str, &str)], proxy_args: &[&str]) -> Cluster {
+        Self::start_with(path, layout, proxy_args, |_| Faults::default()).await
     }
 
     pub async fn start_with(
-        protocol: Protocol,
+        path: impl Into<Path>,
         layout: &[(&str, &str)],
         proxy_args: &[&str],
         faults: impl Fn(&str) -> Faults,
@@ -56,8 +82,17 @@ impl Cluster {
         testkit::init_logging();
         let net = Subnet::random();
         let dns = Dns::start(net.ip(250)).await;
-        let mut c =
-            Cluster { net, dns, members: BTreeMap::new(), protocol, proxy: net.addr(200), stop: None, task: None };
+        let Path { protocol, relay } = path.into();
+        let mut c = Cluster {
+            net,
+            dns,
+            members: BTreeMap::new(),
+            protocol,
+            relay,
+            proxy: net.addr(200),
+            stop: None,
+            task: None,
+        };
         for (name, node) in layout {
             c.add_with(name, node, faults(name));
         }
@@ -81,6 +116,9 @@ impl Cluster {
         let protocol = self.protocol.to_string();
         if self.protocol != Protocol::H2 {
             argv.extend_from_slice(&["--upstream-protocol", &protocol, "--ca-cert", &ca]);
+        }
+        if self.relay {
+            argv.push("--relay");
         }
         argv.extend_from_slice(extra);
         let args = proxy::config::Args::try_parse_from(argv).unwrap().serve;
@@ -279,9 +317,19 @@ pub fn frame(msg: &[u8]) -> bytes::Bytes {
 }
 
 /// Runs the tests given once over HTTP/2 (`mod h2`) and once over HTTP/3 (`mod h3`) to
-/// the replicas; each sees its protocol as `PROTOCOL`.
+/// the replicas; each sees its protocol as `PROTOCOL`. With `relay;` first, also once
+/// through the frame relay (`mod relay`, `PROTOCOL` a [`Path`]).
 #[macro_export]
 macro_rules! over_h2_and_h3 {
+    (relay; $($item:item)*) => {
+        $crate::over_h2_and_h3! { $($item)* }
+        mod relay {
+            #[allow(unused_imports)]
+            use super::*;
+            const PROTOCOL: $crate::support::Path = $crate::support::Path::RELAY;
+            $($item)*
+        }
+    };
     ($($item:item)*) => {
         mod h2 {
             #[allow(unused_imports)]

@@ -1,0 +1,279 @@
+//! The `--relay` front: the IO around [`relay::Relay`]. One task per client connection
+//! owns the client's socket and its own connections to the replicas its calls were
+//! placed on; it reads whatever is ready, hands the bytes to the relay, and writes what
+//! the relay queued. No task, channel or lock per call.
+
+use std::{
+    future::{Future, poll_fn},
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use balancer::{Placed, Placement};
+use bytes::{Buf, BytesMut};
+use relay::{Limits, Outcome, Relay};
+use tokio::{
+    io::AsyncWrite,
+    net::TcpStream,
+    sync::watch,
+    time::{Duration, timeout},
+};
+use tracing::debug;
+
+use crate::App;
+
+/// Reading from a side stops while more than this waits to be written to the other.
+const HIGH_WATER: usize = 1 << 20;
+/// Bytes read at a time.
+const READ_SIZE: usize = 32 << 10;
+
+/// Places the relay's calls with the balancer.
+struct Placer {
+    app: Arc<App>,
+}
+
+struct Attempt {
+    app: Arc<App>,
+    placement: Placement,
+}
+
+impl relay::Picker for Placer {
+    type Attempt = Attempt;
+
+    fn pick(&mut self, path: &str, avoid: &[SocketAddr]) -> Option<(SocketAddr, Attempt)> {
+        let placement = self.app.balancer.place(path, avoid)?;
+        Some((placement.addr, Attempt { app: self.app.clone(), placement }))
+    }
+
+    fn serving(&self) -> bool {
+        *self.app.balancer.ready_endpoints().borrow() > 0
+    }
+
+    fn unavailable(&self) -> String {
+        self.app.balancer.unplaced()
+    }
+}
+
+impl relay::Attempt for Attempt {
+    fn ended(self, path: &str, outcome: Outcome) {
+        let how = match outcome {
+            Outcome::Status(code) => Placed::Status(lb_code(code)),
+            Outcome::Lost => Placed::Lost,
+            Outcome::Cancelled => Placed::Cancelled,
+            Outcome::Refused => Placed::Refused,
+        };
+        self.app.balancer.placed_ended(self.placement, path, how);
+    }
+}
+
+fn lb_code(code: u8) -> balancer::code::Code {
+    balancer::code::Code::from_i32(i32::from(code)).unwrap_or(balancer::code::Code::Unknown)
+}
+
+/// A connection to a replica, by the relay's back id.
+struct Back {
+    id: u64,
+    state: BackState,
+    read: BytesMut,
+}
+
+enum BackState {
+    Connecting(Pin<Box<dyn Future<Output = io::Result<TcpStream>> + Send>>),
+    Up(TcpStream),
+}
+
+/// Relays one client connection until it closes, or until `drain` turns true and its
+/// open calls are done.
+pub(crate) async fn serve(tcp: TcpStream, peer: SocketAddr, app: Arc<App>, mut drain: watch::Receiver<bool>) {
+    let connect_timeout = app.connect_timeout;
+    let mut conn = Conn {
+        relay: Relay::new(Placer { app: app.clone() }, Limits { max_message: app.max_message, ..Limits::default() }),
+        client: tcp,
+        read: BytesMut::with_capacity(READ_SIZE),
+        backs: Vec::new(),
+        connect_timeout,
+        client_open: true,
+    };
+    let drained = drain.wait_for(|d| *d);
+    tokio::pin!(drained);
+    let mut draining = false;
+    let busy = app.busy.clone();
+    let result = poll_fn(|cx| {
+        if !draining && drained.as_mut().poll(cx).is_ready() {
+            draining = true;
+            conn.relay.drain();
+        }
+        let calls = conn.relay.open_calls();
+        let r = conn.poll(cx);
+        if let Some(busy) = &busy
+            && conn.relay.open_calls() != calls
+        {
+            busy.touch();
+        }
+        r
+    })
+    .await;
+    if let Err(e) = result {
+        debug!(%peer, error = %e, "Relayed client connection ended with an error");
+    }
+}
+
+struct Conn {
+    relay: Relay<Placer>,
+    client: TcpStream,
+    read: BytesMut,
+    backs: Vec<Back>,
+    connect_timeout: Duration,
+    client_open: bool,
+}
+
+impl Conn {
+    /// Moves bytes until nothing is ready; `Ready` when the connection is over.
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            let mut progress = self.reconcile();
+            progress |= self.poll_connects(cx);
+            let flushed = self.poll_writes(cx)?;
+            if self.relay.is_done() && flushed {
+                return Poll::Ready(Ok(()));
+            }
+            progress |= self.poll_reads(cx)?;
+            if !progress {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    /// Opens a connection for each back the relay added; drops those it let go.
+    fn reconcile(&mut self) -> bool {
+        let mut changed = false;
+        let wanted: Vec<(u64, SocketAddr)> = self.relay.backs().map(|b| (b.id, b.addr)).collect();
+        let before = self.backs.len();
+        self.backs.retain(|b| wanted.iter().any(|(id, _)| *id == b.id));
+        changed |= self.backs.len() != before;
+        for (id, addr) in wanted {
+            if self.backs.iter().any(|b| b.id == id) {
+                continue;
+            }
+            let limit = self.connect_timeout;
+            let connect = async move {
+                let tcp = timeout(limit, TcpStream::connect(addr))
+                    .await
+                    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+                tcp.set_nodelay(true)?;
+                Ok(tcp)
+            };
+            self.backs.push(Back { id, state: BackState::Connecting(Box::pin(connect)), read: BytesMut::new() });
+            changed = true;
+        }
+        changed
+    }
+
+    fn poll_connects(&mut self, cx: &mut Context<'_>) -> bool {
+        let mut progress = false;
+        for b in &mut self.backs {
+            let BackState::Connecting(connect) = &mut b.state else { continue };
+            match connect.as_mut().poll(cx) {
+                Poll::Pending => {}
+                Poll::Ready(Ok(tcp)) => {
+                    b.state = BackState::Up(tcp);
+                    b.read = BytesMut::with_capacity(READ_SIZE);
+                    self.relay.back_connected(b.id);
+                    progress = true;
+                }
+                Poll::Ready(Err(e)) => {
+                    debug!(error = %e, "Relay could not connect to a replica");
+                    self.relay.back_lost(b.id);
+                    progress = true;
+                }
+            }
+        }
+        progress
+    }
+
+    /// Writes what is queued; whether everything was written.
+    fn poll_writes(&mut self, cx: &mut Context<'_>) -> io::Result<bool> {
+        let mut flushed = write(&mut self.client, self.relay.client_out(), cx)?;
+        let mut lost = Vec::new();
+        for b in &mut self.backs {
+            let BackState::Up(tcp) = &mut b.state else { continue };
+            let Some(out) = self.relay.back_out(b.id) else { continue };
+            match write(tcp, out, cx) {
+                Ok(done) => flushed &= done,
+                Err(_) => lost.push(b.id),
+            }
+        }
+        for id in lost {
+            self.relay.back_lost(id);
+        }
+        Ok(flushed)
+    }
+
+    fn poll_reads(&mut self, cx: &mut Context<'_>) -> io::Result<bool> {
+        let mut progress = false;
+        let client_backlog = self.relay.client_out().len();
+        if self.client_open && self.relay.backs().all(|b| b.out.len() < HIGH_WATER) {
+            match read(&self.client, &mut self.read, cx) {
+                Poll::Ready(Ok(0)) => {
+                    self.client_open = false;
+                    self.relay.client_closed();
+                    progress = true;
+                }
+                Poll::Ready(Ok(_)) => {
+                    self.relay.client_read(&mut self.read);
+                    progress = true;
+                }
+                Poll::Ready(Err(e)) => return Err(e),
+                Poll::Pending => {}
+            }
+        }
+        if client_backlog >= HIGH_WATER {
+            return Ok(progress);
+        }
+        let mut lost = Vec::new();
+        for b in &mut self.backs {
+            let BackState::Up(tcp) = &b.state else { continue };
+            match read(tcp, &mut b.read, cx) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => lost.push(b.id),
+                Poll::Ready(Ok(_)) => {
+                    self.relay.back_read(b.id, &mut b.read);
+                    progress = true;
+                }
+                Poll::Pending => {}
+            }
+        }
+        progress |= !lost.is_empty();
+        for id in lost {
+            self.relay.back_lost(id);
+        }
+        Ok(progress)
+    }
+}
+
+/// Reads what the socket has into `buf`.
+fn read(tcp: &TcpStream, buf: &mut BytesMut, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+    loop {
+        std::task::ready!(tcp.poll_read_ready(cx))?;
+        buf.reserve(READ_SIZE);
+        match tcp.try_read_buf(buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            r => return Poll::Ready(r),
+        }
+    }
+}
+
+/// Writes as much of `out` as the socket takes; whether all of it went.
+fn write(tcp: &mut TcpStream, out: &mut BytesMut, cx: &mut Context<'_>) -> io::Result<bool> {
+    while !out.is_empty() {
+        match Pin::new(&mut *tcp).poll_write(cx, out) {
+            Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+            Poll::Ready(Ok(n)) => out.advance(n),
+            Poll::Ready(Err(e)) => return Err(e),
+            Poll::Pending => return Ok(false),
+        }
+    }
+    Ok(true)
+}
