@@ -47,7 +47,8 @@ DETECT = """{"healthCheckConfig":{"serviceName":"interop.Interop"},
 "maxEjectionPercent":50,"consecutiveFailures":{"threshold":5},"childPolicy":[{"round_robin":{}}]}}],
 "methodConfig":[{"name":[{}],"retryPolicy":{"maxAttempts":4,"initialBackoff":"0.01s",
 "maxBackoff":"0.01s","backoffMultiplier":1,"retryableStatusCodes":["UNAVAILABLE"]}}]}"""
-CONFIGS = {"none": None, "retry": RETRY, "hedging": HEDGING, "detect": DETECT}
+# "relay": no service config, calls forwarded by the frame relay (--relay).
+CONFIGS = {"none": None, "retry": RETRY, "hedging": HEDGING, "detect": DETECT, "relay": None}
 
 
 class Setup(Exception):
@@ -169,6 +170,8 @@ def through_proxy(args, procs: Processes, work: str, config: str, listen: str, d
         with open(path, "w") as f:
             f.write(CONFIGS[config])
         argv += ["--service-config", path]
+    if config == "relay":
+        argv += ["--relay"]
     name = f"proxy-{config}"
     try:
         proc = start_proxy(procs, name, argv, listen)
