@@ -4,9 +4,9 @@
 # (callgrind) and system calls (strace -c, by name) per unary SayHello, as the
 # difference between a run of N1 and of N2 calls (start-up and shutdown cancel out).
 #   bench/callcost.sh [PROXY_BIN] [SERVER_BIN]     (defaults: target/release/{proxy,server})
-# PROXY_BIN target/release/bench measures the bench's frame-relay prototype instead.
-# PROXY_ARGS adds proxy flags, e.g. PROXY_ARGS="--service-config config/outlier.json"
-# for the cost with health checking and outlier detection on.
+# PROXY_ARGS adds proxy flags: PROXY_ARGS=--relay for the frame relay, or
+# PROXY_ARGS="--service-config config/outlier.json" for the cost with health checking
+# and outlier detection on.
 set -euo pipefail
 proxy=${1:-target/release/proxy}
 server=${2:-target/release/server}
@@ -30,8 +30,6 @@ run() {
   [ "$tool" = strace ] && under=(strace -f -c -o "$out")
   # shellcheck disable=SC2086 # PROXY_ARGS is a list of flags
   local cmd=("$proxy" --listen 127.0.0.150:50250 --target 127.0.0.150:50251 --threads 1 --admin-listen off ${PROXY_ARGS:-})
-  # The bench binary itself: its frame-relay prototype, for comparison.
-  [ "$(basename "$proxy")" = bench ] && cmd=("$proxy" --relay 127.0.0.150:50250=127.0.0.150:50251)
   "${under[@]}" "${cmd[@]}" >"$work/$tool-$calls.out" 2>&1 &
   local vg=$!
   for _ in $(seq 300); do

@@ -64,17 +64,13 @@ pub struct PerCall {
 /// Where the in-process proxy listens.
 const LISTEN: &str = "127.0.0.150:50156";
 
-pub async fn measure(a: &Args) -> anyhow::Result<PerCall> {
-    let args = proxy::config::Args::try_parse_from([
-        "proxy",
-        "--listen",
-        LISTEN,
-        "--target",
-        crate::SERVER,
-        "--admin-listen",
-        "off",
-    ])?
-    .serve;
+/// Counts the in-process proxy's allocations, with `--relay` when `relay`.
+pub async fn measure(a: &Args, relay: bool) -> anyhow::Result<PerCall> {
+    let mut argv = vec!["proxy", "--listen", LISTEN, "--target", crate::SERVER, "--admin-listen", "off"];
+    if relay {
+        argv.push("--relay");
+    }
+    let args = proxy::config::Args::try_parse_from(argv)?.serve;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let thread = std::thread::Builder::new().name("counted-proxy".into()).spawn(move || {
         COUNTED.with(|c| c.set(true));

@@ -12,7 +12,6 @@
 mod allocs;
 mod picks;
 mod procs;
-mod relay;
 mod streams;
 
 use std::{path::PathBuf, time::Duration};
@@ -50,10 +49,6 @@ struct Args {
     /// bench/haproxy.cfg, one thread on the proxy's CPU.
     #[arg(long)]
     peers: bool,
-    /// Run only the frame-relay prototype, LISTEN=TARGET (what the bench starts as its
-    /// relay target).
-    #[arg(long, hide = true, value_name = "LISTEN=TARGET")]
-    relay: Option<String>,
     /// `--busy-poll` of the busy-polling proxy target, in microseconds.
     #[arg(long, value_name = "MICROS", default_value_t = 200)]
     busy_poll: u64,
@@ -72,8 +67,10 @@ const PROXY_H3: &str = "127.0.0.150:50152";
 const QUIET: &str = "127.0.0.150:50153";
 /// The proxy with `--busy-poll`.
 const BUSY: &str = "127.0.0.150:50155";
-/// The frame-relay prototype (src/relay.rs).
+/// The proxy with `--relay`: h2c calls forwarded by the frame relay.
 const RELAY: &str = "127.0.0.150:50157";
+/// The proxy with `--relay` and `--busy-poll`.
+const RELAY_BUSY: &str = "127.0.0.150:50158";
 
 /// HAProxy's configuration for `--peers`: the same shape as the proxy under test.
 const HAPROXY_CFG: &str = include_str!("../haproxy.cfg");
@@ -102,13 +99,6 @@ fn main() -> anyhow::Result<()> {
         picks::run();
         return Ok(());
     }
-    if let Some(spec) = &a.relay {
-        // As the proxy with `--threads 1`: the current-thread scheduler.
-        let (listen, target) = spec.split_once('=').context("--relay LISTEN=TARGET")?;
-        let (listen, target) = (listen.parse().context("--relay LISTEN")?, target.parse().context("--relay TARGET")?);
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        return rt.block_on(relay::serve(listen, target));
-    }
     tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?.block_on(bench(a))
 }
 
@@ -126,8 +116,11 @@ async fn bench(a: Args) -> anyhow::Result<()> {
         if listen == QUIET {
             v.extend(["--metrics".into(), "off".into()]);
         }
-        if listen == BUSY {
+        if listen == BUSY || listen == RELAY_BUSY {
             v.extend(["--busy-poll".into(), a.busy_poll.to_string()]);
+        }
+        if listen == RELAY || listen == RELAY_BUSY {
+            v.push("--relay".into());
         }
         v.extend(["--upstream-protocol".into(), protocol.into(), "--ca-cert".into(), path(&ca)]);
         v
@@ -136,6 +129,8 @@ async fn bench(a: Args) -> anyhow::Result<()> {
     let h3_args = proxy_args(PROXY_H3, "h3");
     let quiet_args = proxy_args(QUIET, "h2");
     let busy_args = proxy_args(BUSY, "h2");
+    let relay_args = proxy_args(RELAY, "h2");
+    let relay_busy_args = proxy_args(RELAY_BUSY, "h2");
     let proxy_h2 = Child::spawn(&a.bin_dir.join("proxy"), 1, &as_str(&h2_args)).await?;
     if let Some(n) = a.streams {
         connect(PROXY_H2).await?;
@@ -144,8 +139,8 @@ async fn bench(a: Args) -> anyhow::Result<()> {
     let proxy_h3 = Child::spawn(&a.bin_dir.join("proxy"), 1, &as_str(&h3_args)).await?;
     let proxy_quiet = Child::spawn(&a.bin_dir.join("proxy"), 1, &as_str(&quiet_args)).await?;
     let proxy_busy = Child::spawn(&a.bin_dir.join("proxy"), 1, &as_str(&busy_args)).await?;
-    let relay_spec = format!("{RELAY}={SERVER}");
-    let relay = Child::spawn(&std::env::current_exe()?, 1, &["--relay", &relay_spec]).await?;
+    let relay = Child::spawn(&a.bin_dir.join("proxy"), 1, &as_str(&relay_args)).await?;
+    let relay_busy = Child::spawn(&a.bin_dir.join("proxy"), 1, &as_str(&relay_busy_args)).await?;
     let haproxy = match a.peers {
         true => {
             let cfg = certs.join("haproxy.cfg");
@@ -161,7 +156,8 @@ async fn bench(a: Args) -> anyhow::Result<()> {
         ("proxy h3", connect(PROXY_H3).await?, Some(&proxy_h3)),
         ("h2 no-metrics", connect(QUIET).await?, Some(&proxy_quiet)),
         ("h2 busy-poll", connect(BUSY).await?, Some(&proxy_busy)),
-        ("relay (proto)", connect(RELAY).await?, Some(&relay)),
+        ("relay", connect(RELAY).await?, Some(&relay)),
+        ("relay busy", connect(RELAY_BUSY).await?, Some(&relay_busy)),
     ];
     if let Some(h) = &haproxy {
         targets.push(("haproxy", connect(HAPROXY).await?, Some(h)));
@@ -197,7 +193,7 @@ async fn bench(a: Args) -> anyhow::Result<()> {
     }
     let busy_rss = proxy_h2.rss_kib()?;
     let peer_rss = haproxy.as_ref().map(|h| h.rss_kib()).transpose()?;
-    let allocs = allocs::measure(&a).await?;
+    let allocs = [allocs::measure(&a, false).await?, allocs::measure(&a, true).await?];
     report(&a, &rounds, idle_rss, busy_rss, peer_rss, &allocs);
     let _ = std::fs::remove_dir_all(&certs);
     Ok(())
@@ -310,18 +306,21 @@ fn report(
     idle_rss: u64,
     busy_rss: u64,
     peer_rss: Option<u64>,
-    allocs: &allocs::PerCall,
+    allocs: &[allocs::PerCall; 2],
 ) {
     let med = |i: usize, f: fn(&Sample) -> f64| median(rounds.iter().map(|r| f(&r[i])).collect());
     let ratio = |i: usize, j: usize, fi: fn(&Sample) -> f64, fj: fn(&Sample) -> f64| {
         median(rounds.iter().map(|r| fi(&r[i]) / fj(&r[j])).collect())
     };
     // Columns in the order of `targets`; HAProxy last when measured.
-    let (d, h2, h3, quiet, busy, relay, hap) = (0, 1, 2, 3, 4, 5, 6);
+    let (d, h2, h3, quiet, busy, relay, relay_busy, hap) = (0, 1, 2, 3, 4, 5, 6, 7);
     let peers = rounds[0].len() > hap;
-    let cols: &[usize] = if peers { &[d, h2, h3, busy, relay, hap] } else { &[d, h2, h3, busy, relay] };
+    let cols: &[usize] =
+        if peers { &[d, h2, h3, busy, relay, relay_busy, hap] } else { &[d, h2, h3, busy, relay, relay_busy] };
     let header = if peers { "   haproxy" } else { "" };
-    println!("\nmedians                          direct   proxy h2   proxy h3  busy-poll      relay{header}");
+    println!(
+        "\nmedians                          direct   proxy h2   proxy h3  busy-poll      relay relay+busy{header}"
+    );
     let line = |name: &str, f: fn(&Sample) -> f64, digits: usize| {
         let cells: Vec<String> = cols
             .iter()
@@ -353,23 +352,31 @@ fn report(
     println!("proxy h3 CPU per call / proxy h2 CPU per call      {:.2}x", ratio(h3, h2, proxy_cpu, proxy_cpu));
     println!("proxy h3 p50 / proxy h2 p50                        {:.2}x", ratio(h3, h2, p50, p50));
     println!("proxy h2 CPU per call, metrics on / off            {:.3}x", ratio(h2, quiet, proxy_cpu, proxy_cpu));
-    println!("relay prototype CPU per call / proxy h2's          {:.2}x", ratio(relay, h2, proxy_cpu, proxy_cpu));
-    println!("relay prototype p50 / proxy h2 p50                 {:.2}x", ratio(relay, h2, p50, p50));
+    println!("relay CPU per call / server CPU per direct call    {:.2}x", ratio(relay, d, proxy_cpu, server_cpu));
+    println!("relay CPU per call / proxy h2's                    {:.2}x", ratio(relay, h2, proxy_cpu, proxy_cpu));
+    println!("relay p50 / direct p50                             {:.2}x", ratio(relay, d, p50, p50));
+    println!("relay p50 / proxy h2 p50                           {:.2}x", ratio(relay, h2, p50, p50));
     let bp = a.busy_poll;
     println!("proxy h2 --busy-poll {bp} p50 / direct p50         {:.2}x", ratio(busy, d, p50, p50));
     println!("proxy h2 --busy-poll {bp} p50 / without            {:.2}x", ratio(busy, h2, p50, p50));
     println!("proxy h2 --busy-poll {bp} CPU at c1 / without      {:.2}x", ratio(busy, h2, c1_core, c1_core));
+    println!("relay --busy-poll {bp} p50 / direct p50            {:.2}x", ratio(relay_busy, d, p50, p50));
+    println!("relay --busy-poll {bp} CPU at c1 / without         {:.2}x", ratio(relay_busy, relay, c1_core, c1_core));
     if peers {
         println!("haproxy CPU per call / server CPU per direct call   {:.2}x", ratio(hap, d, proxy_cpu, server_cpu));
         println!("haproxy p50 / direct p50                           {:.2}x", ratio(hap, d, p50, p50));
         println!("proxy h2 CPU per call / haproxy CPU per call       {:.2}x", ratio(h2, hap, proxy_cpu, proxy_cpu));
         println!("proxy h2 p50 / haproxy p50                         {:.2}x", ratio(h2, hap, p50, p50));
         println!("proxy h2 --busy-poll {bp} p50 / haproxy p50        {:.2}x", ratio(busy, hap, p50, p50));
+        println!("relay CPU per call / haproxy CPU per call          {:.2}x", ratio(relay, hap, proxy_cpu, proxy_cpu));
+        println!("relay p50 / haproxy p50                            {:.2}x", ratio(relay, hap, p50, p50));
     }
-    println!(
-        "proxy heap allocations per call (in-process)       c1 {:.1} ({:.0} B), c{} {:.1} ({:.0} B)",
-        allocs.c1.0, allocs.c1.1, a.concurrency, allocs.cn.0, allocs.cn.1
-    );
+    for (name, allocs) in ["proxy h2", "relay"].iter().zip(allocs) {
+        println!(
+            "{name:<8} heap allocations per call (in-process) c1 {:.1} ({:.0} B), c{} {:.1} ({:.0} B)",
+            allocs.c1.0, allocs.c1.1, a.concurrency, allocs.cn.0, allocs.cn.1
+        );
+    }
     let mb = |kib: u64| kib as f64 / 1024.0;
     println!(
         "proxy resident memory (h2)                         idle {:.1} MB, after load {:.1} MB",

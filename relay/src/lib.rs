@@ -438,7 +438,7 @@ impl<P: Picker> Relay<P> {
                         if let Some(s) = self.streams.get_mut(&id) {
                             s.down.window += delta;
                         }
-                        self.pump_down(id);
+                        self.pump_down(id, &[]);
                     }
                 }
             }
@@ -456,11 +456,11 @@ impl<P: Picker> Relay<P> {
                     let ids: Vec<u32> =
                         self.streams.iter().filter(|(_, s)| s.down.has_pending()).map(|(&id, _)| id).collect();
                     for id in ids {
-                        self.pump_down(id);
+                        self.pump_down(id, &[]);
                     }
                 } else if let Some(s) = self.streams.get_mut(&head.stream) {
                     s.down.window += increment;
-                    self.pump_down(head.stream);
+                    self.pump_down(head.stream, &[]);
                 }
             }
             frame::PUSH_PROMISE => return Err(Reason::Protocol),
@@ -510,9 +510,8 @@ impl<P: Picker> Relay<P> {
             }
             return Ok(());
         }
-        s.up.pending.extend_from_slice(body);
         s.up.end |= end_stream;
-        self.pump_up(head.stream);
+        self.pump_up(head.stream, body);
         Ok(())
     }
 
@@ -546,7 +545,7 @@ impl<P: Picker> Relay<P> {
             s.replay = None;
             let block = if pass { block.block } else { std::mem::take(&mut self.scratch) };
             s.up.trailers = Some(block);
-            self.pump_up(id);
+            self.pump_up(id, &[]);
             return Ok(());
         }
         if id.is_multiple_of(2) {
@@ -628,7 +627,7 @@ impl<P: Picker> Relay<P> {
         let end_now = s.client_ended && replay.data.is_empty() && s.up.trailers.is_none();
         b.conn.put_block(up, end_now, &replay.block);
         s.up.sent_end = end_now;
-        self.pump_up(id);
+        self.pump_up(id, &[]);
     }
 
     fn new_back(&mut self, addr: SocketAddr) -> u64 {
@@ -648,10 +647,13 @@ impl<P: Picker> Relay<P> {
     }
 
     /// Forwards what the stream's request has pending, as far as windows allow.
-    fn pump_up(&mut self, id: u32) {
+    fn pump_up(&mut self, id: u32, fresh: &[u8]) {
         let Some(s) = self.streams.get_mut(&id) else { return };
-        let Some(b) = self.backs.iter_mut().find(|b| b.id == s.back) else { return };
-        let moved = s.up.pump(&mut b.conn, s.up_id);
+        let Some(b) = self.backs.iter_mut().find(|b| b.id == s.back) else {
+            s.up.pending.extend_from_slice(fresh);
+            return;
+        };
+        let moved = s.up.pump(&mut b.conn, s.up_id, fresh);
         if moved > 0 && !s.client_ended {
             s.up.credit(&mut self.client.out, id, moved, self.limits.stream_window);
         }
@@ -660,9 +662,9 @@ impl<P: Picker> Relay<P> {
 
     /// Forwards what the stream's response has pending, as far as windows allow, and
     /// ends the call when all of it went.
-    fn pump_down(&mut self, id: u32) {
+    fn pump_down(&mut self, id: u32, fresh: &[u8]) {
         let Some(s) = self.streams.get_mut(&id) else { return };
-        let moved = s.down.pump(&mut self.client, id);
+        let moved = s.down.pump(&mut self.client, id, fresh);
         if let Some(b) = self.backs.iter_mut().find(|b| b.id == s.back) {
             if moved > 0 && s.response != Response::Ended {
                 s.down.credit(&mut b.conn.out, s.up_id, moved, self.limits.stream_window);
@@ -737,7 +739,7 @@ impl<P: Picker> Relay<P> {
         if let Some(a) = s.attempt.take() {
             a.ended(&s.path, outcome);
         }
-        self.pump_down(id);
+        self.pump_down(id, &[]);
     }
 
     /// A response of headers only, with `grpc-status: code`.
@@ -853,12 +855,11 @@ impl<P: Picker> Relay<P> {
                     return Ok(());
                 };
                 b.conn.credit((head.len - (end - start)) as u32, self.limits.conn_window);
-                s.down.pending.extend_from_slice(&payload[start..end]);
                 if head.flags & frame::END_STREAM != 0 {
                     s.down.end = true;
                     s.response = Response::Ended;
                 }
-                self.pump_down(client_id.expect("found"));
+                self.pump_down(client_id.expect("found"), &payload[start..end]);
             }
             frame::HEADERS | frame::CONTINUATION => {
                 if let Some(block) = b.conn.header_fragment(head, payload, self.limits.max_block)? {
@@ -894,7 +895,7 @@ impl<P: Picker> Relay<P> {
                     if let Some(s) = self.streams.get_mut(&id) {
                         s.up.window += delta;
                     }
-                    self.pump_up(id);
+                    self.pump_up(id, &[]);
                 }
             }
             frame::PING if head.flags & frame::ACK == 0 => {
@@ -932,13 +933,13 @@ impl<P: Picker> Relay<P> {
                     b.conn.send_window += increment;
                     let ids: Vec<u32> = b.streams.values().copied().collect();
                     for id in ids {
-                        self.pump_up(id);
+                        self.pump_up(id, &[]);
                     }
                 } else if let Some(id) = client_id {
                     if let Some(s) = self.streams.get_mut(&id) {
                         s.up.window += increment;
                     }
-                    self.pump_up(id);
+                    self.pump_up(id, &[]);
                 }
             }
             frame::PUSH_PROMISE => return Err(Reason::Protocol),
@@ -984,7 +985,7 @@ impl<P: Picker> Relay<P> {
                 s.status = status;
                 s.down.trailers = Some(block);
                 s.down.end = true;
-                self.pump_down(id);
+                self.pump_down(id, &[]);
             }
             _ => return Err(Reason::Protocol),
         }

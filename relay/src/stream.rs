@@ -86,24 +86,23 @@ impl Dir {
         !self.pending.is_empty() || (self.end && !self.sent_end)
     }
 
-    /// Sends what `pending` holds as DATA on `to`'s stream `id`, as far as the stream's
-    /// and the connection's windows allow, then the end; returns the bytes sent that
-    /// the sender is owed credit for.
-    pub fn pump(&mut self, to: &mut Conn, id: u32) -> u32 {
+    /// Sends what `pending` holds, then `fresh`, as DATA on `to`'s stream `id`, as far
+    /// as the stream's and the connection's windows allow, then the end; keeps the rest
+    /// pending. Fresh bytes are copied once, straight into `to`'s output, when nothing
+    /// waits before them. Returns the bytes sent that the sender is owed credit for.
+    pub fn pump(&mut self, to: &mut Conn, id: u32, fresh: &[u8]) -> u32 {
         let mut moved = 0;
-        while !self.pending.is_empty() {
-            let n = (self.pending.len() as i64).min(self.window).min(to.send_window).min(to.max_frame as i64);
-            if n <= 0 {
-                break;
-            }
-            let n = n as usize;
-            let last = n == self.pending.len() && self.end && self.trailers.is_none();
-            let chunk = self.pending.split_to(n);
-            frame::put(&mut to.out, frame::DATA, if last { frame::END_STREAM } else { 0 }, id, &chunk);
-            self.window -= n as i64;
-            to.send_window -= n as i64;
-            moved += n;
-            self.sent_end |= last;
+        if !self.pending.is_empty() {
+            self.pending.extend_from_slice(fresh);
+            let pending = std::mem::take(&mut self.pending);
+            let sent = self.send(to, id, &pending);
+            self.pending = pending;
+            let _ = self.pending.split_to(sent);
+            moved += sent;
+        } else if !fresh.is_empty() {
+            let sent = self.send(to, id, fresh);
+            self.pending.extend_from_slice(&fresh[sent..]);
+            moved += sent;
         }
         if self.pending.is_empty() && self.end && !self.sent_end {
             match self.trailers.take() {
@@ -115,6 +114,26 @@ impl Dir {
         let resent = moved.min(self.resend);
         self.resend -= resent;
         (moved - resent) as u32
+    }
+
+    /// Writes as much of `data` as the windows allow, as DATA frames; the last one
+    /// carries END_STREAM when it ends the stream. Returns the bytes written.
+    fn send(&mut self, to: &mut Conn, id: u32, data: &[u8]) -> usize {
+        let mut sent = 0;
+        while sent < data.len() {
+            let n = ((data.len() - sent) as i64).min(self.window).min(to.send_window).min(to.max_frame as i64);
+            if n <= 0 {
+                break;
+            }
+            let n = n as usize;
+            let last = sent + n == data.len() && self.end && self.trailers.is_none();
+            frame::put(&mut to.out, frame::DATA, if last { frame::END_STREAM } else { 0 }, id, &data[sent..sent + n]);
+            self.window -= n as i64;
+            to.send_window -= n as i64;
+            sent += n;
+            self.sent_end |= last;
+        }
+        sent
     }
 
     /// Owes the sender `n` more bytes of stream credit; sends a WINDOW_UPDATE on its
