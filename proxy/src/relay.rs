@@ -116,6 +116,8 @@ pub(crate) async fn serve(tcp: TcpStream, peer: SocketAddr, app: Arc<App>, mut d
         r
     })
     .await;
+    // Calls still open when the connection failed are cancelled, and counted so.
+    conn.relay.client_closed();
     if let Err(e) = result {
         debug!(%peer, error = %e, "Relayed client connection ended with an error");
     }

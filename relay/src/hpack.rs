@@ -1,116 +1,369 @@
-//! HPACK (RFC 7541) without a dynamic table of our own: whether a header block refers
-//! to the sender's dynamic table (if not, any decoder reads it the same, so it passes
-//! through), and headers encoded with static-table references and literals only. Pure.
+//! HPACK (RFC 7541) for a relay: [`Transcoder`] reads a peer's header blocks, keeping
+//! its dynamic table, and writes each block again with no reference to any dynamic
+//! table, so it means the same to any decoder. Strings are copied as they came
+//! (Huffman-coded or not); only the `:path` and `grpc-status` values are decoded. The
+//! relay's own headers are written by [`encode`]. Pure.
 
-/// `Some` when a header block refers to no dynamic-table entry, so a decoder with any
-/// table reads it the same (what a peer that saw our table size of 0 sends), with
-/// whether it adds entries to the sender's table. `None` too for a table size update
-/// above 0, which the receiver's own limit might refuse. Walks the representations
-/// without decoding a string.
-pub fn static_only(block: &[u8]) -> Option<bool> {
-    const STATIC: usize = 61;
-    let mut at = 0;
-    let mut inserts = false;
-    while at < block.len() {
-        let first = block[at];
-        if first & 0xe0 == 0x20 {
-            if hpack_integer(block, &mut at, 5)? > 0 {
-                return None;
+use std::collections::VecDeque;
+
+use crate::huffman;
+
+/// RFC 7541, appendix A.
+const STATIC: [(&str, &str); 61] = [
+    (":authority", ""),
+    (":method", "GET"),
+    (":method", "POST"),
+    (":path", "/"),
+    (":path", "/index.html"),
+    (":scheme", "http"),
+    (":scheme", "https"),
+    (":status", "200"),
+    (":status", "204"),
+    (":status", "206"),
+    (":status", "304"),
+    (":status", "400"),
+    (":status", "404"),
+    (":status", "500"),
+    ("accept-charset", ""),
+    ("accept-encoding", "gzip, deflate"),
+    ("accept-language", ""),
+    ("accept-ranges", ""),
+    ("accept", ""),
+    ("access-control-allow-origin", ""),
+    ("age", ""),
+    ("allow", ""),
+    ("authorization", ""),
+    ("cache-control", ""),
+    ("content-disposition", ""),
+    ("content-encoding", ""),
+    ("content-language", ""),
+    ("content-length", ""),
+    ("content-location", ""),
+    ("content-range", ""),
+    ("content-type", ""),
+    ("cookie", ""),
+    ("date", ""),
+    ("etag", ""),
+    ("expect", ""),
+    ("expires", ""),
+    ("from", ""),
+    ("host", ""),
+    ("if-match", ""),
+    ("if-modified-since", ""),
+    ("if-none-match", ""),
+    ("if-range", ""),
+    ("if-unmodified-since", ""),
+    ("last-modified", ""),
+    ("link", ""),
+    ("location", ""),
+    ("max-forwards", ""),
+    ("proxy-authenticate", ""),
+    ("proxy-authorization", ""),
+    ("range", ""),
+    ("referer", ""),
+    ("refresh", ""),
+    ("retry-after", ""),
+    ("server", ""),
+    ("set-cookie", ""),
+    ("strict-transport-security", ""),
+    ("transfer-encoding", ""),
+    ("user-agent", ""),
+    ("vary", ""),
+    ("via", ""),
+    ("www-authenticate", ""),
+];
+
+/// Static indexes of `:path`.
+const PATH: [usize; 2] = [4, 5];
+
+/// Why a header block could not be read (a COMPRESSION_ERROR).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Invalid;
+
+impl From<huffman::Invalid> for Invalid {
+    fn from(_: huffman::Invalid) -> Self {
+        Invalid
+    }
+}
+
+/// What the relay wants to know of a block.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Seen {
+    /// The `:path` value.
+    pub path: Option<String>,
+    /// The `grpc-status` value, when it is a number up to 255.
+    pub status: Option<u8>,
+    /// The header list's size as RFC 7541 counts it (each field's name and value
+    /// lengths plus 32).
+    pub list_size: usize,
+}
+
+/// A string literal as it came: its length prefix (with the Huffman bit) and bytes.
+#[derive(Debug, Clone)]
+struct Str(Box<[u8]>);
+
+/// What a field's name makes it, for the relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Path,
+    Status,
+    Other,
+}
+
+#[derive(Debug)]
+struct Entry {
+    name: Str,
+    value: Str,
+    kind: Kind,
+    /// Decoded name and value lengths plus 32.
+    size: usize,
+}
+
+/// One peer's header blocks in, blocks without dynamic-table references out.
+#[derive(Debug)]
+pub struct Transcoder {
+    /// The peer's dynamic table, newest first.
+    table: VecDeque<Entry>,
+    size: usize,
+    max: usize,
+    /// The largest table size the peer may ask for.
+    allowed: usize,
+}
+
+/// A field's name: a static index, or a literal.
+enum Name<'a> {
+    Static(usize),
+    Literal(Str, Kind, usize),
+    Dynamic(&'a Entry),
+}
+
+impl Transcoder {
+    /// A peer that may use a dynamic table of up to `allowed` bytes (4,096 by default).
+    pub fn new(allowed: usize) -> Transcoder {
+        Transcoder { table: VecDeque::new(), size: 0, max: allowed, allowed }
+    }
+
+    /// Writes `block` to `out` as fields that refer to no dynamic table (static
+    /// indexes and literals not indexed), and says what `seen` asks.
+    pub fn transcode(&mut self, block: &[u8], out: &mut Vec<u8>, seen: &mut Seen) -> Result<(), Invalid> {
+        let mut at = 0;
+        while at < block.len() {
+            let first = block[at];
+            if first & 0x80 != 0 {
+                // Indexed field.
+                let index = integer(block, &mut at, 7)?;
+                match index {
+                    0 => return Err(Invalid),
+                    1..=61 => {
+                        let (name, value) = STATIC[index - 1];
+                        seen.list_size += name.len() + value.len() + 32;
+                        if PATH.contains(&index) {
+                            seen.path = Some(value.to_owned());
+                        }
+                        put_integer(index, 7, 0x80, out);
+                    }
+                    _ => {
+                        let e = self.entry(index)?;
+                        seen.list_size += e.size;
+                        note(seen, e.kind, &e.value)?;
+                        out.push(0x00);
+                        out.extend_from_slice(&e.name.0);
+                        out.extend_from_slice(&e.value.0);
+                    }
+                }
+                continue;
             }
-            continue;
-        }
-        let (prefix, has_strings) = match first {
-            b if b & 0x80 != 0 => (7, false),   // indexed field
-            b if b & 0xc0 == 0x40 => (6, true), // literal, incremental indexing
-            _ => (4, true),                     // literal without or never indexed
-        };
-        inserts |= first & 0xc0 == 0x40;
-        let index = hpack_integer(block, &mut at, prefix)?;
-        if index > STATIC || (first & 0x80 != 0 && index == 0) {
-            return None;
-        }
-        if has_strings {
-            if index == 0 {
-                skip_string(block, &mut at)?; // the name
+            if first & 0xe0 == 0x20 {
+                // Dynamic table size update.
+                let size = integer(block, &mut at, 5)?;
+                if size > self.allowed {
+                    return Err(Invalid);
+                }
+                self.max = size;
+                self.evict(0);
+                continue;
             }
-            skip_string(block, &mut at)?; // the value
+            let (prefix, indexing) = if first & 0xc0 == 0x40 { (6, true) } else { (4, false) };
+            let index = integer(block, &mut at, prefix)?;
+            let name = match index {
+                0 => {
+                    let s = string(block, &mut at)?;
+                    let (kind, len) = kind_of(&s)?;
+                    Name::Literal(s, kind, len)
+                }
+                1..=61 => Name::Static(index),
+                _ => Name::Dynamic(self.entry(index)?),
+            };
+            let value = string(block, &mut at)?;
+            let (kind, name_len) = match &name {
+                Name::Static(i) => (if PATH.contains(i) { Kind::Path } else { Kind::Other }, STATIC[i - 1].0.len()),
+                Name::Literal(_, kind, len) => (*kind, *len),
+                Name::Dynamic(e) => (e.kind, e.size - 32 - decoded_len(&e.value)?),
+            };
+            let value_len = decoded_len(&value)?;
+            seen.list_size += name_len + value_len + 32;
+            note(seen, kind, &value)?;
+            // Written as a literal without indexing: the name by static index or as a
+            // literal string, then the value as it came.
+            let name = match name {
+                Name::Static(i) => {
+                    put_integer(i, 4, 0x00, out);
+                    None
+                }
+                Name::Literal(s, ..) => {
+                    out.push(0x00);
+                    out.extend_from_slice(&s.0);
+                    Some(s)
+                }
+                Name::Dynamic(e) => {
+                    out.push(0x00);
+                    out.extend_from_slice(&e.name.0);
+                    Some(e.name.clone())
+                }
+            };
+            out.extend_from_slice(&value.0);
+            if indexing {
+                let size = name_len + value_len + 32;
+                let name = match name {
+                    Some(s) => s,
+                    None => literal(STATIC[index - 1].0.as_bytes()),
+                };
+                self.insert(Entry { name, value, kind, size });
+            }
+        }
+        Ok(())
+    }
+
+    fn entry(&self, index: usize) -> Result<&Entry, Invalid> {
+        self.table.get(index - 62).ok_or(Invalid)
+    }
+
+    fn insert(&mut self, e: Entry) {
+        if e.size > self.max {
+            // Larger than the whole table: it empties it and is not kept.
+            self.table.clear();
+            self.size = 0;
+            return;
+        }
+        self.evict(e.size);
+        self.size += e.size;
+        self.table.push_front(e);
+    }
+
+    /// Drops the oldest entries until `room` more bytes fit.
+    fn evict(&mut self, room: usize) {
+        while self.size + room > self.max {
+            let Some(e) = self.table.pop_back() else { break };
+            self.size -= e.size;
         }
     }
-    Some(inserts)
+}
+
+/// Records the value of a field the relay wants.
+fn note(seen: &mut Seen, kind: Kind, value: &Str) -> Result<(), Invalid> {
+    match kind {
+        Kind::Path => seen.path = Some(String::from_utf8_lossy(&decoded(value)?).into_owned()),
+        Kind::Status => seen.status = std::str::from_utf8(&decoded(value)?).ok().and_then(|v| v.parse().ok()),
+        Kind::Other => {}
+    }
+    Ok(())
+}
+
+/// A literal name's kind and decoded length.
+fn kind_of(name: &Str) -> Result<(Kind, usize), Invalid> {
+    let len = decoded_len(name)?;
+    if len != ":path".len() && len != "grpc-status".len() {
+        return Ok((Kind::Other, len));
+    }
+    Ok(match &decoded(name)?[..] {
+        b":path" => (Kind::Path, len),
+        b"grpc-status" => (Kind::Status, len),
+        _ => (Kind::Other, len),
+    })
+}
+
+/// A string literal's bytes after its length prefix, and whether they are Huffman-coded.
+fn payload(s: &Str) -> (bool, &[u8]) {
+    let mut at = 0;
+    let _ = integer(&s.0, &mut at, 7);
+    (s.0[0] & 0x80 != 0, &s.0[at..])
+}
+
+fn decoded(s: &Str) -> Result<Vec<u8>, Invalid> {
+    match payload(s) {
+        (false, bytes) => Ok(bytes.to_vec()),
+        (true, bytes) => {
+            let mut out = Vec::with_capacity(bytes.len() * 8 / 5);
+            huffman::decode(bytes, |b| out.push(b))?;
+            Ok(out)
+        }
+    }
+}
+
+fn decoded_len(s: &Str) -> Result<usize, Invalid> {
+    match payload(s) {
+        (false, bytes) => Ok(bytes.len()),
+        (true, bytes) => Ok(huffman::decode(bytes, |_| {})?),
+    }
+}
+
+/// A plain (not Huffman-coded) string literal.
+fn literal(bytes: &[u8]) -> Str {
+    let mut s = Vec::with_capacity(bytes.len() + 2);
+    put_integer(bytes.len(), 7, 0x00, &mut s);
+    s.extend_from_slice(bytes);
+    Str(s.into())
+}
+
+/// The string literal at `at`, moving past it.
+fn string(block: &[u8], at: &mut usize) -> Result<Str, Invalid> {
+    let start = *at;
+    let len = integer(block, at, 7)?;
+    let end = at.checked_add(len).filter(|&end| end <= block.len()).ok_or(Invalid)?;
+    *at = end;
+    Ok(Str(block[start..end].into()))
 }
 
 /// Reads an HPACK integer with an N-bit prefix at `at`, moving past it.
-fn hpack_integer(block: &[u8], at: &mut usize, prefix_bits: u32) -> Option<usize> {
+fn integer(block: &[u8], at: &mut usize, prefix_bits: u32) -> Result<usize, Invalid> {
     let max = (1usize << prefix_bits) - 1;
-    let mut value = (*block.get(*at)? as usize) & max;
+    let mut value = (*block.get(*at).ok_or(Invalid)? as usize) & max;
     *at += 1;
     if value < max {
-        return Some(value);
+        return Ok(value);
     }
     for shift in (0..28).step_by(7) {
-        let b = *block.get(*at)?;
+        let b = *block.get(*at).ok_or(Invalid)?;
         *at += 1;
         value += ((b & 0x7f) as usize) << shift;
         if b & 0x80 == 0 {
-            return Some(value);
+            return Ok(value);
         }
     }
-    None
-}
-
-fn skip_string(block: &[u8], at: &mut usize) -> Option<()> {
-    let len = hpack_integer(block, at, 7)?;
-    *at = at.checked_add(len).filter(|&end| end <= block.len())?;
-    Some(())
+    Err(Invalid)
 }
 
 /// One header as HPACK with no dynamic table: an indexed field when the static table
 /// holds name and value, else a literal without indexing, its name indexed when the
 /// static table holds the name.
 pub fn encode(name: &[u8], value: &[u8], out: &mut Vec<u8>) {
-    let full = match (name, value) {
-        (b":method", b"GET") => Some(2),
-        (b":method", b"POST") => Some(3),
-        (b":path", b"/") => Some(4),
-        (b":scheme", b"http") => Some(6),
-        (b":scheme", b"https") => Some(7),
-        (b":status", b"200") => Some(8),
-        _ => None,
-    };
-    if let Some(index) = full {
-        return integer(index, 7, 0x80, out);
+    if let Some(i) = STATIC.iter().position(|(n, v)| n.as_bytes() == name && v.as_bytes() == value && !v.is_empty()) {
+        return put_integer(i + 1, 7, 0x80, out);
     }
-    match static_name(name) {
-        Some(index) => integer(index, 4, 0x00, out),
+    match STATIC.iter().position(|(n, _)| n.as_bytes() == name) {
+        Some(i) => put_integer(i + 1, 4, 0x00, out),
         None => {
             out.push(0x00);
-            integer(name.len(), 7, 0x00, out);
+            put_integer(name.len(), 7, 0x00, out);
             out.extend_from_slice(name);
         }
     }
-    integer(value.len(), 7, 0x00, out);
+    put_integer(value.len(), 7, 0x00, out);
     out.extend_from_slice(value);
 }
 
-/// The static table's index of `name` (RFC 7541, appendix A) for the names gRPC uses.
-fn static_name(name: &[u8]) -> Option<usize> {
-    Some(match name {
-        b":authority" => 1,
-        b":method" => 2,
-        b":path" => 4,
-        b":scheme" => 6,
-        b":status" => 8,
-        b"accept-encoding" => 16,
-        b"content-length" => 28,
-        b"content-type" => 31,
-        b"date" => 33,
-        b"user-agent" => 58,
-        _ => return None,
-    })
-}
-
 /// An HPACK integer with an N-bit prefix, the byte's other bits set to `mask`.
-fn integer(value: usize, prefix_bits: u32, mask: u8, out: &mut Vec<u8>) {
+fn put_integer(value: usize, prefix_bits: u32, mask: u8, out: &mut Vec<u8>) {
     let max = (1usize << prefix_bits) - 1;
     if value < max {
         out.push(mask | value as u8);
@@ -127,43 +380,154 @@ fn integer(value: usize, prefix_bits: u32, mask: u8, out: &mut Vec<u8>) {
 
 #[cfg(test)]
 mod tests {
-    use loona_hpack::Decoder;
+    use loona_hpack::{Decoder, Encoder};
 
     use super::*;
 
+    fn owned(headers: &[(&[u8], &[u8])]) -> Vec<(Vec<u8>, Vec<u8>)> {
+        headers.iter().map(|(n, v)| (n.to_vec(), v.to_vec())).collect()
+    }
+
+    /// Whether a block names any dynamic-table entry or changes the table.
+    fn refers_to_a_table(block: &[u8]) -> bool {
+        let mut at = 0;
+        while at < block.len() {
+            let first = block[at];
+            let (prefix, strings) = match first {
+                b if b & 0x80 != 0 => (7, false),
+                b if b & 0xe0 == 0x20 => return true,
+                b if b & 0xc0 == 0x40 => return true,
+                _ => (4, true),
+            };
+            let index = integer(block, &mut at, prefix).unwrap();
+            if index > 61 {
+                return true;
+            }
+            if strings {
+                if index == 0 {
+                    string(block, &mut at).unwrap();
+                }
+                string(block, &mut at).unwrap();
+            }
+        }
+        false
+    }
+
     #[test]
-    fn encoded_headers_decode_back_with_a_standard_decoder() {
+    fn the_static_table_matches_a_standard_decoder() {
+        let mut d = Decoder::new();
+        for (i, (name, value)) in STATIC.iter().enumerate() {
+            let got = d.decode(&[0x80 | (i as u8 + 1)]).unwrap();
+            assert_eq!(got, vec![(name.as_bytes().to_vec(), value.as_bytes().to_vec())], "index {}", i + 1);
+        }
+    }
+
+    #[test]
+    fn blocks_using_the_dynamic_table_come_out_standalone_and_the_same() {
         let headers: &[(&[u8], &[u8])] = &[
             (b":method", b"POST"),
             (b":scheme", b"http"),
             (b":path", b"/hello.HelloService/SayHello"),
-            (b":authority", b"127.0.0.1:50151"),
+            (b":authority", b"server.test:50051"),
             (b"content-type", b"application/grpc"),
             (b"te", b"trailers"),
             (b"grpc-timeout", b"999999m"),
             (b"x-long", &[b'v'; 300]),
         ];
+        let mut enc = Encoder::new();
+        let mut t = Transcoder::new(4096);
+        for round in 0..3 {
+            let block = enc.encode(headers.iter().copied());
+            if round > 0 {
+                assert!(refers_to_a_table(&block), "the encoder used its table");
+            }
+            let (mut out, mut seen) = (Vec::new(), Seen::default());
+            t.transcode(&block, &mut out, &mut seen).unwrap();
+            assert!(!refers_to_a_table(&out));
+            assert_eq!(Decoder::new().decode(&out).unwrap(), owned(headers), "round {round}");
+            assert_eq!(seen.path.as_deref(), Some("/hello.HelloService/SayHello"));
+            let size: usize = headers.iter().map(|(n, v)| n.len() + v.len() + 32).sum();
+            assert_eq!(seen.list_size, size);
+        }
+    }
+
+    /// `text` as a Huffman-coded string literal.
+    fn huffman(text: &[u8]) -> Vec<u8> {
+        let codes = huffman::codes();
+        let (mut acc, mut bits, mut bytes) = (0u64, 0u32, Vec::new());
+        for &b in text {
+            let (code, len) = codes[b as usize];
+            acc = (acc << len) | u64::from(code);
+            bits += u32::from(len);
+            while bits >= 8 {
+                bits -= 8;
+                bytes.push((acc >> bits) as u8);
+            }
+        }
+        if bits > 0 {
+            bytes.push(((acc << (8 - bits)) | ((1 << (8 - bits)) - 1)) as u8);
+        }
+        let mut s = Vec::new();
+        put_integer(bytes.len(), 7, 0x80, &mut s);
+        s.extend(bytes);
+        s
+    }
+
+    #[test]
+    fn huffman_coded_names_and_values_are_read() {
+        // grpc-status: 14, both Huffman-coded, added to the table; then indexed.
+        let mut block = vec![0x40];
+        block.extend(huffman(b"grpc-status"));
+        block.extend(huffman(b"14"));
+        let mut t = Transcoder::new(4096);
+        let mut seen = Seen::default();
+        let mut out = Vec::new();
+        t.transcode(&block, &mut out, &mut seen).unwrap();
+        assert_eq!(Decoder::new().decode(&block).unwrap(), owned(&[(b"grpc-status", b"14")]), "the test block");
+        assert_eq!(seen.status, Some(14));
+        let mut again = Seen::default();
+        out.clear();
+        t.transcode(&[0x80 | 62], &mut out, &mut again).unwrap();
+        assert_eq!(again.status, Some(14));
+        assert_eq!(Decoder::new().decode(&out).unwrap(), owned(&[(b"grpc-status", b"14")]));
+    }
+
+    #[test]
+    fn a_table_size_update_evicts_and_one_past_the_limit_is_refused() {
+        let mut t = Transcoder::new(4096);
+        let mut enc = Encoder::new();
+        let block = enc.encode([(&b"x-a"[..], &b"1"[..])]);
+        t.transcode(&block, &mut Vec::new(), &mut Seen::default()).unwrap();
+        assert_eq!(t.table.len(), 1);
+        t.transcode(&[0x20], &mut Vec::new(), &mut Seen::default()).unwrap();
+        assert_eq!(t.table.len(), 0);
+        assert_eq!(t.transcode(&[0x80 | 62], &mut Vec::new(), &mut Seen::default()), Err(Invalid));
+        assert_eq!(t.transcode(&[0x3f, 0xe2, 0x1f], &mut Vec::new(), &mut Seen::default()), Err(Invalid), "4,097");
+    }
+
+    #[test]
+    fn truncated_and_malformed_blocks_are_refused() {
+        let mut t = Transcoder::new(4096);
+        for block in
+            [&[0x80][..], &[0x00, 0x05, b'a'], &[0x0f], &[0x04, 0x85, 0xff], &[0xff, 0xff, 0xff, 0xff, 0xff, 0x7f]]
+        {
+            assert_eq!(t.transcode(block, &mut Vec::new(), &mut Seen::default()), Err(Invalid), "{block:x?}");
+        }
+    }
+
+    #[test]
+    fn encoded_headers_decode_back_with_a_standard_decoder() {
+        let headers: &[(&[u8], &[u8])] = &[
+            (b":status", b"200"),
+            (b"content-type", b"application/grpc"),
+            (b"grpc-status", b"0"),
+            (b":authority", b""),
+        ];
         let mut out = Vec::new();
         for (n, v) in headers {
             encode(n, v, &mut out);
         }
-        let decoded = Decoder::new().decode(&out).unwrap();
-        let want: Vec<(Vec<u8>, Vec<u8>)> = headers.iter().map(|(n, v)| (n.to_vec(), v.to_vec())).collect();
-        assert_eq!(decoded, want);
-        assert!(static_only(&out).is_some(), "no dynamic-table references");
-    }
-
-    #[test]
-    fn a_block_naming_a_dynamic_entry_is_not_passed_through() {
-        let mut out = Vec::new();
-        encode(b":method", b"POST", &mut out);
-        assert!(static_only(&out).is_some());
-        out.push(0x80 | 62); // the first dynamic entry
-        assert!(static_only(&out).is_none());
-        assert!(static_only(&[0x0f, 0x30, 0x00]).is_none(), "a literal naming dynamic entry 63");
-        assert!(static_only(&[0x00, 0x05, b'a']).is_none(), "a name longer than the block");
-        assert_eq!(static_only(&[0x20, 0x88]), Some(false), "a table size update to 0, then index 8");
-        assert_eq!(static_only(&[0x3f, 0xe1, 0x1f]), None, "a table size update to 4096");
-        assert_eq!(static_only(&[0x40, 0x01, b'a', 0x01, b'b']), Some(true), "a literal added to the table");
+        assert_eq!(Decoder::new().decode(&out).unwrap(), owned(headers));
+        assert!(!refers_to_a_table(&out));
     }
 }

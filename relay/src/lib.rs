@@ -32,14 +32,15 @@
 
 pub mod frame;
 pub mod hpack;
+mod huffman;
 mod stream;
 
 use std::{collections::HashMap, net::SocketAddr};
 
 use bytes::{Buf, BytesMut};
-use loona_hpack::Decoder;
 
 use frame::{Head, Reason};
+use hpack::{Seen, Transcoder};
 pub use stream::Outcome;
 use stream::{DETACHED, Replay, Response, Stream};
 
@@ -108,8 +109,8 @@ impl Default for Limits {
 struct Conn {
     /// Bytes to write to this peer.
     out: BytesMut,
-    /// The peer's header blocks, decoded to keep its dynamic table in step.
-    decoder: Decoder<'static>,
+    /// The peer's header blocks, read with its dynamic table and written without.
+    decoder: Transcoder,
     /// A header block waiting for its CONTINUATION frames.
     partial: Option<Partial>,
     /// What the peer lets us send on the connection.
@@ -151,9 +152,12 @@ impl Conn {
         if extra > 0 {
             frame::put_window_update(&mut out, 0, extra as u32);
         }
+        // A peer may not grow our copy of its table past the default 4,096 bytes (we
+        // advertise 0), so what it holds stays bounded.
+        let decoder = Transcoder::new(DEFAULT_TABLE);
         Conn {
             out,
-            decoder: Decoder::new(),
+            decoder,
             partial: None,
             send_window: frame::DEFAULT_WINDOW,
             initial_send: frame::DEFAULT_WINDOW,
@@ -297,6 +301,8 @@ pub struct Relay<P: Picker> {
     scratch: Vec<u8>,
 }
 
+/// HPACK's default dynamic table size, what a peer may use before it saw our 0.
+const DEFAULT_TABLE: usize = 4096;
 const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
 const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";
 
@@ -519,22 +525,9 @@ impl<P: Picker> Relay<P> {
         let id = block.stream;
         let end_stream = block.flags & frame::END_STREAM != 0;
         self.scratch.clear();
-        let pass = hpack::static_only(&block.block).is_some();
-        let mut path = None;
-        let mut size = 0usize;
-        let scratch = &mut self.scratch;
-        self.client
-            .decoder
-            .decode_with_cb(&block.block, |name, value| {
-                size += name.len() + value.len() + 32;
-                if &*name == b":path" {
-                    path = Some(String::from_utf8_lossy(&value).into_owned());
-                }
-                if !pass {
-                    hpack::encode(&name, &value, scratch);
-                }
-            })
-            .map_err(|_| Reason::Compression)?;
+        let mut seen = Seen::default();
+        self.client.decoder.transcode(&block.block, &mut self.scratch, &mut seen).map_err(|_| Reason::Compression)?;
+        let Seen { path, list_size: size, .. } = seen;
         if let Some(s) = self.streams.get_mut(&id) {
             // Trailers from the client: the request's end.
             if !end_stream || s.client_ended {
@@ -543,8 +536,7 @@ impl<P: Picker> Relay<P> {
             s.client_ended = true;
             s.up.end = true;
             s.replay = None;
-            let block = if pass { block.block } else { std::mem::take(&mut self.scratch) };
-            s.up.trailers = Some(block);
+            s.up.trailers = Some(self.scratch.clone());
             self.pump_up(id, &[]);
             return Ok(());
         }
@@ -573,7 +565,7 @@ impl<P: Picker> Relay<P> {
             self.trailers_only(id, 13, "no :path");
             return Ok(());
         };
-        let block = if pass { block.block } else { self.scratch.clone() };
+        let block = self.scratch.clone();
         let limits = &self.limits;
         let mut stream = Stream::new(path, Replay::new(block), limits.stream_window, end_stream, limits.max_message);
         stream.down.window = self.client.initial_send;
@@ -951,30 +943,19 @@ impl<P: Picker> Relay<P> {
     fn back_headers(&mut self, back: u64, client_id: Option<u32>, block: Partial) -> Result<(), Reason> {
         let b = self.backs.iter_mut().find(|b| b.id == back).expect("checked by the caller");
         let end_stream = block.flags & frame::END_STREAM != 0;
-        let pass = hpack::static_only(&block.block).is_some();
         self.scratch.clear();
-        let scratch = &mut self.scratch;
-        let mut status = None;
-        b.conn
-            .decoder
-            .decode_with_cb(&block.block, |name, value| {
-                if &*name == b"grpc-status" {
-                    status = std::str::from_utf8(&value).ok().and_then(|v| v.parse::<u8>().ok());
-                }
-                if !pass {
-                    hpack::encode(&name, &value, scratch);
-                }
-            })
-            .map_err(|_| Reason::Compression)?;
+        let mut seen = Seen::default();
+        b.conn.decoder.transcode(&block.block, &mut self.scratch, &mut seen).map_err(|_| Reason::Compression)?;
+        let status = seen.status;
         let Some(id) = client_id else { return Ok(()) };
         let Some(s) = self.streams.get_mut(&id) else { return Ok(()) };
-        let block = if pass { block.block } else { std::mem::take(&mut self.scratch) };
+        let block = &self.scratch;
         match s.response {
             Response::None => {
                 s.replay = None;
                 s.response = if end_stream { Response::Ended } else { Response::Headers };
                 s.status = status;
-                self.client.put_block(id, end_stream, &block);
+                self.client.put_block(id, end_stream, block);
                 if end_stream {
                     s.down.sent_end = true;
                     self.finish(id);
@@ -983,7 +964,7 @@ impl<P: Picker> Relay<P> {
             Response::Headers if end_stream => {
                 s.response = Response::Ended;
                 s.status = status;
-                s.down.trailers = Some(block);
+                s.down.trailers = Some(block.clone());
                 s.down.end = true;
                 self.pump_down(id, &[]);
             }
