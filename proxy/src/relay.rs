@@ -16,7 +16,7 @@ use balancer::{Placed, Placement};
 use bytes::{Buf, BytesMut};
 use relay::{Limits, Outcome, Relay};
 use tokio::{
-    io::AsyncWrite,
+    io::{AsyncWrite, Interest},
     net::TcpStream,
     sync::watch,
     time::{Duration, timeout},
@@ -255,14 +255,29 @@ impl Conn {
     }
 }
 
-/// Reads what the socket has into `buf`.
+/// Reads what the socket has into `buf`. A read shorter than the room offered emptied
+/// the socket: its readiness is dropped then, so the next poll waits for more instead
+/// of asking the kernel again to hear EAGAIN. (The readiness dropped is the one seen
+/// before the read; data arriving since marks the socket ready anew.)
 fn read(tcp: &TcpStream, buf: &mut BytesMut, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
     loop {
         std::task::ready!(tcp.poll_read_ready(cx))?;
         buf.reserve(READ_SIZE);
-        match tcp.try_read_buf(buf) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            r => return Poll::Ready(r),
+        let room = buf.capacity() - buf.len();
+        let mut got = None;
+        let result = tcp.try_io(Interest::READABLE, || {
+            let n = tcp.try_read_buf(buf)?;
+            got = Some(n);
+            match n > 0 && n < room {
+                true => Err(io::ErrorKind::WouldBlock.into()),
+                false => Ok(()),
+            }
+        });
+        match (got, result) {
+            (Some(n), _) => return Poll::Ready(Ok(n)),
+            (None, Err(e)) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            (None, Err(e)) => return Poll::Ready(Err(e)),
+            (None, Ok(())) => unreachable!("a read that succeeded said how much"),
         }
     }
 }

@@ -130,10 +130,10 @@ pub struct Transcoder {
     allowed: usize,
 }
 
-/// A field's name: a static index, or a literal.
+/// A field's name: a static index, a literal (as it came), or a table entry.
 enum Name<'a> {
     Static(usize),
-    Literal(Str, Kind, usize),
+    Literal(&'a [u8], Kind, usize),
     Dynamic(&'a Entry),
 }
 
@@ -165,7 +165,7 @@ impl Transcoder {
                     _ => {
                         let e = self.entry(index)?;
                         seen.list_size += e.size;
-                        note(seen, e.kind, &e.value)?;
+                        note(seen, e.kind, &e.value.0)?;
                         out.push(0x00);
                         out.extend_from_slice(&e.name.0);
                         out.extend_from_slice(&e.value.0);
@@ -188,7 +188,7 @@ impl Transcoder {
             let name = match index {
                 0 => {
                     let s = string(block, &mut at)?;
-                    let (kind, len) = kind_of(&s)?;
+                    let (kind, len) = kind_of(s)?;
                     Name::Literal(s, kind, len)
                 }
                 1..=61 => Name::Static(index),
@@ -198,11 +198,11 @@ impl Transcoder {
             let (kind, name_len) = match &name {
                 Name::Static(i) => (if PATH.contains(i) { Kind::Path } else { Kind::Other }, STATIC[i - 1].0.len()),
                 Name::Literal(_, kind, len) => (*kind, *len),
-                Name::Dynamic(e) => (e.kind, e.size - 32 - decoded_len(&e.value)?),
+                Name::Dynamic(e) => (e.kind, e.size - 32 - decoded_len(&e.value.0)?),
             };
-            let value_len = decoded_len(&value)?;
+            let value_len = decoded_len(value)?;
             seen.list_size += name_len + value_len + 32;
-            note(seen, kind, &value)?;
+            note(seen, kind, value)?;
             // Written as a literal without indexing: the name by static index or as a
             // literal string, then the value as it came.
             let name = match name {
@@ -212,8 +212,8 @@ impl Transcoder {
                 }
                 Name::Literal(s, ..) => {
                     out.push(0x00);
-                    out.extend_from_slice(&s.0);
-                    Some(s)
+                    out.extend_from_slice(s);
+                    Some(Str(s.into()))
                 }
                 Name::Dynamic(e) => {
                     out.push(0x00);
@@ -221,14 +221,14 @@ impl Transcoder {
                     Some(e.name.clone())
                 }
             };
-            out.extend_from_slice(&value.0);
+            out.extend_from_slice(value);
             if indexing {
                 let size = name_len + value_len + 32;
                 let name = match name {
                     Some(s) => s,
                     None => literal(STATIC[index - 1].0.as_bytes()),
                 };
-                self.insert(Entry { name, value, kind, size });
+                self.insert(Entry { name, value: Str(value.into()), kind, size });
             }
         }
         Ok(())
@@ -260,22 +260,41 @@ impl Transcoder {
 }
 
 /// Records the value of a field the relay wants.
-fn note(seen: &mut Seen, kind: Kind, value: &Str) -> Result<(), Invalid> {
+fn note(seen: &mut Seen, kind: Kind, value: &[u8]) -> Result<(), Invalid> {
     match kind {
-        Kind::Path => seen.path = Some(String::from_utf8_lossy(&decoded(value)?).into_owned()),
-        Kind::Status => seen.status = std::str::from_utf8(&decoded(value)?).ok().and_then(|v| v.parse().ok()),
+        Kind::Path => {
+            let mut path = Vec::with_capacity(value.len() * 8 / 5);
+            decode(value, |b| path.push(b))?;
+            seen.path = Some(String::from_utf8(path).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into()));
+        }
+        Kind::Status => {
+            // Digits only, at most three, up to 255; anything else is no status.
+            let mut n: Option<u32> = Some(0);
+            let mut digits = 0;
+            decode(value, |b| {
+                digits += 1;
+                n = n.filter(|_| b.is_ascii_digit() && digits <= 3).map(|n| n * 10 + u32::from(b - b'0'));
+            })?;
+            seen.status = n.filter(|_| digits > 0).and_then(|n| u8::try_from(n).ok());
+        }
         Kind::Other => {}
     }
     Ok(())
 }
 
 /// A literal name's kind and decoded length.
-fn kind_of(name: &Str) -> Result<(Kind, usize), Invalid> {
+fn kind_of(name: &[u8]) -> Result<(Kind, usize), Invalid> {
     let len = decoded_len(name)?;
     if len != ":path".len() && len != "grpc-status".len() {
         return Ok((Kind::Other, len));
     }
-    Ok(match &decoded(name)?[..] {
+    let mut buf = [0u8; 11];
+    let mut n = 0;
+    decode(name, |b| {
+        buf[n] = b;
+        n += 1;
+    })?;
+    Ok(match &buf[..n] {
         b":path" => (Kind::Path, len),
         b"grpc-status" => (Kind::Status, len),
         _ => (Kind::Other, len),
@@ -283,24 +302,25 @@ fn kind_of(name: &Str) -> Result<(Kind, usize), Invalid> {
 }
 
 /// A string literal's bytes after its length prefix, and whether they are Huffman-coded.
-fn payload(s: &Str) -> (bool, &[u8]) {
+fn payload(s: &[u8]) -> (bool, &[u8]) {
     let mut at = 0;
-    let _ = integer(&s.0, &mut at, 7);
-    (s.0[0] & 0x80 != 0, &s.0[at..])
+    let _ = integer(s, &mut at, 7);
+    (s[0] & 0x80 != 0, &s[at..])
 }
 
-fn decoded(s: &Str) -> Result<Vec<u8>, Invalid> {
+/// Decodes a string literal (length prefix included), handing each byte to `out`;
+/// returns the decoded length.
+fn decode(s: &[u8], mut out: impl FnMut(u8)) -> Result<usize, Invalid> {
     match payload(s) {
-        (false, bytes) => Ok(bytes.to_vec()),
-        (true, bytes) => {
-            let mut out = Vec::with_capacity(bytes.len() * 8 / 5);
-            huffman::decode(bytes, |b| out.push(b))?;
-            Ok(out)
+        (false, bytes) => {
+            bytes.iter().for_each(|&b| out(b));
+            Ok(bytes.len())
         }
+        (true, bytes) => Ok(huffman::decode(bytes, out)?),
     }
 }
 
-fn decoded_len(s: &Str) -> Result<usize, Invalid> {
+fn decoded_len(s: &[u8]) -> Result<usize, Invalid> {
     match payload(s) {
         (false, bytes) => Ok(bytes.len()),
         (true, bytes) => Ok(huffman::decode(bytes, |_| {})?),
@@ -315,13 +335,13 @@ fn literal(bytes: &[u8]) -> Str {
     Str(s.into())
 }
 
-/// The string literal at `at`, moving past it.
-fn string(block: &[u8], at: &mut usize) -> Result<Str, Invalid> {
+/// The string literal at `at` (length prefix included), moving past it.
+fn string<'a>(block: &'a [u8], at: &mut usize) -> Result<&'a [u8], Invalid> {
     let start = *at;
     let len = integer(block, at, 7)?;
     let end = at.checked_add(len).filter(|&end| end <= block.len()).ok_or(Invalid)?;
     *at = end;
-    Ok(Str(block[start..end].into()))
+    Ok(&block[start..end])
 }
 
 /// Reads an HPACK integer with an N-bit prefix at `at`, moving past it.

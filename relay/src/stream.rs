@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 
 use bytes::BytesMut;
 use lb_core::frame::FrameScan;
+use smallvec::SmallVec;
 
 use crate::{Conn, frame};
 
@@ -38,12 +39,12 @@ pub(crate) struct Replay {
     /// Request DATA received so far.
     pub data: BytesMut,
     /// Replicas tried, in order.
-    pub tried: Vec<SocketAddr>,
+    pub tried: SmallVec<[SocketAddr; 2]>,
 }
 
 impl Replay {
     pub fn new(block: Vec<u8>) -> Replay {
-        Replay { block, data: BytesMut::new(), tried: Vec::new() }
+        Replay { block, data: BytesMut::new(), tried: SmallVec::new() }
     }
 }
 
