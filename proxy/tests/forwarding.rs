@@ -188,10 +188,21 @@ over_h2_and_h3! {
             status.unwrap().into_inner().status(),
             tonic_health::pb::health_check_response::ServingStatus::NotServing
         );
-        let err = proto::hello_service_client::HelloServiceClient::new(channel).say_hello(hello()).await.unwrap_err();
-        assert_eq!(err.code(), tonic::Code::Unavailable);
-        assert!(err.message().contains("server.test:50051"), "{}", err.message());
-        assert!(err.message().contains("no addresses"), "{}", err.message());
+        // Calls fail fast; until the first DNS answer they say the name is not
+        // resolved yet, then that it has no addresses.
+        let mut client = proto::hello_service_client::HelloServiceClient::new(channel);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let err = client.say_hello(hello()).await.unwrap_err();
+            assert_eq!(err.code(), tonic::Code::Unavailable);
+            assert!(err.message().contains("server.test:50051"), "{}", err.message());
+            if err.message().contains("no addresses") {
+                break;
+            }
+            assert!(err.message().contains("not resolved yet"), "{}", err.message());
+            assert!(tokio::time::Instant::now() < deadline, "still not resolved after 5 s: {}", err.message());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
