@@ -25,6 +25,7 @@ async fn calls_reach(client: &mut HelloServiceClient<Channel>, replica: &str, wi
 }
 
 over_h2_and_h3! {
+    relay;
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn spreads_calls_evenly_over_local_replicas_only() {
         let c = Cluster::start(PROTOCOL, LAYOUT, &[]).await;
@@ -36,26 +37,6 @@ over_h2_and_h3! {
             let n = counts[local];
             assert!((135..=165).contains(&n), "{local} got {n} of 300, expected 150 ± 10%: {counts:?}");
         }
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn fails_over_to_remote_when_locals_die_then_fails_back() {
-        // A call in flight on a killed replica may have run: only the sandbox's default
-        // policy (retry UNAVAILABLE) sends it again.
-        let mut c = Cluster::start(PROTOCOL, LAYOUT, &["--service-config", support::SANDBOX_CONFIG]).await;
-        c.wait_for(&["s1", "s2"]).await;
-        let mut client = c.client().await;
-        c.kill("s1");
-        c.kill("s2");
-        let (counts, failures) = tally(&mut client, 50).await;
-        assert!(failures.is_empty(), "killing the locals failed calls: {failures:?}");
-        assert_eq!(counts.get("s3"), Some(&50), "{counts:?}");
-
-        c.restart("s1");
-        calls_reach(&mut client, "s1", Duration::from_secs(2)).await;
-        let (counts, failures) = tally(&mut client, 20).await;
-        assert!(failures.is_empty(), "{failures:?}");
-        assert_eq!(counts.get("s1"), Some(&20), "calls return to the local replica: {counts:?}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -77,24 +58,19 @@ over_h2_and_h3! {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_failed_over_proxy_finds_a_new_local_replica_long_before_its_resolve_interval() {
-        // As in Docker or Kubernetes, dead replicas leave DNS: no failing reconnect
-        // prompts a resolution, only the interval, here 30 s. The sandbox's policy
-        // retries the calls the kill caught.
-        let args = ["--resolve-interval", "30s", "--service-config", support::SANDBOX_CONFIG];
-        let mut c = Cluster::start(PROTOCOL, LAYOUT, &args).await;
+    async fn a_replica_draining_mid_load_fails_no_call() {
+        let mut c = Cluster::start(PROTOCOL, LAYOUT, &[]).await;
         c.wait_for(&["s1", "s2"]).await;
         let mut client = c.client().await;
-        for name in ["s1", "s2"] {
-            c.kill(name);
-            c.set_in_dns(name, false);
-        }
-        let (counts, failures) = tally(&mut client, 20).await;
-        assert!(failures.is_empty(), "{failures:?}");
-        assert_eq!(counts.get("s3"), Some(&20), "failed over: {counts:?}");
-
-        c.add("s4", "node-a");
-        calls_reach(&mut client, "s4", Duration::from_secs(5)).await;
+        let load = tokio::spawn(async move { tally(&mut client, 400).await });
+        // SIGTERM while calls flow: the replica sends GOAWAY and finishes what it took;
+        // calls it did not take go to s2, whichever connection they were on.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let _stopping = c.begin_stop("s1");
+        let (counts, failures) = load.await.unwrap();
+        assert!(failures.is_empty(), "a drain failed calls: {failures:?} ({counts:?})");
+        assert_eq!(counts.values().sum::<usize>(), 400);
+        assert_eq!(counts.get("s3"), None, "s2 took s1's share, not the remote: {counts:?}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -128,36 +104,86 @@ over_h2_and_h3! {
             assert!((90..=110).contains(&n), "{name} got {n} of 300: {counts:?}");
         }
     }
+}
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn when_every_replica_is_down_calls_fail_within_the_connect_timeout() {
-        let mut c = Cluster::start(PROTOCOL, LAYOUT, &["--connect-timeout", "1s"]).await;
-        c.wait_for(&["s1", "s2"]).await;
-        for name in ["s1", "s2", "s3"] {
-            c.kill(name);
+/// What the relay does not do: these fail over under the sandbox's retry policy, which
+/// `--relay` refuses, or wait out a call's deadline for a replica, where the relay fails
+/// the call at once.
+mod policies {
+    use super::*;
+
+    over_h2_and_h3! {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn fails_over_to_remote_when_locals_die_then_fails_back() {
+            // A call in flight on a killed replica may have run: only the sandbox's default
+            // policy (retry UNAVAILABLE) sends it again.
+            let mut c = Cluster::start(PROTOCOL, LAYOUT, &["--service-config", support::SANDBOX_CONFIG]).await;
+            c.wait_for(&["s1", "s2"]).await;
+            let mut client = c.client().await;
+            c.kill("s1");
+            c.kill("s2");
+            let (counts, failures) = tally(&mut client, 50).await;
+            assert!(failures.is_empty(), "killing the locals failed calls: {failures:?}");
+            assert_eq!(counts.get("s3"), Some(&50), "{counts:?}");
+
+            c.restart("s1");
+            calls_reach(&mut client, "s1", Duration::from_secs(2)).await;
+            let (counts, failures) = tally(&mut client, 20).await;
+            assert!(failures.is_empty(), "{failures:?}");
+            assert_eq!(counts.get("s1"), Some(&20), "calls return to the local replica: {counts:?}");
         }
-        // Until the proxy notices, a call may go out on a dying connection and fail naming
-        // that replica (it may have run); once it has, nothing is tried.
-        c.wait_not_serving().await;
-        let mut client = c.client().await;
-        let started = Instant::now();
-        let err = client.say_hello(hello()).await.unwrap_err();
-        let took = started.elapsed();
-        assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
-        assert!(err.message().contains("server.test:50051"), "names the target: {}", err.message());
-        // TCP is refused at once; QUIC hears nothing and gives up at its 2 s idle timeout.
-        let (what, bound) = match PROTOCOL {
-            support::Protocol::H2 => ("refused", Duration::from_millis(1500)),
-            _ => ("timed out", Duration::from_millis(3000)),
-        };
-        assert!(err.message().contains(what), "says what was tried: {}", err.message());
-        assert!(took < bound, "took {took:?} with a 1 s connect timeout");
 
-        // A bare HTTP/2 call, so the proxy's answer is seen rather than a client's own timer.
-        let started = Instant::now();
-        let path = "/hello.HelloService/SayHello";
-        let h = support::raw_call(c.proxy, path, &[("grpc-timeout", "300m")], support::frame(b"")).await;
-        assert_eq!(h["grpc-status"], "4", "DEADLINE_EXCEEDED: {h:?}");
-        assert!(started.elapsed() < Duration::from_millis(1000), "waited past the deadline");
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_failed_over_proxy_finds_a_new_local_replica_long_before_its_resolve_interval() {
+            // As in Docker or Kubernetes, dead replicas leave DNS: no failing reconnect
+            // prompts a resolution, only the interval, here 30 s. The sandbox's policy
+            // retries the calls the kill caught.
+            let args = ["--resolve-interval", "30s", "--service-config", support::SANDBOX_CONFIG];
+            let mut c = Cluster::start(PROTOCOL, LAYOUT, &args).await;
+            c.wait_for(&["s1", "s2"]).await;
+            let mut client = c.client().await;
+            for name in ["s1", "s2"] {
+                c.kill(name);
+                c.set_in_dns(name, false);
+            }
+            let (counts, failures) = tally(&mut client, 20).await;
+            assert!(failures.is_empty(), "{failures:?}");
+            assert_eq!(counts.get("s3"), Some(&20), "failed over: {counts:?}");
+
+            c.add("s4", "node-a");
+            calls_reach(&mut client, "s4", Duration::from_secs(5)).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn when_every_replica_is_down_calls_fail_within_the_connect_timeout() {
+            let mut c = Cluster::start(PROTOCOL, LAYOUT, &["--connect-timeout", "1s"]).await;
+            c.wait_for(&["s1", "s2"]).await;
+            for name in ["s1", "s2", "s3"] {
+                c.kill(name);
+            }
+            // Until the proxy notices, a call may go out on a dying connection and fail naming
+            // that replica (it may have run); once it has, nothing is tried.
+            c.wait_not_serving().await;
+            let mut client = c.client().await;
+            let started = Instant::now();
+            let err = client.say_hello(hello()).await.unwrap_err();
+            let took = started.elapsed();
+            assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+            assert!(err.message().contains("server.test:50051"), "names the target: {}", err.message());
+            // TCP is refused at once; QUIC hears nothing and gives up at its 2 s idle timeout.
+            let (what, bound) = match PROTOCOL {
+                support::Protocol::H2 => ("refused", Duration::from_millis(1500)),
+                _ => ("timed out", Duration::from_millis(3000)),
+            };
+            assert!(err.message().contains(what), "says what was tried: {}", err.message());
+            assert!(took < bound, "took {took:?} with a 1 s connect timeout");
+
+            // A bare HTTP/2 call, so the proxy's answer is seen rather than a client's own timer.
+            let started = Instant::now();
+            let path = "/hello.HelloService/SayHello";
+            let h = support::raw_call(c.proxy, path, &[("grpc-timeout", "300m")], support::frame(b"")).await;
+            assert_eq!(h["grpc-status"], "4", "DEADLINE_EXCEEDED: {h:?}");
+            assert!(started.elapsed() < Duration::from_millis(1000), "waited past the deadline");
+        }
     }
 }
