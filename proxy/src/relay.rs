@@ -151,6 +151,10 @@ impl Conn {
 
     /// Opens a connection for each back the relay added; drops those it let go.
     fn reconcile(&mut self) -> bool {
+        let (backs, relay) = (&self.backs, &self.relay);
+        if relay.back_ids().count() == backs.len() && relay.back_ids().zip(backs).all(|(id, b)| id == b.id) {
+            return false;
+        }
         let mut changed = false;
         let wanted: Vec<(u64, SocketAddr)> = self.relay.backs().map(|b| (b.id, b.addr)).collect();
         let before = self.backs.len();

@@ -330,6 +330,11 @@ impl<P: Picker> Relay<P> {
         &mut self.client.out
     }
 
+    /// The ids of the backs, in the order [`Relay::backs`] gives them.
+    pub fn back_ids(&self) -> impl Iterator<Item = u64> + '_ {
+        self.backs.iter().map(|b| b.id)
+    }
+
     /// Every back, for the shell to keep one socket per back id: a new id needs a
     /// connection, an id gone closes one.
     pub fn backs(&mut self) -> impl Iterator<Item = BackView<'_>> {
@@ -346,7 +351,7 @@ impl<P: Picker> Relay<P> {
 
     fn remove_back(&mut self, back: u64) -> Option<Back> {
         let i = self.backs.iter().position(|b| b.id == back)?;
-        Some(self.backs.swap_remove(i))
+        Some(self.backs.remove(i))
     }
 
     /// Calls open now.
@@ -964,9 +969,16 @@ impl<P: Picker> Relay<P> {
             Response::Headers if end_stream => {
                 s.response = Response::Ended;
                 s.status = status;
-                s.down.trailers = Some(block.clone());
                 s.down.end = true;
-                self.pump_down(id, &[]);
+                if s.down.pending.is_empty() {
+                    // Nothing waits before them: straight out.
+                    self.client.put_block(id, true, block);
+                    s.down.sent_end = true;
+                    self.finish(id);
+                } else {
+                    s.down.trailers = Some(block.clone());
+                    self.pump_down(id, &[]);
+                }
             }
             _ => return Err(Reason::Protocol),
         }
