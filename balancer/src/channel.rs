@@ -225,6 +225,8 @@ where
 pub struct Placement {
     pub addr: SocketAddr,
     outcome: Outcome,
+    /// Attempts before this one that failed and were retried.
+    retries: u32,
     /// Replicas the call was sent to before, unprocessed.
     transparent_retries: u32,
     started: tokio::time::Instant,
@@ -241,6 +243,8 @@ pub enum Placed {
     Cancelled,
     /// The replica did not process it; the call goes on elsewhere.
     Refused,
+    /// It failed with this status and the call's retry policy sends it again.
+    Retried(lb_core::Code),
 }
 
 impl<B> Balancer<B>
@@ -249,16 +253,24 @@ where
     B::Error: Into<BoxError> + Send,
 {
     /// Picks a ready replica for a call to `path` now, as [`Balancer::send`] would,
-    /// preferring those not in `avoid`; `None` when none is ready (no waiting).
-    pub fn place(&self, path: &str, avoid: &[SocketAddr]) -> Option<Placement> {
+    /// preferring those not in `avoid` (the replicas the call tried: `retries` of them
+    /// failed and were retried, the rest did not process it); `None` when none is ready
+    /// (no waiting).
+    pub fn place(&self, path: &str, avoid: &[SocketAddr], retries: u32) -> Option<Placement> {
         let picked = self.shared.pool.pick(path, avoid, &[], false).ok()?;
-        let transparent_retries = avoid.len() as u32;
-        Some(Placement {
-            addr: picked.addr,
-            outcome: picked.outcome,
-            transparent_retries,
-            started: tokio::time::Instant::now(),
-        })
+        let transparent_retries = (avoid.len() as u32).saturating_sub(retries);
+        let started = tokio::time::Instant::now();
+        Some(Placement { addr: picked.addr, outcome: picked.outcome, retries, transparent_retries, started })
+    }
+
+    /// The service config's retry policy for `path`, if any.
+    pub fn retry_policy(&self, path: &str) -> Option<lb_core::retry::RetryPolicy> {
+        self.shared.config.lookup(path).and_then(|m| m.retry.clone())
+    }
+
+    /// The service config's retry throttle, if any.
+    pub fn retry_throttle(&self) -> Option<&Throttle> {
+        self.shared.throttle.as_ref()
     }
 
     /// Why [`Balancer::place`] found no replica, as a call failing at once hears it.
@@ -274,6 +286,7 @@ where
         let method = |code| shared.metrics.then(|| shared.counters.method(path, code == lb_core::Code::Ok).0);
         let code = match how {
             Placed::Refused => return,
+            Placed::Retried(code) => return p.outcome.status(code, method(code)),
             Placed::Status(code) => {
                 p.outcome.status(code, method(code));
                 code
@@ -288,8 +301,12 @@ where
             }
         };
         if shared.metrics {
-            let stats =
-                lb_core::call::Stats { attempts: 1, transparent_retries: p.transparent_retries, ..Default::default() };
+            let stats = lb_core::call::Stats {
+                attempts: p.retries + 1,
+                retries: p.retries,
+                transparent_retries: p.transparent_retries,
+                ..Default::default()
+            };
             shared.counters.record(path, &stats, code, p.started.elapsed());
         }
     }

@@ -56,6 +56,8 @@ struct App {
     connect_timeout: std::time::Duration,
     /// `--max-message-size`, for the relay (the balancer applies it on the h2 path).
     max_message: u32,
+    /// `--replay-buffer`, for the relay: request bytes it keeps per call (at most 64 KiB).
+    replay: usize,
 }
 
 impl App {
@@ -134,6 +136,7 @@ pub async fn run(args: ServeArgs, listener: TcpListener, shutdown: impl Future<O
         relay: args.relay,
         connect_timeout: args.connect_timeout,
         max_message: args.max_message_size,
+        replay: args.replay_buffer.min(64 << 10),
     });
     let (h3_stop, h3) = match h3_front(&args, app.clone())? {
         Some((stop, task)) => (Some(stop), Some(task)),

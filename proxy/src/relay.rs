@@ -12,14 +12,17 @@ use std::{
     task::{Context, Poll},
 };
 
-use balancer::{Placed, Placement};
+use balancer::{
+    Placed, Placement,
+    retry::{RetryPolicy, Throttle},
+};
 use bytes::{Buf, BytesMut};
 use relay::{Limits, Outcome, Relay};
 use tokio::{
     io::{AsyncWrite, Interest},
     net::TcpStream,
     sync::watch,
-    time::{Duration, timeout},
+    time::{Duration, Instant, Sleep, timeout},
 };
 use tracing::debug;
 
@@ -43,8 +46,8 @@ struct Attempt {
 impl relay::Picker for Placer {
     type Attempt = Attempt;
 
-    fn pick(&mut self, path: &str, avoid: &[SocketAddr]) -> Option<(SocketAddr, Attempt)> {
-        let placement = self.app.balancer.place(path, avoid)?;
+    fn pick(&mut self, path: &str, avoid: &[SocketAddr], retries: u32) -> Option<(SocketAddr, Attempt)> {
+        let placement = self.app.balancer.place(path, avoid, retries)?;
         Some((placement.addr, Attempt { app: self.app.clone(), placement }))
     }
 
@@ -55,6 +58,14 @@ impl relay::Picker for Placer {
     fn unavailable(&self) -> String {
         self.app.balancer.unplaced()
     }
+
+    fn retry_policy(&self, path: &str) -> Option<RetryPolicy> {
+        self.app.balancer.retry_policy(path)
+    }
+
+    fn throttle(&self) -> Option<&Throttle> {
+        self.app.balancer.retry_throttle()
+    }
 }
 
 impl relay::Attempt for Attempt {
@@ -64,6 +75,7 @@ impl relay::Attempt for Attempt {
             Outcome::Lost => Placed::Lost,
             Outcome::Cancelled => Placed::Cancelled,
             Outcome::Refused => Placed::Refused,
+            Outcome::Retried(code) => Placed::Retried(lb_code(code)),
         };
         self.app.balancer.placed_ended(self.placement, path, how);
     }
@@ -71,6 +83,12 @@ impl relay::Attempt for Attempt {
 
 fn lb_code(code: u8) -> balancer::code::Code {
     balancer::code::Code::from_i32(i32::from(code)).unwrap_or(balancer::code::Code::Unknown)
+}
+
+/// Seeds a connection's retry jitter from the clock and the client's address.
+fn seed(peer: &SocketAddr) -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one((peer, std::time::SystemTime::now()))
 }
 
 /// A connection to a replica, by the relay's back id.
@@ -90,12 +108,18 @@ enum BackState {
 pub(crate) async fn serve(tcp: TcpStream, peer: SocketAddr, app: Arc<App>, mut drain: watch::Receiver<bool>) {
     let connect_timeout = app.connect_timeout;
     let mut conn = Conn {
-        relay: Relay::new(Placer { app: app.clone() }, Limits { max_message: app.max_message, ..Limits::default() }),
+        relay: Relay::new(
+            Placer { app: app.clone() },
+            Limits { max_message: app.max_message, replay: app.replay, ..Limits::default() },
+            seed(&peer),
+        ),
         client: tcp,
         read: BytesMut::with_capacity(READ_SIZE),
         backs: Vec::new(),
         connect_timeout,
         client_open: true,
+        epoch: Instant::now(),
+        timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
     };
     let drained = drain.wait_for(|d| *d);
     tokio::pin!(drained);
@@ -130,12 +154,18 @@ struct Conn {
     backs: Vec<Back>,
     connect_timeout: Duration,
     client_open: bool,
+    /// The origin of the relay's clock.
+    epoch: Instant,
+    /// Wakes the task when the relay's next retry backoff is over.
+    timer: Pin<Box<Sleep>>,
 }
 
 impl Conn {
     /// Moves bytes until nothing is ready; `Ready` when the connection is over.
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
+            let now = Instant::now();
+            self.relay.tick(now - self.epoch);
             let mut progress = self.reconcile();
             progress |= self.poll_connects(cx);
             let flushed = self.poll_writes(cx)?;
@@ -143,6 +173,13 @@ impl Conn {
                 return Poll::Ready(Ok(()));
             }
             progress |= self.poll_reads(cx)?;
+            if let Some(due) = self.relay.next_timer() {
+                let at = self.epoch + due;
+                if self.timer.deadline() != at {
+                    self.timer.as_mut().reset(at);
+                }
+                progress |= self.timer.as_mut().poll(cx).is_ready();
+            }
             if !progress {
                 return Poll::Pending;
             }

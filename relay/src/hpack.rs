@@ -93,6 +93,9 @@ pub struct Seen {
     pub path: Option<String>,
     /// The `grpc-status` value, when it is a number up to 255.
     pub status: Option<u8>,
+    /// `grpc-retry-pushback-ms`: `Some(Some(ms))` for a number of milliseconds up to
+    /// `i32::MAX`, `Some(None)` for anything else (negative: do not retry).
+    pub pushback: Option<Option<u64>>,
     /// The header list's size as RFC 7541 counts it (each field's name and value
     /// lengths plus 32).
     pub list_size: usize,
@@ -107,6 +110,7 @@ struct Str(Box<[u8]>);
 enum Kind {
     Path,
     Status,
+    Pushback,
     Other,
 }
 
@@ -277,6 +281,15 @@ fn note(seen: &mut Seen, kind: Kind, value: &[u8]) -> Result<(), Invalid> {
             })?;
             seen.status = n.filter(|_| digits > 0).and_then(|n| u8::try_from(n).ok());
         }
+        Kind::Pushback => {
+            let mut n: Option<u64> = Some(0);
+            let mut digits = 0;
+            decode(value, |b| {
+                digits += 1;
+                n = n.filter(|_| b.is_ascii_digit()).map(|n| n.saturating_mul(10).saturating_add(u64::from(b - b'0')));
+            })?;
+            seen.pushback = Some(n.filter(|&ms| digits > 0 && ms <= i32::MAX as u64));
+        }
         Kind::Other => {}
     }
     Ok(())
@@ -284,11 +297,12 @@ fn note(seen: &mut Seen, kind: Kind, value: &[u8]) -> Result<(), Invalid> {
 
 /// A literal name's kind and decoded length.
 fn kind_of(name: &[u8]) -> Result<(Kind, usize), Invalid> {
+    const PUSHBACK: &[u8] = b"grpc-retry-pushback-ms";
     let len = decoded_len(name)?;
-    if len != ":path".len() && len != "grpc-status".len() {
+    if len != ":path".len() && len != "grpc-status".len() && len != PUSHBACK.len() {
         return Ok((Kind::Other, len));
     }
-    let mut buf = [0u8; 11];
+    let mut buf = [0u8; PUSHBACK.len()];
     let mut n = 0;
     decode(name, |b| {
         buf[n] = b;
@@ -297,6 +311,7 @@ fn kind_of(name: &[u8]) -> Result<(Kind, usize), Invalid> {
     Ok(match &buf[..n] {
         b":path" => (Kind::Path, len),
         b"grpc-status" => (Kind::Status, len),
+        PUSHBACK => (Kind::Pushback, len),
         _ => (Kind::Other, len),
     })
 }

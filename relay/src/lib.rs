@@ -35,12 +35,22 @@ pub mod hpack;
 mod huffman;
 mod stream;
 
-use std::{collections::HashMap, net::SocketAddr};
+use std::{
+    cmp::Reverse,
+    collections::{BinaryHeap, HashMap},
+    net::SocketAddr,
+    time::Duration,
+};
 
 use bytes::{Buf, BytesMut};
 
 use frame::{Head, Reason};
 use hpack::{Seen, Transcoder};
+use lb_core::{
+    Code,
+    retry::{Pushback, RetryPolicy, Throttle, Verdict, policy::RetryState},
+    rng::SplitMix64,
+};
 pub use stream::Outcome;
 use stream::{DETACHED, Replay, Response, Stream};
 
@@ -49,13 +59,22 @@ pub trait Picker {
     /// Told how the call placed on the picked replica ended, once.
     type Attempt: Attempt;
     /// A ready replica for a new call on `path`, preferring those not in `avoid`
-    /// (replicas this call already tried); `None` when none is ready.
-    fn pick(&mut self, path: &str, avoid: &[SocketAddr]) -> Option<(SocketAddr, Self::Attempt)>;
+    /// (replicas this call already tried, `retries` of them after a failure the retry
+    /// policy retried, the others unprocessed); `None` when none is ready.
+    fn pick(&mut self, path: &str, avoid: &[SocketAddr], retries: u32) -> Option<(SocketAddr, Self::Attempt)>;
     /// Whether the proxy serves: what `grpc.health.v1.Health/Check` answers.
     fn serving(&self) -> bool;
     /// Why no replica is ready, for the status of a call that found none.
     fn unavailable(&self) -> String {
         "no ready replica".to_owned()
+    }
+    /// The service config's retry policy for `path` (gRFC A6).
+    fn retry_policy(&self, _path: &str) -> Option<RetryPolicy> {
+        None
+    }
+    /// The service config's retry throttle, shared by every call.
+    fn throttle(&self) -> Option<&Throttle> {
+        None
     }
 }
 
@@ -299,6 +318,13 @@ pub struct Relay<P: Picker> {
     resets: usize,
     /// Header blocks encoded again go here first.
     scratch: Vec<u8>,
+    /// The time as the shell last told it ([`Relay::tick`]), from any fixed origin.
+    now: Duration,
+    /// When calls waiting out a retry backoff are due, soonest first; an entry whose
+    /// call is gone or no longer waiting is skipped.
+    backoffs: BinaryHeap<Reverse<(Duration, u32)>>,
+    /// Jitter for retry backoffs.
+    rng: SplitMix64,
 }
 
 /// HPACK's default dynamic table size, what a peer may use before it saw our 0.
@@ -307,7 +333,8 @@ const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
 const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";
 
 impl<P: Picker> Relay<P> {
-    pub fn new(picker: P, limits: Limits) -> Self {
+    /// A relay for one client connection; `seed` seeds its retry backoffs' jitter.
+    pub fn new(picker: P, limits: Limits, seed: u64) -> Self {
         let client = Conn::new(&limits, true);
         Relay {
             picker,
@@ -322,7 +349,30 @@ impl<P: Picker> Relay<P> {
             client_done: false,
             resets: 0,
             scratch: Vec::with_capacity(1024),
+            now: Duration::ZERO,
+            backoffs: BinaryHeap::new(),
+            rng: SplitMix64::seeded(seed),
         }
+    }
+
+    /// The time is now `now` (from the same origin every time): calls whose retry
+    /// backoff is over are sent again.
+    pub fn tick(&mut self, now: Duration) {
+        self.now = now;
+        while let Some(&Reverse((due, id))) = self.backoffs.peek() {
+            if due > now {
+                return;
+            }
+            self.backoffs.pop();
+            let Some(s) = self.streams.get_mut(&id).filter(|s| s.backoff_until == Some(due)) else { continue };
+            s.backoff_until = None;
+            self.place(id);
+        }
+    }
+
+    /// When [`Relay::tick`] has work next, if ever.
+    pub fn next_timer(&self) -> Option<Duration> {
+        self.backoffs.peek().map(|Reverse((due, _))| *due)
     }
 
     /// Bytes to write to the client.
@@ -572,7 +622,9 @@ impl<P: Picker> Relay<P> {
         };
         let block = self.scratch.clone();
         let limits = &self.limits;
+        let retry = self.picker.retry_policy(&path).map(|p| (p, RetryState::default()));
         let mut stream = Stream::new(path, Replay::new(block), limits.stream_window, end_stream, limits.max_message);
+        stream.retry = retry;
         stream.down.window = self.client.initial_send;
         if stream.path.starts_with(HEALTH_PREFIX) {
             stream.local = true;
@@ -590,12 +642,16 @@ impl<P: Picker> Relay<P> {
     /// Sends a call (again) to a replica it has not tried, or fails it.
     fn place(&mut self, id: u32) {
         let Some(s) = self.streams.get_mut(&id) else { return };
-        let Some(replay) = &mut s.replay else { return };
-        if replay.tried.len() > self.limits.max_transparent_retries {
+        let Some(replay) = &mut s.replay else {
+            // Outgrew its buffer while waiting to be sent again.
+            let why = "the request outgrew the replay buffer before it could be sent again";
+            return self.end_with(id, 14, why, Outcome::Refused);
+        };
+        if replay.transparent > self.limits.max_transparent_retries {
             let why = "the call was refused unprocessed by every replica tried";
             return self.end_with(id, 14, why, Outcome::Refused);
         }
-        let Some((addr, attempt)) = self.picker.pick(&s.path, &replay.tried) else {
+        let Some((addr, attempt)) = self.picker.pick(&s.path, &replay.tried, s.previous) else {
             let why = self.picker.unavailable();
             return self.end_with(id, 14, &why, Outcome::Refused);
         };
@@ -622,9 +678,58 @@ impl<P: Picker> Relay<P> {
         s.up.resend = replay.data.len();
         s.up.end = s.client_ended;
         let end_now = s.client_ended && replay.data.is_empty() && s.up.trailers.is_none();
-        b.conn.put_block(up, end_now, &replay.block);
+        if s.previous > 0 {
+            self.scratch.clear();
+            self.scratch.extend_from_slice(&replay.block);
+            put_count(b"grpc-previous-rpc-attempts", s.previous, &mut self.scratch);
+            b.conn.put_block(up, end_now, &self.scratch);
+        } else {
+            b.conn.put_block(up, end_now, &replay.block);
+        }
         s.up.sent_end = end_now;
         self.pump_up(id, &[]);
+    }
+
+    /// The replica did not process the call: it goes to another, with its request.
+    fn unprocessed(&mut self, id: u32) {
+        let Some(s) = self.streams.get_mut(&id) else { return };
+        s.back = DETACHED;
+        if let Some(a) = s.attempt.take() {
+            a.ended(&s.path, Outcome::Refused);
+        }
+        if let Some(replay) = &mut s.replay {
+            replay.transparent += 1;
+        }
+        self.place(id);
+    }
+
+    /// An attempt failed with `code` before any response headers: if the call's retry
+    /// policy, its buffer and the throttle allow, it waits out a backoff and is sent
+    /// again (and the client hears nothing of this attempt). Says whether it will be.
+    fn retry_after(&mut self, id: u32, code: u8, pushback: Pushback) -> bool {
+        let Some(s) = self.streams.get_mut(&id) else { return false };
+        let Some((policy, state)) = &mut s.retry else { return false };
+        let code = Code::from_i32(i32::from(code)).unwrap_or(Code::Unknown);
+        let throttle = self.picker.throttle();
+        if let Some(t) = throttle.filter(|_| policy.retryable.contains(code) || pushback == Pushback::Stop) {
+            t.on_failure();
+        }
+        if s.replay.is_none() {
+            return false; // the request outgrew its buffer: committed
+        }
+        let allows = throttle.is_none_or(Throttle::allows);
+        let Verdict::Retry { after } = state.next(policy, code, pushback, allows, &mut self.rng) else { return false };
+        let Some(mut s) = self.streams.remove(&id) else { return false };
+        self.detach(&mut s, Reason::Cancel);
+        if let Some(a) = s.attempt.take() {
+            a.ended(&s.path, Outcome::Retried(code as u8));
+        }
+        s.previous += 1;
+        let due = self.now + after;
+        s.backoff_until = Some(due);
+        self.backoffs.push(Reverse((due, id)));
+        self.streams.insert(id, s);
+        true
     }
 
     fn new_back(&mut self, addr: SocketAddr) -> u64 {
@@ -790,10 +895,9 @@ impl<P: Picker> Relay<P> {
             let Some(s) = self.streams.get_mut(&id) else { continue };
             s.back = DETACHED;
             if !b.connected && s.response == Response::None && s.replay.is_some() {
-                if let Some(a) = s.attempt.take() {
-                    a.ended(&s.path, Outcome::Refused);
-                }
-                self.place(id);
+                self.unprocessed(id);
+            } else if s.response == Response::None && self.retry_after(id, Code::Unavailable as u8, Pushback::None) {
+                // Lost before a response: UNAVAILABLE, sent again as the policy says.
             } else {
                 self.end_with(id, 14, &format!("the connection to replica {} was lost", b.addr), Outcome::Lost);
             }
@@ -870,10 +974,7 @@ impl<P: Picker> Relay<P> {
                 let Some(s) = self.streams.get_mut(&id) else { return Ok(()) };
                 s.back = DETACHED;
                 if reason == Reason::RefusedStream as u32 && s.response == Response::None && s.replay.is_some() {
-                    if let Some(a) = s.attempt.take() {
-                        a.ended(&s.path, Outcome::Refused);
-                    }
-                    self.place(id);
+                    self.unprocessed(id);
                 } else if let Some(mut s) = self.streams.remove(&id) {
                     frame::put(&mut self.client.out, frame::RST_STREAM, 0, id, &reason.to_be_bytes());
                     if let Some(a) = s.attempt.take() {
@@ -913,12 +1014,12 @@ impl<P: Picker> Relay<P> {
                 for (_, id) in unprocessed {
                     let Some(s) = self.streams.get_mut(&id) else { continue };
                     s.back = DETACHED;
-                    if let Some(a) = s.attempt.take() {
-                        a.ended(&s.path, Outcome::Refused);
-                    }
                     if s.replay.is_some() {
-                        self.place(id);
+                        self.unprocessed(id);
                     } else {
+                        if let Some(a) = s.attempt.take() {
+                            a.ended(&s.path, Outcome::Refused);
+                        }
                         self.streams.remove(&id);
                         frame::put_rst(&mut self.client.out, id, Reason::RefusedStream);
                     }
@@ -951,9 +1052,28 @@ impl<P: Picker> Relay<P> {
         self.scratch.clear();
         let mut seen = Seen::default();
         b.conn.decoder.transcode(&block.block, &mut self.scratch, &mut seen).map_err(|_| Reason::Compression)?;
-        let status = seen.status;
+        let Seen { status, pushback, .. } = seen;
         let Some(id) = client_id else { return Ok(()) };
+        let Some(s) = self.streams.get(&id) else { return Ok(()) };
+        if s.response == Response::None {
+            let failed = end_stream && status != Some(0);
+            if failed {
+                let pushback = match pushback {
+                    None => Pushback::None,
+                    Some(Some(ms)) => Pushback::After(Duration::from_millis(ms)),
+                    Some(None) => Pushback::Stop,
+                };
+                if self.retry_after(id, status.unwrap_or(Code::Unknown as u8), pushback) {
+                    return Ok(());
+                }
+            } else if let Some(t) = self.picker.throttle() {
+                t.on_success(); // response headers, or OK: the call is done with retries
+            }
+        }
         let Some(s) = self.streams.get_mut(&id) else { return Ok(()) };
+        if s.response == Response::None && s.previous > 0 {
+            put_count(b"grpc-previous-rpc-attempts", s.previous, &mut self.scratch);
+        }
         let block = &self.scratch;
         match s.response {
             Response::None => {
@@ -984,6 +1104,22 @@ impl<P: Picker> Relay<P> {
         }
         Ok(())
     }
+}
+
+/// `name: n` as a literal.
+fn put_count(name: &[u8], n: u32, out: &mut Vec<u8>) {
+    let mut digits = [0u8; 10];
+    let mut at = digits.len();
+    let mut n = n;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    hpack::encode(name, &digits[at..], out);
 }
 
 /// `grpc-status` and, when there is one, `grpc-message`, as literals.

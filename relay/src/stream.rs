@@ -1,10 +1,13 @@
 //! One relayed call: where it went, each direction's flow control and pending bytes,
 //! and the request kept for sending it elsewhere. Pure.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, time::Duration};
 
 use bytes::BytesMut;
-use lb_core::frame::FrameScan;
+use lb_core::{
+    frame::FrameScan,
+    retry::{RetryPolicy, policy::RetryState},
+};
 use smallvec::SmallVec;
 
 use crate::{Conn, frame};
@@ -20,6 +23,9 @@ pub enum Outcome {
     Cancelled,
     /// The replica did not process it (refused, or above its GOAWAY); it went elsewhere.
     Refused,
+    /// It failed with this status (or, 14, its connection was lost before a response),
+    /// and the call's retry policy sends it again.
+    Retried(u8),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,11 +46,13 @@ pub(crate) struct Replay {
     pub data: BytesMut,
     /// Replicas tried, in order.
     pub tried: SmallVec<[SocketAddr; 2]>,
+    /// Times it was sent elsewhere unprocessed.
+    pub transparent: usize,
 }
 
 impl Replay {
     pub fn new(block: Vec<u8>) -> Replay {
-        Replay { block, data: BytesMut::new(), tried: SmallVec::new() }
+        Replay { block, data: BytesMut::new(), tried: SmallVec::new(), transparent: 0 }
     }
 }
 
@@ -172,6 +180,12 @@ pub(crate) struct Stream<A> {
     pub replay: Option<Replay>,
     /// Finds each request message's length, to refuse one over the limit.
     pub scan: FrameScan,
+    /// The method's retry policy and the call's progress through it.
+    pub retry: Option<(RetryPolicy, RetryState)>,
+    /// Waiting out a retry's backoff until then, on no replica.
+    pub backoff_until: Option<Duration>,
+    /// Attempts before this one that failed and were retried (`grpc-previous-rpc-attempts`).
+    pub previous: u32,
 }
 
 /// A stream on no back.
@@ -192,6 +206,9 @@ impl<A> Stream<A> {
             client_ended,
             replay: Some(replay),
             scan: FrameScan::new(max_message),
+            retry: None,
+            backoff_until: None,
+            previous: 0,
         }
     }
 

@@ -5,6 +5,8 @@ use std::{cell::RefCell, net::SocketAddr, rc::Rc};
 use bytes::BytesMut;
 use loona_hpack::{Decoder, Encoder};
 
+use lb_core::retry::policy::CodeSet;
+
 use super::*;
 use frame::{CONTINUATION, DATA, END_HEADERS, END_STREAM, GOAWAY, HEADERS, RST_STREAM, SETTINGS, WINDOW_UPDATE};
 
@@ -16,6 +18,9 @@ struct Turns {
     next: usize,
     log: Log,
     serving: bool,
+    retry: Option<RetryPolicy>,
+    /// What each pick was told: the replicas to avoid and the retries so far.
+    asked: Vec<(Vec<SocketAddr>, u32)>,
 }
 
 struct Logged(SocketAddr, Log);
@@ -28,7 +33,8 @@ impl Attempt for Logged {
 
 impl Picker for Turns {
     type Attempt = Logged;
-    fn pick(&mut self, _path: &str, avoid: &[SocketAddr]) -> Option<(SocketAddr, Logged)> {
+    fn pick(&mut self, _path: &str, avoid: &[SocketAddr], retries: u32) -> Option<(SocketAddr, Logged)> {
+        self.asked.push((avoid.to_vec(), retries));
         let n = self.replicas.len();
         let fresh = (0..n).map(|i| self.replicas[(self.next + i) % n]).find(|a| !avoid.contains(a));
         let addr = fresh.or_else(|| self.replicas.get(self.next % n.max(1)).copied())?;
@@ -38,6 +44,9 @@ impl Picker for Turns {
     fn serving(&self) -> bool {
         self.serving
     }
+    fn retry_policy(&self, _path: &str) -> Option<RetryPolicy> {
+        self.retry.clone()
+    }
 }
 
 fn addr(i: u8) -> SocketAddr {
@@ -46,9 +55,9 @@ fn addr(i: u8) -> SocketAddr {
 
 fn relay(replicas: &[u8]) -> (Relay<Turns>, Log) {
     let log = Log::default();
-    let picker =
-        Turns { replicas: replicas.iter().map(|&i| addr(i)).collect(), next: 0, log: log.clone(), serving: true };
-    (Relay::new(picker, Limits::default()), log)
+    let replicas = replicas.iter().map(|&i| addr(i)).collect();
+    let picker = Turns { replicas, next: 0, log: log.clone(), serving: true, retry: None, asked: Vec::new() };
+    (Relay::new(picker, Limits::default(), 7), log)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -484,4 +493,141 @@ fn a_drain_refuses_new_streams_and_ends_once_calls_finish() {
     assert!(!r.is_done());
     answer(&mut r, 0, 1, b"\0\0\0\0\0", "0");
     assert!(r.is_done());
+}
+
+/// Retry UNAVAILABLE up to 3 attempts, backoff 10 ms (jittered below it).
+fn retrying(replicas: &[u8]) -> (Relay<Turns>, Log) {
+    let (mut r, log) = relay(replicas);
+    let mut retryable = CodeSet::default();
+    retryable.insert(Code::Unavailable);
+    r.picker.retry = Some(RetryPolicy {
+        max_attempts: 3,
+        initial_backoff: Duration::from_millis(10),
+        max_backoff: Duration::from_millis(10),
+        multiplier: 1.0,
+        retryable,
+    });
+    (r, log)
+}
+
+/// A trailers-only answer on the replica's stream `up`, with more fields.
+fn refuse(r: &mut Relay<Turns>, slot: u64, up: u32, code: &str, more: &[(&str, &str)]) {
+    let mut block = response_headers();
+    hpack::encode(b"grpc-status", code.as_bytes(), &mut block);
+    for (n, v) in more {
+        hpack::encode(n.as_bytes(), v.as_bytes(), &mut block);
+    }
+    let mut buf = BytesMut::new();
+    put(&mut buf, HEADERS, END_HEADERS | END_STREAM, up, &block);
+    r.back_read(slot, &mut buf);
+}
+
+#[test]
+fn a_retryable_status_is_sent_again_after_the_backoff_and_the_client_hears_only_the_last() {
+    let (mut r, log) = retrying(&[1, 2]);
+    client_calls(&mut r, &[1], b"\0\0\0\0\x01x");
+    calls(r.client_out());
+    back_frames(&mut r, 0);
+    refuse(&mut r, 0, 1, "14", &[]);
+    assert!(calls(r.client_out()).is_empty(), "the failed attempt is not passed on");
+    let due = r.next_timer().expect("a backoff");
+    assert!(due <= Duration::from_millis(10), "{due:?}");
+    assert!(r.backs().all(|b| b.id != 1), "nothing sent before the backoff is over");
+    r.tick(due);
+    let again = back_frames(&mut r, 1);
+    assert_eq!(
+        again.iter().map(|f| (f.kind, f.flags)).collect::<Vec<_>>(),
+        vec![(HEADERS, END_HEADERS), (DATA, END_STREAM)]
+    );
+    assert_eq!(header(&decode(&again[0].payload), "grpc-previous-rpc-attempts"), Some("1"));
+    assert_eq!(again[1].payload, b"\0\0\0\0\x01x");
+    assert_eq!(r.picker.asked[1], (vec![addr(1)], 1), "the second pick avoids the first replica");
+    answer(&mut r, 1, 1, b"\0\0\0\0\0", "0");
+    let got = calls(r.client_out());
+    assert_eq!(header(&decode(&got[0].payload), "grpc-previous-rpc-attempts"), Some("1"));
+    assert_eq!(header(&decode(&got[2].payload), "grpc-status"), Some("0"));
+    assert_eq!(*log.borrow(), vec![(addr(1), Outcome::Retried(14)), (addr(2), Outcome::Status(0))]);
+}
+
+#[test]
+fn a_status_not_listed_or_after_the_last_attempt_reaches_the_client() {
+    let (mut r, log) = retrying(&[1]);
+    client_calls(&mut r, &[1], b"\0\0\0\0\0");
+    refuse(&mut r, 0, 1, "13", &[]);
+    let got = calls(r.client_out());
+    assert_eq!(header(&decode(&got[0].payload), "grpc-status"), Some("13"), "INTERNAL is not retried");
+    assert_eq!(r.next_timer(), None);
+
+    client_calls_more(&mut r, &[3]);
+    for (attempt, up) in [(1, 3), (2, 5), (3, 7)] {
+        refuse(&mut r, 0, up, "14", &[]);
+        if attempt < 3 {
+            r.tick(r.next_timer().expect("a backoff"));
+        }
+    }
+    let got = calls(r.client_out());
+    assert_eq!(got.len(), 1, "{got:?}");
+    let last = decode(&got[0].payload);
+    assert_eq!(header(&last, "grpc-status"), Some("14"));
+    assert_eq!(header(&last, "grpc-previous-rpc-attempts"), Some("2"), "3 attempts in all");
+    let outcomes: Vec<Outcome> = log.borrow().iter().map(|(_, o)| *o).collect();
+    assert_eq!(outcomes, [Outcome::Status(13), Outcome::Retried(14), Outcome::Retried(14), Outcome::Status(14)]);
+}
+
+#[test]
+fn response_headers_commit_the_call_and_a_later_status_is_not_retried() {
+    let (mut r, log) = retrying(&[1, 2]);
+    client_calls(&mut r, &[1], b"\0\0\0\0\0");
+    let mut buf = BytesMut::new();
+    put(&mut buf, HEADERS, END_HEADERS, 1, &response_headers());
+    put(&mut buf, HEADERS, END_HEADERS | END_STREAM, 1, &trailers("14"));
+    r.back_read(0, &mut buf);
+    let got = calls(r.client_out());
+    assert_eq!(header(&decode(&got[1].payload), "grpc-status"), Some("14"));
+    assert_eq!(r.next_timer(), None);
+    assert_eq!(*log.borrow(), vec![(addr(1), Outcome::Status(14))]);
+}
+
+#[test]
+fn pushback_sets_the_delay_and_a_negative_one_stops_retries() {
+    let (mut r, _) = retrying(&[1, 2]);
+    client_calls(&mut r, &[1], b"\0\0\0\0\0");
+    r.tick(Duration::from_secs(1));
+    refuse(&mut r, 0, 1, "14", &[("grpc-retry-pushback-ms", "250")]);
+    assert_eq!(r.next_timer(), Some(Duration::from_millis(1250)), "exactly the pushback");
+    r.tick(Duration::from_millis(1249));
+    assert!(r.backs().all(|b| b.id != 1), "not before");
+    r.tick(Duration::from_millis(1250));
+    assert!(back_frames(&mut r, 1).iter().any(|f| f.kind == HEADERS));
+    refuse(&mut r, 1, 1, "14", &[("grpc-retry-pushback-ms", "-1")]);
+    assert_eq!(r.next_timer(), None);
+    let got = calls(r.client_out());
+    assert_eq!(header(&decode(&got[0].payload), "grpc-status"), Some("14"), "no retry after a negative pushback");
+}
+
+#[test]
+fn a_connection_lost_before_any_response_is_retried_as_unavailable() {
+    let (mut r, log) = retrying(&[1, 2]);
+    client_calls(&mut r, &[1], b"\0\0\0\0\0");
+    r.back_connected(0);
+    r.back_lost(0);
+    r.tick(r.next_timer().expect("a backoff"));
+    answer(&mut r, 1, 1, b"\0\0\0\0\0", "0");
+    let got = calls(r.client_out());
+    assert_eq!(header(&decode(&got[2].payload), "grpc-status"), Some("0"));
+    assert_eq!(*log.borrow(), vec![(addr(1), Outcome::Retried(14)), (addr(2), Outcome::Status(0))]);
+}
+
+#[test]
+fn a_call_cancelled_in_its_backoff_is_not_sent_again() {
+    let (mut r, log) = retrying(&[1, 2]);
+    client_calls(&mut r, &[1], b"\0\0\0\0\0");
+    refuse(&mut r, 0, 1, "14", &[]);
+    let mut buf = BytesMut::new();
+    frame::put_rst(&mut buf, 1, Reason::Cancel);
+    r.client_read(&mut buf);
+    r.tick(Duration::from_secs(1));
+    assert!(r.backs().all(|b| b.id != 1), "no new attempt");
+    assert_eq!(r.open_calls(), 0);
+    assert_eq!(*log.borrow(), vec![(addr(1), Outcome::Retried(14))]);
 }
