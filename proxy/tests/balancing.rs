@@ -74,6 +74,47 @@ over_h2_and_h3! {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fails_over_to_remote_when_locals_die_then_fails_back() {
+        // A call in flight on a killed replica may have run: only the sandbox's default
+        // policy (retry UNAVAILABLE) sends it again.
+        let mut c = Cluster::start(PROTOCOL, LAYOUT, &["--service-config", support::SANDBOX_CONFIG]).await;
+        c.wait_for(&["s1", "s2"]).await;
+        let mut client = c.client().await;
+        c.kill("s1");
+        c.kill("s2");
+        let (counts, failures) = tally(&mut client, 50).await;
+        assert!(failures.is_empty(), "killing the locals failed calls: {failures:?}");
+        assert_eq!(counts.get("s3"), Some(&50), "{counts:?}");
+
+        c.restart("s1");
+        calls_reach(&mut client, "s1", Duration::from_secs(2)).await;
+        let (counts, failures) = tally(&mut client, 20).await;
+        assert!(failures.is_empty(), "{failures:?}");
+        assert_eq!(counts.get("s1"), Some(&20), "calls return to the local replica: {counts:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_over_proxy_finds_a_new_local_replica_long_before_its_resolve_interval() {
+        // As in Docker or Kubernetes, dead replicas leave DNS: no failing reconnect
+        // prompts a resolution, only the interval, here 30 s. The sandbox's policy
+        // retries the calls the kill caught.
+        let args = ["--resolve-interval", "30s", "--service-config", support::SANDBOX_CONFIG];
+        let mut c = Cluster::start(PROTOCOL, LAYOUT, &args).await;
+        c.wait_for(&["s1", "s2"]).await;
+        let mut client = c.client().await;
+        for name in ["s1", "s2"] {
+            c.kill(name);
+            c.set_in_dns(name, false);
+        }
+        let (counts, failures) = tally(&mut client, 20).await;
+        assert!(failures.is_empty(), "{failures:?}");
+        assert_eq!(counts.get("s3"), Some(&20), "failed over: {counts:?}");
+
+        c.add("s4", "node-a");
+        calls_reach(&mut client, "s4", Duration::from_secs(5)).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_replica_removed_from_dns_receives_no_new_calls() {
         let mut c = Cluster::start(PROTOCOL, LAYOUT, &[]).await;
         c.wait_for(&["s1", "s2"]).await;
@@ -106,54 +147,12 @@ over_h2_and_h3! {
     }
 }
 
-/// What the relay does not do: these fail over under the sandbox's retry policy, which
-/// `--relay` refuses, or wait out a call's deadline for a replica, where the relay fails
-/// the call at once.
-mod policies {
+/// What the relay does not do: wait out a call's deadline for a replica (it fails the
+/// call at once).
+mod waiting {
     use super::*;
 
     over_h2_and_h3! {
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn fails_over_to_remote_when_locals_die_then_fails_back() {
-            // A call in flight on a killed replica may have run: only the sandbox's default
-            // policy (retry UNAVAILABLE) sends it again.
-            let mut c = Cluster::start(PROTOCOL, LAYOUT, &["--service-config", support::SANDBOX_CONFIG]).await;
-            c.wait_for(&["s1", "s2"]).await;
-            let mut client = c.client().await;
-            c.kill("s1");
-            c.kill("s2");
-            let (counts, failures) = tally(&mut client, 50).await;
-            assert!(failures.is_empty(), "killing the locals failed calls: {failures:?}");
-            assert_eq!(counts.get("s3"), Some(&50), "{counts:?}");
-
-            c.restart("s1");
-            calls_reach(&mut client, "s1", Duration::from_secs(2)).await;
-            let (counts, failures) = tally(&mut client, 20).await;
-            assert!(failures.is_empty(), "{failures:?}");
-            assert_eq!(counts.get("s1"), Some(&20), "calls return to the local replica: {counts:?}");
-        }
-
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn a_failed_over_proxy_finds_a_new_local_replica_long_before_its_resolve_interval() {
-            // As in Docker or Kubernetes, dead replicas leave DNS: no failing reconnect
-            // prompts a resolution, only the interval, here 30 s. The sandbox's policy
-            // retries the calls the kill caught.
-            let args = ["--resolve-interval", "30s", "--service-config", support::SANDBOX_CONFIG];
-            let mut c = Cluster::start(PROTOCOL, LAYOUT, &args).await;
-            c.wait_for(&["s1", "s2"]).await;
-            let mut client = c.client().await;
-            for name in ["s1", "s2"] {
-                c.kill(name);
-                c.set_in_dns(name, false);
-            }
-            let (counts, failures) = tally(&mut client, 20).await;
-            assert!(failures.is_empty(), "{failures:?}");
-            assert_eq!(counts.get("s3"), Some(&20), "failed over: {counts:?}");
-
-            c.add("s4", "node-a");
-            calls_reach(&mut client, "s4", Duration::from_secs(5)).await;
-        }
-
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn when_every_replica_is_down_calls_fail_within_the_connect_timeout() {
             let mut c = Cluster::start(PROTOCOL, LAYOUT, &["--connect-timeout", "1s"]).await;
