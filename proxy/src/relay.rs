@@ -258,7 +258,10 @@ impl Conn {
     fn poll_reads(&mut self, cx: &mut Context<'_>) -> io::Result<bool> {
         let mut progress = false;
         let client_backlog = self.relay.client_out().len();
-        if self.client_open && self.relay.backs().all(|b| b.out.len() < HIGH_WATER) {
+        // Reading stops while what the client's frames made us owe others (or the client
+        // itself: acks, resets) waits to be written.
+        let backlog = client_backlog >= HIGH_WATER || self.relay.backs().any(|b| b.out.len() >= HIGH_WATER);
+        if self.client_open && !backlog {
             match read(&self.client, &mut self.read, cx) {
                 Poll::Ready(Ok(0)) => {
                     self.client_open = false;

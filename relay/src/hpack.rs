@@ -148,10 +148,27 @@ impl Transcoder {
     }
 
     /// Writes `block` to `out` as fields that refer to no dynamic table (static
-    /// indexes and literals not indexed), and says what `seen` asks.
-    pub fn transcode(&mut self, block: &[u8], out: &mut Vec<u8>, seen: &mut Seen) -> Result<(), Invalid> {
+    /// indexes and literals not indexed; never-indexed ones stay so), and says what
+    /// `seen` asks. Once the header list passes `budget` bytes, the rest of the block
+    /// is read (the table stays in step) but not written: a field of a few bytes can
+    /// name a table entry of thousands, and the caller refuses such a list anyway.
+    pub fn transcode(
+        &mut self,
+        block: &[u8],
+        out: &mut Vec<u8>,
+        seen: &mut Seen,
+        budget: usize,
+    ) -> Result<(), Invalid> {
         let mut at = 0;
+        let mut sink = Vec::new();
         while at < block.len() {
+            let out = match seen.list_size > budget {
+                false => &mut *out,
+                true => {
+                    sink.clear();
+                    &mut sink
+                }
+            };
             let first = block[at];
             if first & 0x80 != 0 {
                 // Indexed field.
@@ -188,6 +205,8 @@ impl Transcoder {
                 continue;
             }
             let (prefix, indexing) = if first & 0xc0 == 0x40 { (6, true) } else { (4, false) };
+            // Literal never indexed (0001xxxx) must stay so for any intermediary after us.
+            let mask = if first & 0xf0 == 0x10 { 0x10 } else { 0x00 };
             let index = integer(block, &mut at, prefix)?;
             let name = match index {
                 0 => {
@@ -211,16 +230,16 @@ impl Transcoder {
             // literal string, then the value as it came.
             let name = match name {
                 Name::Static(i) => {
-                    put_integer(i, 4, 0x00, out);
+                    put_integer(i, 4, mask, out);
                     None
                 }
                 Name::Literal(s, ..) => {
-                    out.push(0x00);
+                    out.push(mask);
                     out.extend_from_slice(s);
                     Some(Str(s.into()))
                 }
                 Name::Dynamic(e) => {
-                    out.push(0x00);
+                    out.push(mask);
                     out.extend_from_slice(&e.name.0);
                     Some(e.name.clone())
                 }
@@ -477,7 +496,7 @@ mod tests {
                 assert!(refers_to_a_table(&block), "the encoder used its table");
             }
             let (mut out, mut seen) = (Vec::new(), Seen::default());
-            t.transcode(&block, &mut out, &mut seen).unwrap();
+            t.transcode(&block, &mut out, &mut seen, usize::MAX).unwrap();
             assert!(!refers_to_a_table(&out));
             assert_eq!(Decoder::new().decode(&out).unwrap(), owned(headers), "round {round}");
             assert_eq!(seen.path.as_deref(), Some("/hello.HelloService/SayHello"));
@@ -517,12 +536,12 @@ mod tests {
         let mut t = Transcoder::new(4096);
         let mut seen = Seen::default();
         let mut out = Vec::new();
-        t.transcode(&block, &mut out, &mut seen).unwrap();
+        t.transcode(&block, &mut out, &mut seen, usize::MAX).unwrap();
         assert_eq!(Decoder::new().decode(&block).unwrap(), owned(&[(b"grpc-status", b"14")]), "the test block");
         assert_eq!(seen.status, Some(14));
         let mut again = Seen::default();
         out.clear();
-        t.transcode(&[0x80 | 62], &mut out, &mut again).unwrap();
+        t.transcode(&[0x80 | 62], &mut out, &mut again, usize::MAX).unwrap();
         assert_eq!(again.status, Some(14));
         assert_eq!(Decoder::new().decode(&out).unwrap(), owned(&[(b"grpc-status", b"14")]));
     }
@@ -532,12 +551,16 @@ mod tests {
         let mut t = Transcoder::new(4096);
         let mut enc = Encoder::new();
         let block = enc.encode([(&b"x-a"[..], &b"1"[..])]);
-        t.transcode(&block, &mut Vec::new(), &mut Seen::default()).unwrap();
+        t.transcode(&block, &mut Vec::new(), &mut Seen::default(), usize::MAX).unwrap();
         assert_eq!(t.table.len(), 1);
-        t.transcode(&[0x20], &mut Vec::new(), &mut Seen::default()).unwrap();
+        t.transcode(&[0x20], &mut Vec::new(), &mut Seen::default(), usize::MAX).unwrap();
         assert_eq!(t.table.len(), 0);
-        assert_eq!(t.transcode(&[0x80 | 62], &mut Vec::new(), &mut Seen::default()), Err(Invalid));
-        assert_eq!(t.transcode(&[0x3f, 0xe2, 0x1f], &mut Vec::new(), &mut Seen::default()), Err(Invalid), "4,097");
+        assert_eq!(t.transcode(&[0x80 | 62], &mut Vec::new(), &mut Seen::default(), usize::MAX), Err(Invalid));
+        assert_eq!(
+            t.transcode(&[0x3f, 0xe2, 0x1f], &mut Vec::new(), &mut Seen::default(), usize::MAX),
+            Err(Invalid),
+            "4,097"
+        );
     }
 
     #[test]
@@ -546,7 +569,11 @@ mod tests {
         for block in
             [&[0x80][..], &[0x00, 0x05, b'a'], &[0x0f], &[0x04, 0x85, 0xff], &[0xff, 0xff, 0xff, 0xff, 0xff, 0x7f]]
         {
-            assert_eq!(t.transcode(block, &mut Vec::new(), &mut Seen::default()), Err(Invalid), "{block:x?}");
+            assert_eq!(
+                t.transcode(block, &mut Vec::new(), &mut Seen::default(), usize::MAX),
+                Err(Invalid),
+                "{block:x?}"
+            );
         }
     }
 
@@ -564,5 +591,30 @@ mod tests {
         }
         assert_eq!(Decoder::new().decode(&out).unwrap(), owned(headers));
         assert!(!refers_to_a_table(&out));
+    }
+
+    #[test]
+    fn a_list_past_the_budget_is_read_but_not_written() {
+        let mut t = Transcoder::new(4096);
+        let mut block = vec![0x40];
+        block.extend(huffman(b"x-big"));
+        block.extend(huffman(&[b'v'; 4000]));
+        // Then 10,000 one-byte references to that 4 KB entry: 40 MB if written out.
+        block.extend(std::iter::repeat_n(0x80 | 62, 10_000));
+        let (mut out, mut seen) = (Vec::new(), Seen::default());
+        t.transcode(&block, &mut out, &mut seen, 16 << 10).unwrap();
+        assert!(seen.list_size > 40_000_000, "counted in full: {}", seen.list_size);
+        assert!(out.len() < 32 << 10, "written only up to the budget: {} bytes", out.len());
+        assert_eq!(t.table.len(), 1, "the table is still in step");
+    }
+
+    #[test]
+    fn a_never_indexed_field_stays_never_indexed() {
+        let mut block = vec![0x10 | 0x0f, 23 - 15]; // authorization (static 23), never indexed
+        block.extend([0x06]);
+        block.extend(b"secret");
+        let (mut out, mut seen) = (Vec::new(), Seen::default());
+        Transcoder::new(4096).transcode(&block, &mut out, &mut seen, usize::MAX).unwrap();
+        assert_eq!(out, block);
     }
 }

@@ -206,7 +206,7 @@ impl Conn {
                     if i64::from(value) > frame::MAX_WINDOW {
                         return Err(Reason::FlowControl);
                     }
-                    delta = i64::from(value) - self.initial_send;
+                    delta += i64::from(value) - self.initial_send;
                     self.initial_send = i64::from(value);
                 }
                 frame::SETTINGS_MAX_FRAME_SIZE => {
@@ -327,6 +327,11 @@ pub struct Relay<P: Picker> {
     rng: SplitMix64,
 }
 
+/// A replica's response headers or trailers larger than this (RFC 7541 sizes) end its
+/// connection.
+const MAX_RESPONSE_LIST: usize = 256 << 10;
+/// The scratch buffer is let go when a large block grew it past this.
+const SCRATCH_KEPT: usize = 64 << 10;
 /// HPACK's default dynamic table size, what a peer may use before it saw our 0.
 const DEFAULT_TABLE: usize = 4096;
 const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
@@ -549,7 +554,11 @@ impl<P: Picker> Relay<P> {
             return Ok(());
         }
         // Padding is credited at once; the content when it has gone on.
-        self.client.credit((head.len - (end - start)) as u32, self.limits.conn_window);
+        let padding = (head.len - (end - start)) as u32;
+        self.client.credit(padding, self.limits.conn_window);
+        if padding > 0 && head.flags & frame::END_STREAM == 0 {
+            s.up.credit(&mut self.client.out, head.stream, padding, self.limits.stream_window);
+        }
         let body = &payload[start..end];
         if let Err(too_large) = s.scan.feed(body) {
             self.client.credit((end - start) as u32, self.limits.conn_window);
@@ -566,6 +575,7 @@ impl<P: Picker> Relay<P> {
             }
         }
         if s.local {
+            self.client.credit((end - start) as u32, self.limits.conn_window);
             if end_stream {
                 self.answer_locally(head.stream);
             }
@@ -579,14 +589,23 @@ impl<P: Picker> Relay<P> {
     fn client_headers(&mut self, block: Partial) -> Result<(), Reason> {
         let id = block.stream;
         let end_stream = block.flags & frame::END_STREAM != 0;
-        self.scratch.clear();
+        self.fresh_scratch();
         let mut seen = Seen::default();
-        self.client.decoder.transcode(&block.block, &mut self.scratch, &mut seen).map_err(|_| Reason::Compression)?;
+        let budget = self.limits.max_header_list;
+        self.client
+            .decoder
+            .transcode(&block.block, &mut self.scratch, &mut seen, budget)
+            .map_err(|_| Reason::Compression)?;
         let Seen { path, list_size: size, .. } = seen;
         if let Some(s) = self.streams.get_mut(&id) {
             // Trailers from the client: the request's end.
             if !end_stream || s.client_ended {
                 return Err(Reason::Protocol);
+            }
+            if size > self.limits.max_header_list {
+                self.cancel(id);
+                frame::put_rst(&mut self.client.out, id, Reason::EnhanceYourCalm);
+                return Ok(());
             }
             s.client_ended = true;
             s.up.end = true;
@@ -673,9 +692,11 @@ impl<P: Picker> Relay<P> {
         s.up_id = up;
         s.attempt = Some(attempt);
         s.up.window = b.conn.initial_send;
+        // What is pending was received but never credited; the rest of the replay was.
+        let uncredited = s.up.pending.len().saturating_sub(s.up.resend);
         s.up.pending.clear();
         s.up.pending.extend_from_slice(&replay.data);
-        s.up.resend = replay.data.len();
+        s.up.resend = replay.data.len().saturating_sub(uncredited);
         s.up.end = s.client_ended;
         let end_now = s.client_ended && replay.data.is_empty() && s.up.trailers.is_none();
         if s.previous > 0 {
@@ -748,6 +769,24 @@ impl<P: Picker> Relay<P> {
         id
     }
 
+    /// An empty scratch buffer, not one a large block left large.
+    fn fresh_scratch(&mut self) {
+        if self.scratch.capacity() > SCRATCH_KEPT {
+            self.scratch = Vec::with_capacity(1024);
+        }
+        self.scratch.clear();
+    }
+
+    /// A call leaves with bytes still pending: they were never credited to their
+    /// sender's connection, so they are now (a stream's own window goes with it).
+    fn release(&mut self, s: &Stream<P::Attempt>) {
+        let up = s.up.pending.len().saturating_sub(s.up.resend) as u32;
+        self.client.credit(up, self.limits.conn_window);
+        if let Some(b) = self.backs.iter_mut().find(|b| b.id == s.back) {
+            b.conn.credit(s.down.pending.len() as u32, self.limits.conn_window);
+        }
+    }
+
     /// Forwards what the stream's request has pending, as far as windows allow.
     fn pump_up(&mut self, id: u32, fresh: &[u8]) {
         let Some(s) = self.streams.get_mut(&id) else { return };
@@ -785,6 +824,7 @@ impl<P: Picker> Relay<P> {
             frame::put_rst(&mut self.client.out, id, Reason::NoError);
         }
         self.resets = self.resets.saturating_sub(1);
+        self.release(&s);
         self.detach(&mut s, Reason::NoError);
         if let Some(a) = s.attempt.take() {
             a.ended(&s.path, s.outcome());
@@ -794,6 +834,7 @@ impl<P: Picker> Relay<P> {
     /// The client reset the call, or went away: the replica's stream is reset too.
     fn cancel(&mut self, id: u32) {
         let Some(mut s) = self.streams.remove(&id) else { return };
+        self.release(&s);
         self.detach(&mut s, Reason::Cancel);
         if let Some(a) = s.attempt.take() {
             a.ended(&s.path, Outcome::Cancelled);
@@ -826,6 +867,7 @@ impl<P: Picker> Relay<P> {
                 if !s.client_ended {
                     frame::put_rst(&mut self.client.out, id, Reason::NoError);
                 }
+                self.release(&s);
                 self.detach(&mut s, Reason::Cancel);
                 if let Some(a) = s.attempt.take() {
                     a.ended(&s.path, outcome);
@@ -833,6 +875,10 @@ impl<P: Picker> Relay<P> {
             }
             return;
         }
+        // The replica's stream is reset: its own trailers, if they came, would find no
+        // call to end.
+        let Some(mut s) = self.streams.remove(&id) else { return };
+        self.detach(&mut s, Reason::Cancel);
         let mut block = Vec::new();
         status_headers(code, message, &mut block);
         s.down.trailers = Some(block);
@@ -841,6 +887,7 @@ impl<P: Picker> Relay<P> {
         if let Some(a) = s.attempt.take() {
             a.ended(&s.path, outcome);
         }
+        self.streams.insert(id, s);
         self.pump_down(id, &[]);
     }
 
@@ -894,6 +941,9 @@ impl<P: Picker> Relay<P> {
         for id in ids {
             let Some(s) = self.streams.get_mut(&id) else { continue };
             s.back = DETACHED;
+            if s.response == Response::Ended {
+                continue; // its trailers came: what is pending drains to the client
+            }
             if !b.connected && s.response == Response::None && s.replay.is_some() {
                 self.unprocessed(id);
             } else if s.response == Response::None && self.retry_after(id, Code::Unavailable as u8, Pushback::None) {
@@ -955,7 +1005,11 @@ impl<P: Picker> Relay<P> {
                     b.conn.credit(head.len as u32, self.limits.conn_window);
                     return Ok(());
                 };
-                b.conn.credit((head.len - (end - start)) as u32, self.limits.conn_window);
+                let padding = (head.len - (end - start)) as u32;
+                b.conn.credit(padding, self.limits.conn_window);
+                if padding > 0 && head.flags & frame::END_STREAM == 0 {
+                    s.down.credit(&mut b.conn.out, head.stream, padding, self.limits.stream_window);
+                }
                 if head.flags & frame::END_STREAM != 0 {
                     s.down.end = true;
                     s.response = Response::Ended;
@@ -972,11 +1026,17 @@ impl<P: Picker> Relay<P> {
                 let Some(id) = client_id else { return Ok(()) };
                 b.streams.remove(&head.stream);
                 let Some(s) = self.streams.get_mut(&id) else { return Ok(()) };
-                s.back = DETACHED;
-                if reason == Reason::RefusedStream as u32 && s.response == Response::None && s.replay.is_some() {
+                if s.response == Response::Ended {
+                    // After its trailers (grpc-go resets a stream the client still
+                    // sends on): the response drains to the client as it came.
+                    b.conn.credit(s.down.pending.len() as u32, self.limits.conn_window);
+                    s.back = DETACHED;
+                } else if reason == Reason::RefusedStream as u32 && s.response == Response::None && s.replay.is_some() {
+                    s.back = DETACHED;
                     self.unprocessed(id);
                 } else if let Some(mut s) = self.streams.remove(&id) {
                     frame::put(&mut self.client.out, frame::RST_STREAM, 0, id, &reason.to_be_bytes());
+                    self.release(&s);
                     if let Some(a) = s.attempt.take() {
                         a.ended(&s.path, Outcome::Lost);
                     }
@@ -1020,7 +1080,9 @@ impl<P: Picker> Relay<P> {
                         if let Some(a) = s.attempt.take() {
                             a.ended(&s.path, Outcome::Refused);
                         }
-                        self.streams.remove(&id);
+                        if let Some(s) = self.streams.remove(&id) {
+                            self.release(&s);
+                        }
                         frame::put_rst(&mut self.client.out, id, Reason::RefusedStream);
                     }
                 }
@@ -1049,9 +1111,18 @@ impl<P: Picker> Relay<P> {
     fn back_headers(&mut self, back: u64, client_id: Option<u32>, block: Partial) -> Result<(), Reason> {
         let b = self.backs.iter_mut().find(|b| b.id == back).expect("checked by the caller");
         let end_stream = block.flags & frame::END_STREAM != 0;
+        if self.scratch.capacity() > SCRATCH_KEPT {
+            self.scratch = Vec::with_capacity(1024);
+        }
         self.scratch.clear();
         let mut seen = Seen::default();
-        b.conn.decoder.transcode(&block.block, &mut self.scratch, &mut seen).map_err(|_| Reason::Compression)?;
+        b.conn
+            .decoder
+            .transcode(&block.block, &mut self.scratch, &mut seen, MAX_RESPONSE_LIST)
+            .map_err(|_| Reason::Compression)?;
+        if seen.list_size > MAX_RESPONSE_LIST {
+            return Err(Reason::EnhanceYourCalm);
+        }
         let Seen { status, pushback, .. } = seen;
         let Some(id) = client_id else { return Ok(()) };
         let Some(s) = self.streams.get(&id) else { return Ok(()) };

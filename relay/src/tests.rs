@@ -631,3 +631,77 @@ fn a_call_cancelled_in_its_backoff_is_not_sent_again() {
     assert_eq!(r.open_calls(), 0);
     assert_eq!(*log.borrow(), vec![(addr(1), Outcome::Retried(14))]);
 }
+
+/// Connection-level credit the relay sent on its output, in all.
+fn connection_credit(frames: &[F]) -> u32 {
+    frames.iter().filter(|f| f.kind == WINDOW_UPDATE && f.stream == 0).map(|f| frame::u31(&f.payload, 0).unwrap()).sum()
+}
+
+#[test]
+fn bytes_pending_when_a_call_ends_are_credited_back_to_the_connection() {
+    let log = Log::default();
+    let picker = Turns { replicas: vec![addr(1)], next: 0, log, serving: true, retry: None, asked: Vec::new() };
+    // Connection credit goes out in steps of 10,000 bytes.
+    let limits = Limits { conn_window: 20_000, ..Limits::default() };
+    let mut r = Relay::new(picker, limits, 7);
+    let mut buf = BytesMut::from(frame::PREFACE);
+    put(&mut buf, HEADERS, END_HEADERS, 1, &request("/echo.Echo/Stream"));
+    r.client_read(&mut buf);
+    let mut buf = BytesMut::new();
+    frame::put_settings(&mut buf, &[(frame::SETTINGS_INITIAL_WINDOW_SIZE, 10_000)]);
+    r.back_read(0, &mut buf);
+    frames(r.client_out());
+    // 60,000 request bytes; the replica's window takes 10,000 of them.
+    let mut message = vec![7; 60_000];
+    message[..5].copy_from_slice(&[0, 0, 0, 0xea, 0x5b]);
+    let mut buf = BytesMut::new();
+    for chunk in message.chunks(15_000) {
+        put(&mut buf, DATA, 0, 1, chunk);
+    }
+    r.client_read(&mut buf);
+    assert_eq!(connection_credit(&frames(r.client_out())), 10_000, "what went on is credited");
+    // The replica fails the call: the 50,000 bytes still waiting are let go.
+    refuse(&mut r, 0, 1, "13", &[]);
+    assert_eq!(connection_credit(&frames(r.client_out())), 50_000, "and what never went on, once the call is over");
+}
+
+#[test]
+fn a_reset_after_the_trailers_does_not_lose_the_response_still_queued() {
+    let (mut r, log) = relay(&[1]);
+    let mut buf = BytesMut::from(frame::PREFACE);
+    frame::put_settings(&mut buf, &[(frame::SETTINGS_INITIAL_WINDOW_SIZE, 10)]);
+    put(&mut buf, HEADERS, END_HEADERS, 1, &request("/a/b"));
+    r.client_read(&mut buf);
+    let mut buf = BytesMut::new();
+    put(&mut buf, HEADERS, END_HEADERS, 1, &response_headers());
+    put(&mut buf, DATA, 0, 1, &[1; 25]);
+    put(&mut buf, HEADERS, END_HEADERS | END_STREAM, 1, &trailers("0"));
+    frame::put_rst(&mut buf, 1, Reason::NoError); // as grpc-go does while the client sends
+    r.back_read(0, &mut buf);
+    let mut buf = BytesMut::new();
+    frame::put_window_update(&mut buf, 1, 100);
+    r.client_read(&mut buf);
+    let got = calls(r.client_out());
+    assert!(got.iter().all(|f| f.kind != RST_STREAM || f.payload == 0u32.to_be_bytes()), "{got:?}");
+    let last = got.iter().rev().find(|f| f.kind == HEADERS).unwrap();
+    assert_eq!(header(&decode(&last.payload), "grpc-status"), Some("0"));
+    assert_eq!(got.iter().filter(|f| f.kind == DATA).map(|f| f.payload.len()).sum::<usize>(), 25);
+    assert_eq!(*log.borrow(), vec![(addr(1), Outcome::Status(0))]);
+}
+
+#[test]
+fn two_window_sizes_in_one_settings_frame_apply_the_last() {
+    let (mut r, _) = relay(&[1]);
+    let mut buf = BytesMut::from(frame::PREFACE);
+    put(&mut buf, HEADERS, END_HEADERS | END_STREAM, 1, &request("/a/b"));
+    r.client_read(&mut buf);
+    let mut buf = BytesMut::new();
+    frame::put_settings(&mut buf, &[(frame::SETTINGS_INITIAL_WINDOW_SIZE, 10), (frame::SETTINGS_INITIAL_WINDOW_SIZE, 20)]);
+    r.client_read(&mut buf);
+    let mut buf = BytesMut::new();
+    put(&mut buf, HEADERS, END_HEADERS, 1, &response_headers());
+    put(&mut buf, DATA, 0, 1, &[1; 25]);
+    r.back_read(0, &mut buf);
+    let sent: usize = calls(r.client_out()).iter().filter(|f| f.kind == DATA).map(|f| f.payload.len()).sum();
+    assert_eq!(sent, 20);
+}
