@@ -56,6 +56,20 @@ task verify-lb -- --check
 UPSTREAM_PROTOCOL=h3 task failover
 UPSTREAM_PROTOCOL=h3 task simulate-rolling-update
 
+step "frame relay: RELAY=on task up"
+task down >/dev/null
+RELAY=on task up
+proxy=$(docker ps -q --filter "label=com.docker.compose.project=$COMPOSE_PROJECT_NAME" --filter label=com.docker.compose.service=proxy)
+docker logs "$proxy" 2>&1 | grep -q 'frame relay' || fail "the proxy did not start with --relay"
+out=$(grpcurl -plaintext -d '{"name":"World"}' localhost:50050 hello.HelloService/SayHello)
+echo "$out"
+grep -q 'on node-a' <<<"$out" || fail "grpcurl through the relay to a node-a replica"
+
+step "frame relay: verify-lb, failover, rolling update"
+RELAY=on task verify-lb -- --check
+RELAY=on task failover
+RELAY=on task simulate-rolling-update
+
 step "Kubernetes discovery: DISCOVERY=kubernetes task up (slice-api, EndpointSlices)"
 task down >/dev/null
 export DISCOVERY=kubernetes
