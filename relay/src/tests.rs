@@ -696,7 +696,10 @@ fn two_window_sizes_in_one_settings_frame_apply_the_last() {
     put(&mut buf, HEADERS, END_HEADERS | END_STREAM, 1, &request("/a/b"));
     r.client_read(&mut buf);
     let mut buf = BytesMut::new();
-    frame::put_settings(&mut buf, &[(frame::SETTINGS_INITIAL_WINDOW_SIZE, 10), (frame::SETTINGS_INITIAL_WINDOW_SIZE, 20)]);
+    frame::put_settings(
+        &mut buf,
+        &[(frame::SETTINGS_INITIAL_WINDOW_SIZE, 10), (frame::SETTINGS_INITIAL_WINDOW_SIZE, 20)],
+    );
     r.client_read(&mut buf);
     let mut buf = BytesMut::new();
     put(&mut buf, HEADERS, END_HEADERS, 1, &response_headers());
