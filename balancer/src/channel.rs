@@ -273,6 +273,11 @@ where
         self.shared.throttle.as_ref()
     }
 
+    /// The service config's timeout for `path`, if any.
+    pub fn method_timeout(&self, path: &str) -> Option<Duration> {
+        self.shared.config.lookup(path).and_then(|m| m.timeout)
+    }
+
     /// Why [`Balancer::place`] found no replica, as a call failing at once hears it.
     pub fn unplaced(&self) -> String {
         let pool = &self.shared.pool;

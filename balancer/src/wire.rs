@@ -57,41 +57,15 @@ pub(crate) fn absolute(uri: Uri, authority: &http::uri::Authority) -> Uri {
 
 /// Parses a `grpc-timeout` header: up to 8 digits and a unit (H, M, S, m, u, n).
 pub fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
-    let v = headers.get("grpc-timeout")?.to_str().ok()?;
-    if v.len() < 2 || v.len() > 9 {
-        return None;
-    }
-    let (digits, unit) = v.split_at(v.len() - 1);
-    let n: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n.checked_mul(3600)?),
-        "M" => Duration::from_secs(n.checked_mul(60)?),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
+    lb_core::duration::parse_grpc_timeout(headers.get("grpc-timeout")?.as_bytes())
 }
 
-/// A `grpc-timeout` value for `d` in the finest unit whose count fits the 8 digits gRPC
-/// allows (microseconds up to 100 s, then milliseconds, seconds, minutes, hours), rounded
-/// down and at least 1; formatted on the stack, so the header is the only allocation.
+/// A `grpc-timeout` value for `d` ([`lb_core::duration::format_grpc_timeout`]),
+/// formatted on the stack, so the header is the only allocation.
 pub(crate) fn encode_timeout(d: Duration) -> HeaderValue {
-    const MAX: u128 = 99_999_999;
-    let secs = u128::from(d.as_secs());
-    let units = [(d.as_micros(), b'u'), (d.as_millis(), b'm'), (secs, b'S'), (secs / 60, b'M'), (secs / 3600, b'H')];
-    let (n, unit) = units.into_iter().find(|(n, _)| *n <= MAX).unwrap_or((MAX, b'H'));
     let mut buf = [0u8; 9];
-    let mut n = n.max(1);
-    let mut i = buf.len() - 1;
-    buf[i] = unit;
-    while n > 0 {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-    }
-    HeaderValue::from_bytes(&buf[i..]).unwrap_or(HeaderValue::from_static("1u"))
+    HeaderValue::from_bytes(lb_core::duration::format_grpc_timeout(d, &mut buf))
+        .unwrap_or(HeaderValue::from_static("1u"))
 }
 
 #[cfg(test)]

@@ -102,11 +102,11 @@ pub struct ServeArgs {
     /// Forward h2c calls with the frame relay instead of the HTTP/2 stack: frames pass
     /// between the client's connection and connections to replicas with their stream
     /// ids rewritten, at a fraction of the CPU. It places every call local-first
-    /// round-robin, sends calls a replica did not process elsewhere, retries by the
-    /// service config's retryPolicy, and keeps outlier detection and metrics; it does
-    /// not apply hedgingPolicy or method timeouts (a service config with them is
-    /// refused), does not wait for a replica when none is ready, and needs
-    /// --upstream-protocol h2. HTTP/3 clients use the HTTP/2 stack as before.
+    /// round-robin, sends calls a replica did not process elsewhere, applies the
+    /// service config's retryPolicy and timeouts, and keeps outlier detection and
+    /// metrics; it does not apply hedgingPolicy (a service config with one is refused),
+    /// does not wait for a replica when none is ready, and needs --upstream-protocol h2.
+    /// HTTP/3 clients use the HTTP/2 stack as before.
     #[arg(long, env = "PROXY_RELAY", default_value = "off", value_parser = on_off, action = clap::ArgAction::Set,
           num_args = 0..=1, default_missing_value = "on")]
     pub relay: bool,
@@ -210,10 +210,10 @@ impl ServeArgs {
             if self.upstream_protocol != Protocol::H2 {
                 anyhow::bail!("--relay forwards over HTTP/2 only, not --upstream-protocol {}", self.upstream_protocol);
             }
-            if let Some(m) = service_config.methods.iter().find(|m| m.hedging.is_some() || m.timeout.is_some()) {
+            if let Some(m) = service_config.methods.iter().find(|m| m.hedging.is_some()) {
                 let (service, method) = m.names.first().cloned().unwrap_or_default();
                 anyhow::bail!(
-                    "--relay does not apply hedgingPolicy or timeout, and the service config sets one for {service}/{method}; drop --relay or that policy"
+                    "--relay does not apply hedgingPolicy, and the service config sets one for {service}/{method}; drop --relay or that policy"
                 );
             }
         }

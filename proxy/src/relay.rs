@@ -66,6 +66,10 @@ impl relay::Picker for Placer {
     fn throttle(&self) -> Option<&Throttle> {
         self.app.balancer.retry_throttle()
     }
+
+    fn method_timeout(&self, path: &str) -> Option<Duration> {
+        self.app.balancer.method_timeout(path)
+    }
 }
 
 impl relay::Attempt for Attempt {

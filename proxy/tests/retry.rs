@@ -60,6 +60,25 @@ async fn the_deadline_bounds_every_attempt_and_backoff() {
     assert!(took < Duration::from_millis(700), "5 attempts of 100 ms would take > 500 ms; took {took:?}");
 }
 
+/// The same through the frame relay: it keeps the deadline on its own clock, sends each
+/// attempt the time left, and answers DEADLINE_EXCEEDED itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_the_relay_the_deadline_bounds_every_attempt_and_backoff() {
+    let config = config_file(&retry_config(5, "0.01s", r#""UNAVAILABLE""#));
+    let slow_fail = |_: &str| Faults { fail_rate: 1.0, delay: Duration::from_millis(100), ..Faults::default() };
+    let c = Cluster::start_with(Path::RELAY, LOCALS, &["--service-config", &config], slow_fail).await;
+    c.wait_serving().await;
+    let path = "/hello.HelloService/SayHello";
+    let started = Instant::now();
+    let h = support::raw_call(c.proxy, path, &[("grpc-timeout", "350m")], support::frame(b"")).await;
+    let took = started.elapsed();
+    assert_eq!(h["grpc-status"], "4", "the relay answers DEADLINE_EXCEEDED itself: {h:?}");
+    let previous = h.get("grpc-previous-rpc-attempts").and_then(|v| v.to_str().ok()?.parse::<u32>().ok());
+    assert!(matches!(previous, Some(2 | 3)), "previous attempts on the relay's own answer: {h:?}");
+    assert!(h["grpc-message"].to_str().unwrap().starts_with("deadline exceeded after"), "{h:?}");
+    assert!(took < Duration::from_millis(700), "5 attempts of 100 ms would take > 500 ms; took {took:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hedging_beats_a_slow_replica_and_cancels_the_loser() {
     let config = config_file(

@@ -93,6 +93,8 @@ pub struct Seen {
     pub path: Option<String>,
     /// The `grpc-status` value, when it is a number up to 255.
     pub status: Option<u8>,
+    /// `grpc-timeout`, when it parses.
+    pub timeout: Option<std::time::Duration>,
     /// `grpc-retry-pushback-ms`: `Some(Some(ms))` for a number of milliseconds up to
     /// `i32::MAX`, `Some(None)` for anything else (negative: do not retry).
     pub pushback: Option<Option<u64>>,
@@ -111,6 +113,7 @@ enum Kind {
     Path,
     Status,
     Pushback,
+    Timeout,
     Other,
 }
 
@@ -132,6 +135,9 @@ pub struct Transcoder {
     max: usize,
     /// The largest table size the peer may ask for.
     allowed: usize,
+    /// `grpc-timeout` fields are read into [`Seen::timeout`] and not written (the relay
+    /// writes the time left itself).
+    drop_timeout: bool,
 }
 
 /// A field's name: a static index, a literal (as it came), or a table entry.
@@ -144,7 +150,13 @@ enum Name<'a> {
 impl Transcoder {
     /// A peer that may use a dynamic table of up to `allowed` bytes (4,096 by default).
     pub fn new(allowed: usize) -> Transcoder {
-        Transcoder { table: VecDeque::new(), size: 0, max: allowed, allowed }
+        Transcoder { table: VecDeque::new(), size: 0, max: allowed, allowed, drop_timeout: false }
+    }
+
+    /// Reads `grpc-timeout` into [`Seen::timeout`] without writing it out.
+    pub fn dropping_timeout(mut self) -> Transcoder {
+        self.drop_timeout = true;
+        self
     }
 
     /// Writes `block` to `out` as fields that refer to no dynamic table (static
@@ -187,9 +199,11 @@ impl Transcoder {
                         let e = self.entry(index)?;
                         seen.list_size += e.size;
                         note(seen, e.kind, &e.value.0)?;
-                        out.push(0x00);
-                        out.extend_from_slice(&e.name.0);
-                        out.extend_from_slice(&e.value.0);
+                        if !(self.drop_timeout && e.kind == Kind::Timeout) {
+                            out.push(0x00);
+                            out.extend_from_slice(&e.name.0);
+                            out.extend_from_slice(&e.value.0);
+                        }
                     }
                 }
                 continue;
@@ -227,7 +241,9 @@ impl Transcoder {
             seen.list_size += name_len + value_len + 32;
             note(seen, kind, value)?;
             // Written as a literal without indexing: the name by static index or as a
-            // literal string, then the value as it came.
+            // literal string, then the value as it came (into the sink when dropped).
+            let mut dropped = Vec::new();
+            let out = if self.drop_timeout && kind == Kind::Timeout { &mut dropped } else { out };
             let name = match name {
                 Name::Static(i) => {
                     put_integer(i, 4, mask, out);
@@ -309,6 +325,17 @@ fn note(seen: &mut Seen, kind: Kind, value: &[u8]) -> Result<(), Invalid> {
             })?;
             seen.pushback = Some(n.filter(|&ms| digits > 0 && ms <= i32::MAX as u64));
         }
+        Kind::Timeout => {
+            let mut buf = [0u8; 9];
+            let mut n = 0;
+            decode(value, |b| {
+                if n < buf.len() {
+                    buf[n] = b;
+                }
+                n += 1;
+            })?;
+            seen.timeout = buf.get(..n).and_then(lb_core::duration::parse_grpc_timeout);
+        }
         Kind::Other => {}
     }
     Ok(())
@@ -318,7 +345,7 @@ fn note(seen: &mut Seen, kind: Kind, value: &[u8]) -> Result<(), Invalid> {
 fn kind_of(name: &[u8]) -> Result<(Kind, usize), Invalid> {
     const PUSHBACK: &[u8] = b"grpc-retry-pushback-ms";
     let len = decoded_len(name)?;
-    if len != ":path".len() && len != "grpc-status".len() && len != PUSHBACK.len() {
+    if ![":path".len(), "grpc-status".len(), PUSHBACK.len(), "grpc-timeout".len()].contains(&len) {
         return Ok((Kind::Other, len));
     }
     let mut buf = [0u8; PUSHBACK.len()];
@@ -331,6 +358,7 @@ fn kind_of(name: &[u8]) -> Result<(Kind, usize), Invalid> {
         b":path" => (Kind::Path, len),
         b"grpc-status" => (Kind::Status, len),
         PUSHBACK => (Kind::Pushback, len),
+        b"grpc-timeout" => (Kind::Timeout, len),
         _ => (Kind::Other, len),
     })
 }
@@ -616,5 +644,19 @@ mod tests {
         let (mut out, mut seen) = (Vec::new(), Seen::default());
         Transcoder::new(4096).transcode(&block, &mut out, &mut seen, usize::MAX).unwrap();
         assert_eq!(out, block);
+    }
+
+    #[test]
+    fn grpc_timeout_is_read_and_left_out_when_asked() {
+        let headers: &[(&[u8], &[u8])] = &[(b":path", b"/a/b"), (b"grpc-timeout", b"250m"), (b"te", b"trailers")];
+        let mut enc = Encoder::new();
+        let mut t = Transcoder::new(4096).dropping_timeout();
+        for _ in 0..2 {
+            let block = enc.encode(headers.iter().copied());
+            let (mut out, mut seen) = (Vec::new(), Seen::default());
+            t.transcode(&block, &mut out, &mut seen, usize::MAX).unwrap();
+            assert_eq!(seen.timeout, Some(std::time::Duration::from_millis(250)));
+            assert_eq!(Decoder::new().decode(&out).unwrap(), owned(&[headers[0], headers[2]]));
+        }
     }
 }

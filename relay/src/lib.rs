@@ -76,6 +76,10 @@ pub trait Picker {
     fn throttle(&self) -> Option<&Throttle> {
         None
     }
+    /// The service config's timeout for `path`.
+    fn method_timeout(&self, _path: &str) -> Option<Duration> {
+        None
+    }
 }
 
 /// One attempt's outcome goes here.
@@ -173,7 +177,11 @@ impl Conn {
         }
         // A peer may not grow our copy of its table past the default 4,096 bytes (we
         // advertise 0), so what it holds stays bounded.
-        let decoder = Transcoder::new(DEFAULT_TABLE);
+        let decoder = match server {
+            // The client's grpc-timeout is read, and the time left written per attempt.
+            true => Transcoder::new(DEFAULT_TABLE).dropping_timeout(),
+            false => Transcoder::new(DEFAULT_TABLE),
+        };
         Conn {
             out,
             decoder,
@@ -323,6 +331,8 @@ pub struct Relay<P: Picker> {
     /// When calls waiting out a retry backoff are due, soonest first; an entry whose
     /// call is gone or no longer waiting is skipped.
     backoffs: BinaryHeap<Reverse<(Duration, u32)>>,
+    /// When calls' deadlines pass, soonest first (stale entries skipped, as above).
+    deadlines: BinaryHeap<Reverse<(Duration, u32)>>,
     /// Jitter for retry backoffs.
     rng: SplitMix64,
 }
@@ -356,6 +366,7 @@ impl<P: Picker> Relay<P> {
             scratch: Vec::with_capacity(1024),
             now: Duration::ZERO,
             backoffs: BinaryHeap::new(),
+            deadlines: BinaryHeap::new(),
             rng: SplitMix64::seeded(seed),
         }
     }
@@ -364,6 +375,15 @@ impl<P: Picker> Relay<P> {
     /// backoff is over are sent again.
     pub fn tick(&mut self, now: Duration) {
         self.now = now;
+        while let Some(&Reverse((due, id))) = self.deadlines.peek() {
+            if due > now {
+                break;
+            }
+            self.deadlines.pop();
+            let Some(s) = self.streams.get(&id).filter(|s| s.deadline == Some(due)) else { continue };
+            let why = format!("deadline exceeded after {} attempt(s)", s.previous + 1);
+            self.end_with(id, Code::DeadlineExceeded as u8, &why, Outcome::Cancelled);
+        }
         while let Some(&Reverse((due, id))) = self.backoffs.peek() {
             if due > now {
                 return;
@@ -377,7 +397,11 @@ impl<P: Picker> Relay<P> {
 
     /// When [`Relay::tick`] has work next, if ever.
     pub fn next_timer(&self) -> Option<Duration> {
-        self.backoffs.peek().map(|Reverse((due, _))| *due)
+        let next = |heap: &BinaryHeap<Reverse<(Duration, u32)>>| heap.peek().map(|Reverse((due, _))| *due);
+        match (next(&self.backoffs), next(&self.deadlines)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Bytes to write to the client.
@@ -596,7 +620,7 @@ impl<P: Picker> Relay<P> {
             .decoder
             .transcode(&block.block, &mut self.scratch, &mut seen, budget)
             .map_err(|_| Reason::Compression)?;
-        let Seen { path, list_size: size, .. } = seen;
+        let Seen { path, list_size: size, timeout, .. } = seen;
         if let Some(s) = self.streams.get_mut(&id) {
             // Trailers from the client: the request's end.
             if !end_stream || s.client_ended {
@@ -636,14 +660,23 @@ impl<P: Picker> Relay<P> {
             return Ok(());
         }
         let Some(path) = path else {
-            self.trailers_only(id, 13, "no :path");
+            self.trailers_only(id, 13, "no :path", 0);
             return Ok(());
         };
         let block = self.scratch.clone();
         let limits = &self.limits;
         let retry = self.picker.retry_policy(&path).map(|p| (p, RetryState::default()));
+        let timeout = match (timeout, self.picker.method_timeout(&path)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let mut stream = Stream::new(path, Replay::new(block), limits.stream_window, end_stream, limits.max_message);
         stream.retry = retry;
+        if let Some(t) = timeout {
+            let due = self.now.saturating_add(t);
+            stream.deadline = Some(due);
+            self.deadlines.push(Reverse((due, id)));
+        }
         stream.down.window = self.client.initial_send;
         if stream.path.starts_with(HEALTH_PREFIX) {
             stream.local = true;
@@ -699,10 +732,18 @@ impl<P: Picker> Relay<P> {
         s.up.resend = replay.data.len().saturating_sub(uncredited);
         s.up.end = s.client_ended;
         let end_now = s.client_ended && replay.data.is_empty() && s.up.trailers.is_none();
-        if s.previous > 0 {
+        if s.previous > 0 || s.deadline.is_some() {
             self.scratch.clear();
             self.scratch.extend_from_slice(&replay.block);
-            put_count(b"grpc-previous-rpc-attempts", s.previous, &mut self.scratch);
+            if s.previous > 0 {
+                put_count(b"grpc-previous-rpc-attempts", s.previous, &mut self.scratch);
+            }
+            if let Some(deadline) = s.deadline {
+                // The time left, as the h2 path sends it per attempt.
+                let mut buf = [0u8; 9];
+                let left = lb_core::duration::format_grpc_timeout(deadline.saturating_sub(self.now), &mut buf);
+                hpack::encode(b"grpc-timeout", left, &mut self.scratch);
+            }
             b.conn.put_block(up, end_now, &self.scratch);
         } else {
             b.conn.put_block(up, end_now, &replay.block);
@@ -862,7 +903,8 @@ impl<P: Picker> Relay<P> {
         s.status = Some(code);
         s.replay = None;
         if s.response == Response::None {
-            self.trailers_only(id, code, message);
+            let previous = s.previous;
+            self.trailers_only(id, code, message, previous);
             if let Some(mut s) = self.streams.remove(&id) {
                 if !s.client_ended {
                     frame::put_rst(&mut self.client.out, id, Reason::NoError);
@@ -892,11 +934,14 @@ impl<P: Picker> Relay<P> {
     }
 
     /// A response of headers only, with `grpc-status: code`.
-    fn trailers_only(&mut self, id: u32, code: u8, message: &str) {
+    fn trailers_only(&mut self, id: u32, code: u8, message: &str, previous_attempts: u32) {
         let mut block = Vec::new();
         hpack::encode(b":status", b"200", &mut block);
         hpack::encode(b"content-type", b"application/grpc", &mut block);
         status_headers(code, message, &mut block);
+        if previous_attempts > 0 {
+            put_count(b"grpc-previous-rpc-attempts", previous_attempts, &mut block);
+        }
         self.client.put_block(id, true, &block);
     }
 
@@ -905,14 +950,14 @@ impl<P: Picker> Relay<P> {
     fn answer_locally(&mut self, id: u32) {
         let Some(s) = self.streams.remove(&id) else { return };
         let Some(replay) = s.replay else {
-            return self.trailers_only(id, 8, "health check request too large");
+            return self.trailers_only(id, 8, "health check request too large", 0);
         };
         if s.path != HEALTH_CHECK {
-            return self.trailers_only(id, 12, "only Health/Check is answered with --relay");
+            return self.trailers_only(id, 12, "only Health/Check is answered with --relay", 0);
         }
         // A HealthCheckRequest with no service: an empty message, or field 1 empty.
         if !matches!(&replay.data[..], [0, 0, 0, 0, 0] | [0, 0, 0, 0, 2, 0x0a, 0]) {
-            return self.trailers_only(id, 5, "unknown service");
+            return self.trailers_only(id, 5, "unknown service", 0);
         }
         let status = if self.picker.serving() { 1 } else { 2 };
         let mut block = Vec::new();

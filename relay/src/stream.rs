@@ -186,6 +186,9 @@ pub(crate) struct Stream<A> {
     pub backoff_until: Option<Duration>,
     /// Attempts before this one that failed and were retried (`grpc-previous-rpc-attempts`).
     pub previous: u32,
+    /// When the call fails with DEADLINE_EXCEEDED: the caller's `grpc-timeout` or the
+    /// method's timeout, whichever is sooner, from its arrival.
+    pub deadline: Option<Duration>,
 }
 
 /// A stream on no back.
@@ -209,6 +212,7 @@ impl<A> Stream<A> {
             retry: None,
             backoff_until: None,
             previous: 0,
+            deadline: None,
         }
     }
 

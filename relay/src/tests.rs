@@ -19,6 +19,7 @@ struct Turns {
     log: Log,
     serving: bool,
     retry: Option<RetryPolicy>,
+    timeout: Option<Duration>,
     /// What each pick was told: the replicas to avoid and the retries so far.
     asked: Vec<(Vec<SocketAddr>, u32)>,
 }
@@ -47,6 +48,9 @@ impl Picker for Turns {
     fn retry_policy(&self, _path: &str) -> Option<RetryPolicy> {
         self.retry.clone()
     }
+    fn method_timeout(&self, _path: &str) -> Option<Duration> {
+        self.timeout
+    }
 }
 
 fn addr(i: u8) -> SocketAddr {
@@ -56,7 +60,8 @@ fn addr(i: u8) -> SocketAddr {
 fn relay(replicas: &[u8]) -> (Relay<Turns>, Log) {
     let log = Log::default();
     let replicas = replicas.iter().map(|&i| addr(i)).collect();
-    let picker = Turns { replicas, next: 0, log: log.clone(), serving: true, retry: None, asked: Vec::new() };
+    let picker =
+        Turns { replicas, next: 0, log: log.clone(), serving: true, retry: None, timeout: None, asked: Vec::new() };
     (Relay::new(picker, Limits::default(), 7), log)
 }
 
@@ -640,7 +645,8 @@ fn connection_credit(frames: &[F]) -> u32 {
 #[test]
 fn bytes_pending_when_a_call_ends_are_credited_back_to_the_connection() {
     let log = Log::default();
-    let picker = Turns { replicas: vec![addr(1)], next: 0, log, serving: true, retry: None, asked: Vec::new() };
+    let picker =
+        Turns { replicas: vec![addr(1)], next: 0, log, serving: true, retry: None, timeout: None, asked: Vec::new() };
     // Connection credit goes out in steps of 10,000 bytes.
     let limits = Limits { conn_window: 20_000, ..Limits::default() };
     let mut r = Relay::new(picker, limits, 7);
@@ -707,4 +713,57 @@ fn two_window_sizes_in_one_settings_frame_apply_the_last() {
     r.back_read(0, &mut buf);
     let sent: usize = calls(r.client_out()).iter().filter(|f| f.kind == DATA).map(|f| f.payload.len()).sum();
     assert_eq!(sent, 20);
+}
+
+/// A call to `/a/b` with `grpc-timeout: timeout` and no body yet.
+fn call_with_timeout(r: &mut Relay<Turns>, id: u32, timeout: &str) {
+    let mut block = request("/a/b");
+    hpack::encode(b"grpc-timeout", timeout.as_bytes(), &mut block);
+    let mut buf = BytesMut::new();
+    if id == 1 {
+        buf.extend_from_slice(frame::PREFACE);
+    }
+    put(&mut buf, HEADERS, END_HEADERS, id, &block);
+    r.client_read(&mut buf);
+}
+
+#[test]
+fn the_callers_deadline_passes_to_the_replica_and_ends_the_call_when_it_passes() {
+    let (mut r, log) = relay(&[1]);
+    r.tick(Duration::from_secs(5));
+    call_with_timeout(&mut r, 1, "100m");
+    let sent = back_frames(&mut r, 0);
+    assert_eq!(header(&decode(&sent[0].payload), "grpc-timeout"), Some("100000u"));
+    r.tick(Duration::from_millis(5099));
+    assert!(calls(r.client_out()).is_empty());
+    assert_eq!(r.next_timer(), Some(Duration::from_millis(5100)));
+    r.tick(Duration::from_millis(5100));
+    let got = calls(r.client_out());
+    let status = decode(&got[0].payload);
+    assert_eq!(header(&status, "grpc-status"), Some("4"), "DEADLINE_EXCEEDED");
+    assert_eq!(header(&status, "grpc-message"), Some("deadline exceeded after 1 attempt(s)"));
+    let reset = back_frames(&mut r, 0);
+    assert_eq!(
+        reset.iter().map(|f| (f.kind, f.payload.clone())).collect::<Vec<_>>(),
+        vec![(RST_STREAM, 8u32.to_be_bytes().to_vec())]
+    );
+    assert_eq!(*log.borrow(), vec![(addr(1), Outcome::Cancelled)]);
+}
+
+#[test]
+fn the_methods_timeout_wins_when_sooner_and_a_retry_carries_the_time_left() {
+    let (mut r, _) = retrying(&[1, 2]);
+    r.picker.timeout = Some(Duration::from_millis(50));
+    call_with_timeout(&mut r, 1, "10S");
+    assert_eq!(header(&decode(&back_frames(&mut r, 0)[0].payload), "grpc-timeout"), Some("50000u"));
+    r.tick(Duration::from_millis(20));
+    refuse(&mut r, 0, 1, "14", &[("grpc-retry-pushback-ms", "5")]);
+    r.tick(Duration::from_millis(25));
+    let again = back_frames(&mut r, 1);
+    assert_eq!(header(&decode(&again[0].payload), "grpc-timeout"), Some("25000u"), "50 ms less the 25 gone");
+    r.tick(Duration::from_millis(50));
+    let got = calls(r.client_out());
+    let status = decode(&got[0].payload);
+    assert_eq!(header(&status, "grpc-status"), Some("4"));
+    assert_eq!(header(&status, "grpc-previous-rpc-attempts"), Some("1"));
 }
