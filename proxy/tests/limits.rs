@@ -8,7 +8,7 @@ mod support;
 
 use std::{net::SocketAddr, time::Duration};
 
-use support::{Cluster, Path, Protocol};
+use support::{Cluster, Path};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -154,23 +154,8 @@ async fn cluster(path: Path) -> Cluster {
     c
 }
 
-/// The tests once against the h2 front and once against the frame relay.
-macro_rules! on_both_fronts {
-    ($($item:item)*) => {
-        mod h2 {
-            use super::*;
-            const PATH: Path = Path { protocol: Protocol::H2, relay: false };
-            $($item)*
-        }
-        mod relay {
-            use super::*;
-            const PATH: Path = Path::RELAY;
-            $($item)*
-        }
-    };
-}
-
-on_both_fronts! {
+// Against the h2 front and against the frame relay.
+on_h2_and_relay! {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn streams_beyond_the_advertised_limit_are_refused() {
         let c = cluster(PATH).await;

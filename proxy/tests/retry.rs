@@ -153,23 +153,8 @@ async fn a_non_fatal_status_fires_the_next_hedge_at_once_and_a_fatal_one_ends_th
     assert!(not_found, "a call that started on s1 ended with its NOT_FOUND");
 }
 
-/// The retry tests once through the h2 path and once through the frame relay, which
-/// applies retryPolicy and the throttle too (not hedging or method timeouts).
-macro_rules! on_h2_and_relay {
-    ($($item:item)*) => {
-        mod h2 {
-            use super::*;
-            const PATH: Path = Path { protocol: Protocol::H2, relay: false };
-            $($item)*
-        }
-        mod relay {
-            use super::*;
-            const PATH: Path = Path::RELAY;
-            $($item)*
-        }
-    };
-}
-
+// Through the h2 path and through the frame relay: both apply retryPolicy, pushback and
+// the throttle.
 on_h2_and_relay! {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn retries_turn_a_30_percent_unavailable_replica_into_zero_failures() {

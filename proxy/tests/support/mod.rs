@@ -346,6 +346,28 @@ macro_rules! over_h2_and_h3 {
     };
 }
 
+/// Runs the tests given once through the h2 path (`mod h2`) and once through the frame
+/// relay (`mod relay`), both over HTTP/2 to the replicas; each sees its [`Path`] as
+/// `PATH`.
+#[macro_export]
+macro_rules! on_h2_and_relay {
+    ($($item:item)*) => {
+        mod h2 {
+            #[allow(unused_imports)]
+            use super::*;
+            const PATH: $crate::support::Path =
+                $crate::support::Path { protocol: $crate::support::Protocol::H2, relay: false };
+            $($item)*
+        }
+        mod relay {
+            #[allow(unused_imports)]
+            use super::*;
+            const PATH: $crate::support::Path = $crate::support::Path::RELAY;
+            $($item)*
+        }
+    };
+}
+
 /// Writes `json` to a fresh file and returns its path, for `--service-config`.
 pub fn config_file(json: &str) -> String {
     use std::sync::atomic::{AtomicUsize, Ordering};
