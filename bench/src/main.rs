@@ -133,8 +133,11 @@ async fn bench(a: Args) -> anyhow::Result<()> {
     let relay_busy_args = proxy_args(RELAY_BUSY, "h2");
     let proxy_h2 = Child::spawn(&a.bin_dir.join("proxy"), 1, &as_str(&h2_args)).await?;
     if let Some(n) = a.streams {
+        let relay = Child::spawn(&a.bin_dir.join("proxy"), 1, &as_str(&proxy_args(RELAY, "h2"))).await?;
         connect(PROXY_H2).await?;
-        return streams::run(&proxy_h2, &server, PROXY_H2, n).await;
+        connect(RELAY).await?;
+        let proxies = [("proxy (h2 path)", &proxy_h2, PROXY_H2), ("proxy --relay", &relay, RELAY)];
+        return streams::run(&proxies, &server, n).await;
     }
     let proxy_h3 = Child::spawn(&a.bin_dir.join("proxy"), 1, &as_str(&h3_args)).await?;
     let proxy_quiet = Child::spawn(&a.bin_dir.join("proxy"), 1, &as_str(&quiet_args)).await?;

@@ -1,6 +1,6 @@
 //! `--streams N`: the proxy's resident memory holding N open server streams, each
 //! answered with its response headers and waiting for its first message (a minute
-//! away), over client connections of 100 streams each.
+//! away), over client connections of 100 streams each: the h2 path, then `--relay`.
 
 use std::time::Duration;
 
@@ -12,9 +12,32 @@ use crate::procs::Child;
 /// Streams per client connection, below the proxy's 200.
 const PER_CONNECTION: usize = 100;
 
-pub async fn run(proxy: &Child, server: &Child, addr: &str, n: usize) -> anyhow::Result<()> {
+/// Holds `n` streams through each proxy in turn (named, with its address), then prints
+/// each one's resident memory idle and holding them, and the replica's for scale.
+pub async fn run(proxies: &[(&str, &Child, &str)], server: &Child, n: usize) -> anyhow::Result<()> {
     let mb = |kib: u64| kib as f64 / 1024.0;
-    let (proxy_idle, server_idle) = (proxy.rss_kib()?, server.rss_kib()?);
+    let mut rows = Vec::new();
+    for (name, proxy, addr) in proxies {
+        let (proxy_idle, server_idle) = (proxy.rss_kib()?, server.rss_kib()?);
+        let held = hold(proxy, addr, n).await?;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        rows.push((name.to_string(), proxy_idle, proxy.rss_kib()?));
+        rows.push((format!("replica (for scale, {name})"), server_idle, server.rss_kib()?));
+        drop(held);
+        // The replica lets the streams go before the next proxy's turn.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    println!("\nresident memory                      idle   {n} streams   per stream");
+    for (name, idle, busy) in rows {
+        let per = busy.saturating_sub(idle) as f64 * 1024.0 / n as f64;
+        println!("{name:<31} {:>7.1} MB {:>10.1} MB {:>9.0} B", mb(idle), mb(busy), per);
+    }
+    Ok(())
+}
+
+/// Opens `n` streams through `addr`, each answered with its headers.
+async fn hold(proxy: &Child, addr: &str, n: usize) -> anyhow::Result<Vec<Streaming<proto::HelloResponse>>> {
+    let mb = |kib: u64| kib as f64 / 1024.0;
     let mut held: Vec<Streaming<proto::HelloResponse>> = Vec::with_capacity(n);
     while held.len() < n {
         let channel = Channel::from_shared(format!("http://{addr}"))?.connect().await?;
@@ -31,16 +54,8 @@ pub async fn run(proxy: &Child, server: &Child, addr: &str, n: usize) -> anyhow:
         .await?;
         held.extend(opened);
         if held.len().is_multiple_of(1000) || held.len() == n {
-            eprintln!("  {} streams open, proxy {:.1} MB", held.len(), mb(proxy.rss_kib()?));
+            eprintln!("  {addr}: {} streams open, proxy {:.1} MB", held.len(), mb(proxy.rss_kib()?));
         }
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let (proxy_busy, server_busy) = (proxy.rss_kib()?, server.rss_kib()?);
-    println!("\nresident memory             idle   {n} streams   per stream");
-    for (name, idle, busy) in [("proxy", proxy_idle, proxy_busy), ("replica (for scale)", server_idle, server_busy)] {
-        let per = busy.saturating_sub(idle) as f64 * 1024.0 / n as f64;
-        println!("{name:<22} {:>7.1} MB {:>10.1} MB {:>9.0} B", mb(idle), mb(busy), per);
-    }
-    drop(held);
-    Ok(())
+    Ok(held)
 }
