@@ -22,15 +22,15 @@ pub async fn run(proxies: &[(&str, &Child, &str)], server: &Child, n: usize) -> 
         let held = hold(proxy, addr, n).await?;
         tokio::time::sleep(Duration::from_millis(200)).await;
         rows.push((name.to_string(), proxy_idle, proxy.rss_kib()?));
-        rows.push((format!("replica (for scale, {name})"), server_idle, server.rss_kib()?));
+        rows.push(("  replica, for scale".to_owned(), server_idle, server.rss_kib()?));
         drop(held);
         // The replica lets the streams go before the next proxy's turn.
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    println!("\nresident memory                      idle   {n} streams   per stream");
+    println!("\nresident memory             idle   {n} streams   per stream");
     for (name, idle, busy) in rows {
         let per = busy.saturating_sub(idle) as f64 * 1024.0 / n as f64;
-        println!("{name:<31} {:>7.1} MB {:>10.1} MB {:>9.0} B", mb(idle), mb(busy), per);
+        println!("{name:<22} {:>7.1} MB {:>10.1} MB {:>9.0} B", mb(idle), mb(busy), per);
     }
     Ok(())
 }
