@@ -60,7 +60,10 @@ step "frame relay: RELAY=on task up"
 task down >/dev/null
 RELAY=on task up
 proxy=$(docker ps -q --filter "label=com.docker.compose.project=$COMPOSE_PROJECT_NAME" --filter label=com.docker.compose.service=proxy)
-docker logs "$proxy" 2>&1 | grep -q 'frame relay' || fail "the proxy did not start with --relay"
+# Read whole before grep: `grep -q` stops at the first match and, under pipefail,
+# docker's broken pipe would fail the check.
+logs=$(docker logs "$proxy" 2>&1)
+grep -q 'frame relay' <<<"$logs" || fail "the proxy did not start with --relay"
 out=$(grpcurl -plaintext -d '{"name":"World"}' localhost:50050 hello.HelloService/SayHello)
 echo "$out"
 grep -q 'on node-a' <<<"$out" || fail "grpcurl through the relay to a node-a replica"
