@@ -675,7 +675,7 @@ impl<P: Picker> Relay<P> {
         if let Some(t) = timeout {
             let due = self.now.saturating_add(t);
             stream.deadline = Some(due);
-            self.deadlines.push(Reverse((due, id)));
+            push_timer(&mut self.deadlines, due, id, &self.streams, |s| s.deadline);
         }
         stream.down.window = self.client.initial_send;
         if stream.path.starts_with(HEALTH_PREFIX) {
@@ -789,7 +789,7 @@ impl<P: Picker> Relay<P> {
         s.previous += 1;
         let due = self.now + after;
         s.backoff_until = Some(due);
-        self.backoffs.push(Reverse((due, id)));
+        push_timer(&mut self.backoffs, due, id, &self.streams, |s| s.backoff_until);
         self.streams.insert(id, s);
         true
     }
@@ -1220,6 +1220,23 @@ impl<P: Picker> Relay<P> {
         }
         Ok(())
     }
+}
+
+/// Schedules `id` at `due`. An entry stays after its call ends (a heap cannot drop
+/// one cheaply), so once stale entries could outnumber the calls, those whose call is
+/// gone or no longer waiting for that time (`when`) are let go: a client making
+/// calls with long timeouts that end at once holds no more than twice its open calls.
+fn push_timer<A>(
+    heap: &mut BinaryHeap<Reverse<(Duration, u32)>>,
+    due: Duration,
+    id: u32,
+    streams: &HashMap<u32, Stream<A>>,
+    when: impl Fn(&Stream<A>) -> Option<Duration>,
+) {
+    if heap.len() >= 2 * streams.len() + 64 {
+        heap.retain(|Reverse((t, i))| streams.get(i).is_some_and(|s| when(s) == Some(*t)));
+    }
+    heap.push(Reverse((due, id)));
 }
 
 /// `name: n` as a literal.

@@ -767,3 +767,17 @@ fn the_methods_timeout_wins_when_sooner_and_a_retry_carries_the_time_left() {
     assert_eq!(header(&status, "grpc-status"), Some("4"));
     assert_eq!(header(&status, "grpc-previous-rpc-attempts"), Some("1"));
 }
+
+#[test]
+fn deadlines_of_calls_already_over_are_not_kept_without_bound() {
+    let (mut r, _) = relay(&[1]);
+    // 5,000 calls, each with an hour to spare, each answered at once.
+    for i in 0..5_000u32 {
+        let id = 2 * i + 1;
+        call_with_timeout(&mut r, id, "1H");
+        answer(&mut r, 0, id, b"\0\0\0\0\0", "0");
+    }
+    assert!(!r.is_done());
+    assert_eq!(r.open_calls(), 0);
+    assert!(r.deadlines.len() <= 100, "{} deadlines held for calls long over", r.deadlines.len());
+}
