@@ -62,10 +62,19 @@ over_h2_and_h3! {
         let mut c = Cluster::start(PROTOCOL, LAYOUT, &[]).await;
         c.wait_for(&["s1", "s2"]).await;
         let mut client = c.client().await;
-        let load = tokio::spawn(async move { tally(&mut client, 400).await });
-        // SIGTERM while calls flow: the replica sends GOAWAY and finishes what it took;
-        // calls it did not take go to s2, whichever connection they were on.
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        let (flowing, started) = tokio::sync::oneshot::channel();
+        let load = tokio::spawn(async move {
+            let (mut counts, mut failures) = tally(&mut client, 100).await;
+            let _ = flowing.send(());
+            let (more, more_failures) = tally(&mut client, 300).await;
+            more.into_iter().for_each(|(k, n)| *counts.entry(k).or_default() += n);
+            failures.extend(more_failures);
+            (counts, failures)
+        });
+        // SIGTERM once 100 calls went through, with 300 to go: the replica sends GOAWAY
+        // and finishes what it took; calls it did not take go to s2, whichever
+        // connection they were on.
+        started.await.unwrap();
         let _stopping = c.begin_stop("s1");
         let (counts, failures) = load.await.unwrap();
         assert!(failures.is_empty(), "a drain failed calls: {failures:?} ({counts:?})");
