@@ -17,14 +17,14 @@ use tracing::debug;
 use crate::App;
 
 /// Streams one client may have open; the next is refused (REFUSED_STREAM).
-const MAX_STREAMS: u32 = 200;
+pub(crate) const MAX_STREAMS: u32 = 200;
 /// Request headers larger than this are refused (431).
-const MAX_HEADER_LIST: u32 = 16 << 10;
+pub(crate) const MAX_HEADER_LIST: u32 = 16 << 10;
 /// Response bytes queued per stream before waiting for the client's window.
 const MAX_SEND_BUFFER: usize = 400 << 10;
 /// Streams the proxy may reset for a client's protocol errors before calling it an
 /// attack and closing the connection.
-const MAX_ERROR_RESETS: usize = 1024;
+pub(crate) const MAX_ERROR_RESETS: usize = 1024;
 // Streams the proxy closed early (a replica answered before the request ended) are
 // remembered up to `MAX_STREAMS` at a time, so the client's frames still in flight for
 // them are dropped quietly; h2's default of 10 forgot them under load, and each late

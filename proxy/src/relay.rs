@@ -26,7 +26,7 @@ use tokio::{
 };
 use tracing::debug;
 
-use crate::App;
+use crate::{App, front};
 
 /// Reading from a side stops while more than this waits to be written to the other.
 const HIGH_WATER: usize = 1 << 20;
@@ -114,7 +114,15 @@ pub(crate) async fn serve(tcp: TcpStream, peer: SocketAddr, app: Arc<App>, mut d
     let mut conn = Conn {
         relay: Relay::new(
             Placer { app: app.clone() },
-            Limits { max_message: app.max_message, replay: app.replay, ..Limits::default() },
+            // The h2c front's limits, so both fronts refuse the same clients.
+            Limits {
+                max_streams: front::MAX_STREAMS,
+                max_header_list: front::MAX_HEADER_LIST as usize,
+                max_resets: front::MAX_ERROR_RESETS,
+                max_message: app.max_message,
+                replay: app.replay,
+                ..Limits::default()
+            },
             seed(&peer),
         ),
         client: tcp,
