@@ -278,10 +278,25 @@ where
         self.shared.config.lookup(path).and_then(|m| m.timeout)
     }
 
-    /// Why [`Balancer::place`] found no replica, as a call failing at once hears it.
-    pub fn unplaced(&self) -> String {
+    /// Why [`Balancer::place`] found no replica, as a call hears it: at once (`waited`
+    /// zero: fail-fast) or after waiting that long for one.
+    pub fn unplaced(&self, waited: Duration) -> String {
         let pool = &self.shared.pool;
-        Error::NoEndpoint { target: pool.target.clone(), waited: Duration::ZERO, tried: pool.describe() }.to_string()
+        Error::NoEndpoint { target: pool.target.clone(), waited, tried: pool.describe() }.to_string()
+    }
+
+    /// How long a call to `path` without a deadline waits for a ready endpoint when
+    /// none is: the connect timeout, or `None` when its method says `waitForReady:
+    /// false` (as [`Balancer::send`] waits).
+    pub fn ready_wait(&self, path: &str) -> Option<Duration> {
+        let fail_fast = self.shared.config.lookup(path).and_then(|m| m.wait_for_ready) == Some(false);
+        (!fail_fast).then_some(self.shared.pool.connector.connect_timeout)
+    }
+
+    /// Marked changed whenever the endpoints do (added, removed, ready or not, ejected):
+    /// a caller waiting for [`Balancer::place`] to find one tries again then.
+    pub fn endpoints_changed(&self) -> watch::Receiver<()> {
+        self.shared.pool.changes()
     }
 
     /// A placed attempt ended: outlier detection and the metrics hear it as they hear

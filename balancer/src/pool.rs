@@ -472,6 +472,10 @@ where
         }
     }
 
+    pub(crate) fn changes(&self) -> watch::Receiver<()> {
+        self.changed.subscribe()
+    }
+
     pub(crate) fn ready_count(&self) -> watch::Receiver<usize> {
         self.ready.subscribe()
     }

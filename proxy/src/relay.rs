@@ -55,8 +55,12 @@ impl relay::Picker for Placer {
         *self.app.balancer.ready_endpoints().borrow() > 0
     }
 
-    fn unavailable(&self) -> String {
-        self.app.balancer.unplaced()
+    fn unavailable(&self, waited: Duration) -> String {
+        self.app.balancer.unplaced(waited)
+    }
+
+    fn ready_wait(&self, path: &str) -> Option<Duration> {
+        self.app.balancer.ready_wait(path)
     }
 
     fn retry_policy(&self, path: &str) -> Option<RetryPolicy> {
@@ -132,6 +136,8 @@ pub(crate) async fn serve(tcp: TcpStream, peer: SocketAddr, app: Arc<App>, mut d
         client_open: true,
         epoch: Instant::now(),
         timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+        endpoints: app.balancer.endpoints_changed(),
+        endpoints_change: None,
     };
     let drained = drain.wait_for(|d| *d);
     tokio::pin!(drained);
@@ -170,6 +176,10 @@ struct Conn {
     epoch: Instant,
     /// Wakes the task when the relay's next retry backoff is over.
     timer: Pin<Box<Sleep>>,
+    /// The balancer's endpoints, seen as of the last time waiting calls were placed.
+    endpoints: watch::Receiver<()>,
+    /// While calls wait for a ready replica: done when the endpoints change.
+    endpoints_change: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
 }
 
 impl Conn {
@@ -185,6 +195,7 @@ impl Conn {
                 return Poll::Ready(Ok(()));
             }
             progress |= self.poll_reads(cx)?;
+            progress |= self.poll_endpoints(cx);
             if let Some(due) = self.relay.next_timer() {
                 let at = self.epoch + due;
                 if self.timer.deadline() != at {
@@ -196,6 +207,32 @@ impl Conn {
                 return Poll::Pending;
             }
         }
+    }
+
+    /// While calls wait for a ready replica, places them again once the endpoints
+    /// change. The change is looked for from the last time they were placed, so one
+    /// that came while the relay was finding none is not missed.
+    fn poll_endpoints(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.relay.is_waiting() {
+            self.endpoints_change = None;
+            return false;
+        }
+        let change = self.endpoints_change.get_or_insert_with(|| {
+            let mut endpoints = self.endpoints.clone();
+            Box::pin(async move {
+                if endpoints.changed().await.is_err() {
+                    // The balancer is gone: the calls' timers end them.
+                    std::future::pending::<()>().await;
+                }
+            })
+        });
+        if change.as_mut().poll(cx).is_pending() {
+            return false;
+        }
+        self.endpoints_change = None;
+        self.endpoints.borrow_and_update();
+        self.relay.ready_changed();
+        true
     }
 
     /// Opens a connection for each back the relay added; drops those it let go.

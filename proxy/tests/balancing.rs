@@ -156,12 +156,13 @@ over_h2_and_h3! {
     }
 }
 
-/// What the relay does not do: wait out a call's deadline for a replica (it fails the
-/// call at once).
+/// A call finding no ready replica waits for one up to its deadline, or the connect
+/// timeout without one.
 mod waiting {
     use super::*;
 
     over_h2_and_h3! {
+        relay;
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn when_every_replica_is_down_calls_fail_within_the_connect_timeout() {
             let mut c = Cluster::start(PROTOCOL, LAYOUT, &["--connect-timeout", "1s"]).await;
@@ -179,9 +180,9 @@ mod waiting {
             assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
             assert!(err.message().contains("server.test:50051"), "names the target: {}", err.message());
             // TCP is refused at once; QUIC hears nothing and gives up at its 2 s idle timeout.
-            let (what, bound) = match PROTOCOL {
-                support::Protocol::H2 => ("refused", Duration::from_millis(1500)),
-                _ => ("timed out", Duration::from_millis(3000)),
+            let (what, bound) = match PROTOCOL == support::Protocol::H2 {
+                true => ("refused", Duration::from_millis(1500)),
+                false => ("timed out", Duration::from_millis(3000)),
             };
             assert!(err.message().contains(what), "says what was tried: {}", err.message());
             assert!(took < bound, "took {took:?} with a 1 s connect timeout");
@@ -192,6 +193,24 @@ mod waiting {
             let h = support::raw_call(c.proxy, path, &[("grpc-timeout", "300m")], support::frame(b"")).await;
             assert_eq!(h["grpc-status"], "4", "DEADLINE_EXCEEDED: {h:?}");
             assert!(started.elapsed() < Duration::from_millis(1000), "waited past the deadline");
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_call_made_while_every_replica_is_down_is_answered_once_one_is_back() {
+            let mut c = Cluster::start(PROTOCOL, LAYOUT, &["--connect-timeout", "10s"]).await;
+            c.wait_for(&["s1", "s2"]).await;
+            for name in ["s1", "s2", "s3"] {
+                c.kill(name);
+            }
+            c.wait_not_serving().await;
+            let mut client = c.client().await;
+            let call = tokio::spawn(async move { client.say_hello(hello()).await });
+            // It waits rather than failing at once.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            assert!(!call.is_finished(), "the call ended with no replica ready: {:?}", call.await);
+            c.restart("s3");
+            let reply = call.await.unwrap().expect("answered once a replica was back");
+            assert_eq!(reply.into_inner().server, "s3");
         }
     }
 }

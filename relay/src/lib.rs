@@ -64,9 +64,16 @@ pub trait Picker {
     fn pick(&mut self, path: &str, avoid: &[SocketAddr], retries: u32) -> Option<(SocketAddr, Self::Attempt)>;
     /// Whether the proxy serves: what `grpc.health.v1.Health/Check` answers.
     fn serving(&self) -> bool;
-    /// Why no replica is ready, for the status of a call that found none.
-    fn unavailable(&self) -> String {
+    /// Why no replica is ready, for the status of a call that found none, at once
+    /// (`waited` zero) or after waiting for one.
+    fn unavailable(&self, _waited: Duration) -> String {
         "no ready replica".to_owned()
+    }
+    /// How long a call to `path` that finds no ready replica waits for one when it has
+    /// no deadline (with one, it waits up to its deadline); `None` fails it at once
+    /// (`waitForReady: false`). The shell calls [`Relay::ready_changed`] when one may be.
+    fn ready_wait(&self, _path: &str) -> Option<Duration> {
+        None
     }
     /// The service config's retry policy for `path` (gRFC A6).
     fn retry_policy(&self, _path: &str) -> Option<RetryPolicy> {
@@ -333,6 +340,10 @@ pub struct Relay<P: Picker> {
     backoffs: BinaryHeap<Reverse<(Duration, u32)>>,
     /// When calls' deadlines pass, soonest first (stale entries skipped, as above).
     deadlines: BinaryHeap<Reverse<(Duration, u32)>>,
+    /// Calls waiting for a ready replica, first come first; stale ids skipped.
+    waiting: Vec<u32>,
+    /// When those calls stop waiting, soonest first (stale entries skipped, as above).
+    waits: BinaryHeap<Reverse<(Duration, u32)>>,
     /// Jitter for retry backoffs.
     rng: SplitMix64,
 }
@@ -367,6 +378,8 @@ impl<P: Picker> Relay<P> {
             now: Duration::ZERO,
             backoffs: BinaryHeap::new(),
             deadlines: BinaryHeap::new(),
+            waiting: Vec::new(),
+            waits: BinaryHeap::new(),
             rng: SplitMix64::seeded(seed),
         }
     }
@@ -384,6 +397,18 @@ impl<P: Picker> Relay<P> {
             let why = format!("deadline exceeded after {} attempt(s)", s.previous + 1);
             self.end_with(id, Code::DeadlineExceeded as u8, &why, Outcome::Cancelled);
         }
+        while let Some(&Reverse((due, id))) = self.waits.peek() {
+            if due > now {
+                break;
+            }
+            self.waits.pop();
+            let Some(s) = self.streams.get_mut(&id).filter(|s| s.waiting.is_some_and(|(_, until)| until == due)) else {
+                continue;
+            };
+            let (since, until) = s.waiting.take().expect("filtered on it");
+            let why = self.picker.unavailable(until - since);
+            self.end_with(id, Code::Unavailable as u8, &why, Outcome::Refused);
+        }
         while let Some(&Reverse((due, id))) = self.backoffs.peek() {
             if due > now {
                 return;
@@ -395,13 +420,25 @@ impl<P: Picker> Relay<P> {
         }
     }
 
+    /// A replica may have become ready: calls waiting for one are placed again, in the
+    /// order they began to wait.
+    pub fn ready_changed(&mut self) {
+        for id in std::mem::take(&mut self.waiting) {
+            if self.streams.get(&id).is_some_and(|s| s.waiting.is_some()) {
+                self.place(id);
+            }
+        }
+    }
+
+    /// Whether calls wait for a ready replica: the shell then watches for one.
+    pub fn is_waiting(&self) -> bool {
+        !self.waiting.is_empty()
+    }
+
     /// When [`Relay::tick`] has work next, if ever.
     pub fn next_timer(&self) -> Option<Duration> {
         let next = |heap: &BinaryHeap<Reverse<(Duration, u32)>>| heap.peek().map(|Reverse((due, _))| *due);
-        match (next(&self.backoffs), next(&self.deadlines)) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [next(&self.backoffs), next(&self.deadlines), next(&self.waits)].into_iter().flatten().min()
     }
 
     /// Bytes to write to the client.
@@ -704,10 +741,10 @@ impl<P: Picker> Relay<P> {
             return self.end_with(id, 14, why, Outcome::Refused);
         }
         let Some((addr, attempt)) = self.picker.pick(&s.path, &replay.tried, s.previous) else {
-            let why = self.picker.unavailable();
-            return self.end_with(id, 14, &why, Outcome::Refused);
+            return self.wait_for_ready(id);
         };
         replay.tried.push(addr);
+        s.waiting = None;
         let back = match self.backs.iter().find(|b| b.addr == addr && b.takes_calls()) {
             Some(b) => b.id,
             None => self.new_back(addr),
@@ -750,6 +787,29 @@ impl<P: Picker> Relay<P> {
         }
         s.up.sent_end = end_now;
         self.pump_up(id, &[]);
+    }
+
+    /// No replica is ready for the call: it waits for one up to its deadline, or its
+    /// method's wait without one, or fails at once when its method says not to wait.
+    fn wait_for_ready(&mut self, id: u32) {
+        let Some(s) = self.streams.get_mut(&id) else { return };
+        if s.waiting.is_some() {
+            // Still none: it goes on waiting from when it began.
+            return self.waiting.push(id);
+        }
+        let Some(wait) = self.picker.ready_wait(&s.path) else {
+            let why = self.picker.unavailable(Duration::ZERO);
+            return self.end_with(id, Code::Unavailable as u8, &why, Outcome::Refused);
+        };
+        // With a deadline, that timer ends the wait; this one never comes first.
+        let until = s.deadline.unwrap_or(self.now.saturating_add(wait));
+        s.waiting = Some((self.now, until));
+        if self.waiting.len() >= 2 * self.streams.len() + 64 {
+            let streams = &self.streams;
+            self.waiting.retain(|i| streams.get(i).is_some_and(|s| s.waiting.is_some()));
+        }
+        self.waiting.push(id);
+        push_timer(&mut self.waits, until, id, &self.streams, |s| s.waiting.map(|(_, until)| until));
     }
 
     /// The replica did not process the call: it goes to another, with its request.

@@ -184,6 +184,8 @@ pub(crate) struct Stream<A> {
     pub retry: Option<(RetryPolicy, RetryState)>,
     /// Waiting out a retry's backoff until then, on no replica.
     pub backoff_until: Option<Duration>,
+    /// Waiting for a ready replica since then, until then.
+    pub waiting: Option<(Duration, Duration)>,
     /// Attempts before this one that failed and were retried (`grpc-previous-rpc-attempts`).
     pub previous: u32,
     /// When the call fails with DEADLINE_EXCEEDED: the caller's `grpc-timeout` or the
@@ -211,6 +213,7 @@ impl<A> Stream<A> {
             scan: FrameScan::new(max_message),
             retry: None,
             backoff_until: None,
+            waiting: None,
             previous: 0,
             deadline: None,
         }

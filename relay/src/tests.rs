@@ -20,6 +20,8 @@ struct Turns {
     serving: bool,
     retry: Option<RetryPolicy>,
     timeout: Option<Duration>,
+    /// How long a call finding no replica waits for one (`None`: fails at once).
+    wait: Option<Duration>,
     /// What each pick was told: the replicas to avoid and the retries so far.
     asked: Vec<(Vec<SocketAddr>, u32)>,
 }
@@ -51,6 +53,12 @@ impl Picker for Turns {
     fn method_timeout(&self, _path: &str) -> Option<Duration> {
         self.timeout
     }
+    fn ready_wait(&self, _path: &str) -> Option<Duration> {
+        self.wait
+    }
+    fn unavailable(&self, waited: Duration) -> String {
+        format!("no ready replica after {waited:?}")
+    }
 }
 
 fn addr(i: u8) -> SocketAddr {
@@ -60,8 +68,16 @@ fn addr(i: u8) -> SocketAddr {
 fn relay(replicas: &[u8]) -> (Relay<Turns>, Log) {
     let log = Log::default();
     let replicas = replicas.iter().map(|&i| addr(i)).collect();
-    let picker =
-        Turns { replicas, next: 0, log: log.clone(), serving: true, retry: None, timeout: None, asked: Vec::new() };
+    let picker = Turns {
+        replicas,
+        next: 0,
+        log: log.clone(),
+        serving: true,
+        retry: None,
+        timeout: None,
+        wait: None,
+        asked: Vec::new(),
+    };
     (Relay::new(picker, Limits::default(), 7), log)
 }
 
@@ -266,6 +282,68 @@ fn no_ready_replica_is_unavailable_at_once() {
     let got = calls(r.client_out());
     assert_eq!((got[0].kind, got[0].flags & END_STREAM), (HEADERS, END_STREAM));
     assert_eq!(header(&decode(&got[0].payload), "grpc-status"), Some("14"));
+}
+
+#[test]
+fn a_call_finding_no_ready_replica_waits_for_one_and_goes_out_when_one_is() {
+    let (mut r, log) = relay(&[]);
+    r.picker.wait = Some(Duration::from_secs(1));
+    client_calls(&mut r, &[1], b"\0\0\0\0\0");
+    assert!(calls(r.client_out()).is_empty(), "no status while it waits");
+    assert_eq!(r.next_timer(), Some(Duration::from_secs(1)));
+    r.tick(Duration::from_millis(400));
+    r.ready_changed();
+    assert!(calls(r.client_out()).is_empty(), "still none ready: still waiting");
+    r.picker.replicas = vec![addr(1)];
+    r.ready_changed();
+    let sent = back_frames(&mut r, 0);
+    assert_eq!(
+        sent.iter().map(|f| (f.kind, f.flags & END_STREAM)).collect::<Vec<_>>(),
+        [(HEADERS, 0), (DATA, END_STREAM)]
+    );
+    assert_eq!(sent[1].payload, b"\0\0\0\0\0", "the request it held");
+    answer(&mut r, 0, 1, b"\0\0\0\0\0", "0");
+    let got = calls(r.client_out());
+    assert_eq!(header(&decode(&got.last().unwrap().payload), "grpc-status"), Some("0"));
+    assert_eq!(*log.borrow(), vec![(addr(1), Outcome::Status(0))]);
+    r.tick(Duration::from_secs(2));
+    assert!(calls(r.client_out()).is_empty(), "its wait's end, come after it went out, changes nothing");
+}
+
+#[test]
+fn a_call_waiting_without_a_deadline_fails_unavailable_when_its_wait_ends() {
+    let (mut r, log) = relay(&[]);
+    r.picker.wait = Some(Duration::from_secs(1));
+    r.tick(Duration::from_secs(3));
+    client_calls(&mut r, &[1, 3], b"\0\0\0\0\0");
+    // Endpoints change with none ready (a dead replica's reconnects): the wait goes on
+    // from when it began.
+    r.tick(Duration::from_millis(3500));
+    r.ready_changed();
+    r.tick(Duration::from_millis(3999));
+    assert!(calls(r.client_out()).is_empty());
+    r.tick(Duration::from_secs(4));
+    let got = calls(r.client_out());
+    let ended: Vec<_> = got.iter().filter(|f| f.kind == HEADERS).map(|f| (f.stream, decode(&f.payload))).collect();
+    assert_eq!(ended.len(), 2, "both calls: {got:?}");
+    for (_, status) in &ended {
+        assert_eq!(header(status, "grpc-status"), Some("14"));
+        assert_eq!(header(status, "grpc-message"), Some("no ready replica after 1s"));
+    }
+    assert!(log.borrow().is_empty(), "no replica heard of them");
+    assert_eq!(r.open_calls(), 0);
+}
+
+#[test]
+fn a_waiting_call_with_a_deadline_waits_until_it() {
+    let (mut r, _) = relay(&[]);
+    r.picker.wait = Some(Duration::from_secs(1));
+    call_with_timeout(&mut r, 1, "3S");
+    r.tick(Duration::from_millis(2999));
+    assert!(calls(r.client_out()).is_empty(), "the deadline, not the wait without one, bounds it");
+    r.tick(Duration::from_secs(3));
+    let got = calls(r.client_out());
+    assert_eq!(header(&decode(&got[0].payload), "grpc-status"), Some("4"), "DEADLINE_EXCEEDED");
 }
 
 #[test]
@@ -645,8 +723,16 @@ fn connection_credit(frames: &[F]) -> u32 {
 #[test]
 fn bytes_pending_when_a_call_ends_are_credited_back_to_the_connection() {
     let log = Log::default();
-    let picker =
-        Turns { replicas: vec![addr(1)], next: 0, log, serving: true, retry: None, timeout: None, asked: Vec::new() };
+    let picker = Turns {
+        replicas: vec![addr(1)],
+        next: 0,
+        log,
+        serving: true,
+        retry: None,
+        timeout: None,
+        wait: None,
+        asked: Vec::new(),
+    };
     // Connection credit goes out in steps of 10,000 bytes.
     let limits = Limits { conn_window: 20_000, ..Limits::default() };
     let mut r = Relay::new(picker, limits, 7);
