@@ -6,7 +6,9 @@
 //! syscall tracepoint, where perf runs) and its resident memory; then the medians of the
 //! per-round ratios. Two more targets give what a flag costs or buys: the proxy with
 //! `--metrics off` (what recording metrics costs per call) and with `--busy-poll`
-//! (latency at concurrency 1, and the CPU it burns there). Last, the proxy runs inside
+//! (latency at concurrency 1, and the CPU it burns there). A second replica on the
+//! proxy's CPU gives the direct call across CPUs (`x-cpu`): the wake-ups every proxied
+//! call pays on its hops, the floor of a proxy's p50 here. Last, the proxy runs inside
 //! this process under a counting allocator for its heap allocations per call.
 
 mod allocs;
@@ -71,6 +73,9 @@ const BUSY: &str = "127.0.0.150:50155";
 const RELAY: &str = "127.0.0.150:50157";
 /// The proxy with `--relay` and `--busy-poll`.
 const RELAY_BUSY: &str = "127.0.0.150:50158";
+/// A second replica, on the proxy's CPU: a direct call across CPUs, as every proxied
+/// call's hops are.
+const FAR: &str = "127.0.0.150:50159";
 
 /// HAProxy's configuration for `--peers`: the same shape as the proxy under test.
 const HAPROXY_CFG: &str = include_str!("../haproxy.cfg");
@@ -110,6 +115,7 @@ async fn bench(a: Args) -> anyhow::Result<()> {
     let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
     let server_args = ["--listen", SERVER, "--name", "bench", "--tls-cert", &path(&cert), "--tls-key", &path(&key)];
     let server = Child::spawn(&a.bin_dir.join("server"), 0, &server_args).await?;
+    let far = Child::spawn(&a.bin_dir.join("server"), 1, &["--listen", FAR, "--name", "far"]).await?;
     let proxy_args = |listen: &'static str, protocol: &'static str| {
         let mut v: Vec<String> = ["--listen", listen, "--target", SERVER, "--threads", "1"].map(String::from).to_vec();
         v.extend(["--admin-listen".into(), "off".into()]);
@@ -154,18 +160,19 @@ async fn bench(a: Args) -> anyhow::Result<()> {
         false => None,
     };
     let mut targets = vec![
-        ("direct", connect(SERVER).await?, None),
-        ("proxy h2", connect(PROXY_H2).await?, Some(&proxy_h2)),
-        ("proxy h3", connect(PROXY_H3).await?, Some(&proxy_h3)),
-        ("h2 no-metrics", connect(QUIET).await?, Some(&proxy_quiet)),
-        ("h2 busy-poll", connect(BUSY).await?, Some(&proxy_busy)),
-        ("relay", connect(RELAY).await?, Some(&relay)),
-        ("relay busy", connect(RELAY_BUSY).await?, Some(&relay_busy)),
+        ("direct", connect(SERVER).await?, None, &server),
+        ("proxy h2", connect(PROXY_H2).await?, Some(&proxy_h2), &server),
+        ("proxy h3", connect(PROXY_H3).await?, Some(&proxy_h3), &server),
+        ("h2 no-metrics", connect(QUIET).await?, Some(&proxy_quiet), &server),
+        ("h2 busy-poll", connect(BUSY).await?, Some(&proxy_busy), &server),
+        ("relay", connect(RELAY).await?, Some(&relay), &server),
+        ("relay busy", connect(RELAY_BUSY).await?, Some(&relay_busy), &server),
+        ("direct x-cpu", connect(FAR).await?, None, &far),
     ];
     if let Some(h) = &haproxy {
-        targets.push(("haproxy", connect(HAPROXY).await?, Some(h)));
+        targets.push(("haproxy", connect(HAPROXY).await?, Some(h), &server));
     }
-    for (_, c, _) in &targets {
+    for (_, c, _, _) in &targets {
         warm(c).await?;
     }
     let idle_rss = proxy_h2.rss_kib()?;
@@ -177,8 +184,8 @@ async fn bench(a: Args) -> anyhow::Result<()> {
     let mut rounds: Vec<Vec<Sample>> = Vec::new();
     for round in 1..=a.rounds {
         let mut row = Vec::new();
-        for (name, c, proxy) in &targets {
-            let s = measure(&a, c, &server, *proxy).await?;
+        for (name, c, proxy, server) in &targets {
+            let s = measure(&a, c, server, *proxy).await?;
             let middle = match proxy {
                 Some(_) => format!(
                     "  proxy {:>5.2}µs/call ({:.2} user + {:.2} sys, {:.1} syscalls)",
@@ -316,22 +323,28 @@ fn report(
         median(rounds.iter().map(|r| fi(&r[i]) / fj(&r[j])).collect())
     };
     // Columns in the order of `targets`; HAProxy last when measured.
-    let (d, h2, h3, quiet, busy, relay, relay_busy, hap) = (0, 1, 2, 3, 4, 5, 6, 7);
+    let (d, h2, h3, quiet, busy, relay, relay_busy, far, hap) = (0, 1, 2, 3, 4, 5, 6, 7, 8);
     let peers = rounds[0].len() > hap;
-    let cols: &[usize] =
-        if peers { &[d, h2, h3, busy, relay, relay_busy, hap] } else { &[d, h2, h3, busy, relay, relay_busy] };
+    let cols: &[usize] = if peers {
+        &[d, far, h2, h3, busy, relay, relay_busy, hap]
+    } else {
+        &[d, far, h2, h3, busy, relay, relay_busy]
+    };
     let header = if peers { "   haproxy" } else { "" };
     println!(
-        "\nmedians                          direct   proxy h2   proxy h3  busy-poll      relay relay+busy{header}"
+        "\nmedians                          direct      x-cpu   proxy h2   proxy h3  busy-poll      relay relay+busy{header}"
     );
     let line = |name: &str, f: fn(&Sample) -> f64, digits: usize| {
         let cells: Vec<String> = cols
             .iter()
             .enumerate()
-            .map(|(k, &i)| match (med(i, f), i == d && k == 0) {
-                (v, true) if v == 0.0 || v.is_nan() => format!("{:>8}", "-"),
-                (v, _) if v.is_nan() => format!("{:>10}", "-"),
-                (v, first) => format!("{v:>w$.digits$}", w = if first { 8 } else { 10 }),
+            .map(|(k, &i)| {
+                let w = if k == 0 { 8 } else { 10 };
+                // A direct target has no proxy: its proxy figures are zero, or NaN.
+                match med(i, f) {
+                    v if v.is_nan() || (v == 0.0 && (i == d || i == far)) => format!("{:>w$}", "-"),
+                    v => format!("{v:>w$.digits$}"),
+                }
             })
             .collect();
         println!("{name:<30} {}", cells.join(" "));
@@ -365,6 +378,9 @@ fn report(
     println!("proxy h2 --busy-poll {bp} CPU at c1 / without      {:.2}x", ratio(busy, h2, c1_core, c1_core));
     println!("relay --busy-poll {bp} p50 / direct p50            {:.2}x", ratio(relay_busy, d, p50, p50));
     println!("relay --busy-poll {bp} CPU at c1 / without         {:.2}x", ratio(relay_busy, relay, c1_core, c1_core));
+    println!("direct across CPUs p50 / direct p50                {:.2}x", ratio(far, d, p50, p50));
+    println!("proxy h2 --busy-poll {bp} p50 / direct x-cpu p50   {:.2}x", ratio(busy, far, p50, p50));
+    println!("relay --busy-poll {bp} p50 / direct x-cpu p50      {:.2}x", ratio(relay_busy, far, p50, p50));
     if peers {
         println!("haproxy CPU per call / server CPU per direct call   {:.2}x", ratio(hap, d, proxy_cpu, server_cpu));
         println!("haproxy p50 / direct p50                           {:.2}x", ratio(hap, d, p50, p50));
