@@ -629,10 +629,16 @@ impl<P: Picker> Relay<P> {
         let end_stream = head.flags & frame::END_STREAM != 0;
         s.client_ended = end_stream;
         if let Some(replay) = &mut s.replay {
-            if replay.data.len() + body.len() > self.limits.replay {
-                s.replay = None;
-            } else {
+            if replay.outgrown {
+            } else if replay.data.len() + body.len() <= self.limits.replay {
                 replay.data.extend_from_slice(body);
+            } else if replay.tried.is_empty() {
+                // Never sent: all of it waits uncredited in `up.pending`, bounded by the
+                // windows, and goes out from there once.
+                replay.outgrown = true;
+                replay.data = BytesMut::new();
+            } else {
+                s.replay = None;
             }
         }
         if s.local {
@@ -743,6 +749,7 @@ impl<P: Picker> Relay<P> {
         let Some((addr, attempt)) = self.picker.pick(&s.path, &replay.tried, s.previous) else {
             return self.wait_for_ready(id);
         };
+        let first = replay.tried.is_empty();
         replay.tried.push(addr);
         s.waiting = None;
         let back = match self.backs.iter().find(|b| b.addr == addr && b.takes_calls()) {
@@ -762,13 +769,16 @@ impl<P: Picker> Relay<P> {
         s.up_id = up;
         s.attempt = Some(attempt);
         s.up.window = b.conn.initial_send;
-        // What is pending was received but never credited; the rest of the replay was.
-        let uncredited = s.up.pending.len().saturating_sub(s.up.resend);
-        s.up.pending.clear();
-        s.up.pending.extend_from_slice(&replay.data);
-        s.up.resend = replay.data.len().saturating_sub(uncredited);
+        if !first {
+            // What is pending was received but never credited; the rest of the replay was.
+            let uncredited = s.up.pending.len().saturating_sub(s.up.resend);
+            s.up.pending.clear();
+            s.up.pending.extend_from_slice(&replay.data);
+            s.up.resend = replay.data.len().saturating_sub(uncredited);
+        }
+        // On the first attempt all that came is pending, uncredited.
         s.up.end = s.client_ended;
-        let end_now = s.client_ended && replay.data.is_empty() && s.up.trailers.is_none();
+        let end_now = s.client_ended && s.up.pending.is_empty() && s.up.trailers.is_none();
         if s.previous > 0 || s.deadline.is_some() {
             self.scratch.clear();
             self.scratch.extend_from_slice(&replay.block);
@@ -786,6 +796,9 @@ impl<P: Picker> Relay<P> {
             b.conn.put_block(up, end_now, &replay.block);
         }
         s.up.sent_end = end_now;
+        if replay.outgrown {
+            s.replay = None; // sent once from what was pending: it cannot be again
+        }
         self.pump_up(id, &[]);
     }
 

@@ -48,11 +48,14 @@ pub(crate) struct Replay {
     pub tried: SmallVec<[SocketAddr; 2]>,
     /// Times it was sent elsewhere unprocessed.
     pub transparent: usize,
+    /// The request outgrew the buffer before the call was first sent (it waited for a
+    /// replica): it goes out once, from what is pending, and never again.
+    pub outgrown: bool,
 }
 
 impl Replay {
     pub fn new(block: Vec<u8>) -> Replay {
-        Replay { block, data: BytesMut::new(), tried: SmallVec::new(), transparent: 0 }
+        Replay { block, data: BytesMut::new(), tried: SmallVec::new(), transparent: 0, outgrown: false }
     }
 }
 

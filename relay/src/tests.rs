@@ -343,7 +343,39 @@ fn a_waiting_call_with_a_deadline_waits_until_it() {
     assert!(calls(r.client_out()).is_empty(), "the deadline, not the wait without one, bounds it");
     r.tick(Duration::from_secs(3));
     let got = calls(r.client_out());
+    assert_eq!(got.iter().filter(|f| f.kind == HEADERS).count(), 1, "one answer: {got:?}");
     assert_eq!(header(&decode(&got[0].payload), "grpc-status"), Some("4"), "DEADLINE_EXCEEDED");
+    assert_eq!(r.open_calls(), 0);
+}
+
+#[test]
+fn a_waiting_call_whose_request_outgrows_the_replay_buffer_still_goes_out_once() {
+    let (mut r, log) = relay(&[]);
+    r.picker.wait = Some(Duration::from_secs(1));
+    let mut buf = BytesMut::from(frame::PREFACE);
+    frame::put_settings(&mut buf, &[]);
+    put(&mut buf, HEADERS, END_HEADERS, 1, &request("/echo.Echo/Upload"));
+    // One message of 96 KiB, past the 64 KiB kept for replays, its 5-byte prefix included.
+    let mut message = vec![7; 6 * 16_384];
+    message[..5].copy_from_slice(&[0, 0, 1, 0x7f, 0xfb]);
+    for chunk in message.chunks(16_384) {
+        put(&mut buf, DATA, 0, 1, chunk);
+    }
+    r.client_read(&mut buf);
+    assert!(calls(r.client_out()).is_empty(), "still waiting");
+    r.picker.replicas = vec![addr(1)];
+    r.ready_changed();
+    assert!(calls(r.client_out()).is_empty(), "not failed: it was never sent, and all of it is held");
+    let sent = back_frames(&mut r, 0);
+    assert_eq!(sent[0].kind, HEADERS);
+    let data: Vec<u8> = sent.iter().filter(|f| f.kind == DATA).flat_map(|f| f.payload.clone()).collect();
+    assert_eq!(data, message[..frame::DEFAULT_WINDOW as usize], "as much as the replica's first window takes");
+    // Sent once, it cannot be sent again: a lost connection now fails the call.
+    r.back_lost(0);
+    let got = calls(r.client_out());
+    let status = got.iter().find(|f| f.kind == HEADERS).expect("a status");
+    assert_eq!(header(&decode(&status.payload), "grpc-status"), Some("14"));
+    assert_eq!(*log.borrow(), vec![(addr(1), Outcome::Lost)]);
 }
 
 #[test]
