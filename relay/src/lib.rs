@@ -432,7 +432,7 @@ impl<P: Picker> Relay<P> {
 
     /// Whether calls wait for a ready replica: the shell then watches for one.
     pub fn is_waiting(&self) -> bool {
-        !self.waiting.is_empty()
+        self.waiting.iter().any(|id| self.streams.get(id).is_some_and(|s| s.waiting.is_some()))
     }
 
     /// When [`Relay::tick`] has work next, if ever.

@@ -332,6 +332,25 @@ fn a_call_waiting_without_a_deadline_fails_unavailable_when_its_wait_ends() {
     }
     assert!(log.borrow().is_empty(), "no replica heard of them");
     assert_eq!(r.open_calls(), 0);
+    assert!(!r.is_waiting(), "nothing left to wait for");
+}
+
+#[test]
+fn a_waiting_call_the_client_resets_waits_no_more() {
+    let (mut r, log) = relay(&[]);
+    r.picker.wait = Some(Duration::from_secs(1));
+    client_calls(&mut r, &[1], b"\0\0\0\0\0");
+    assert!(r.is_waiting());
+    let mut buf = BytesMut::new();
+    put(&mut buf, RST_STREAM, 0, 1, &8u32.to_be_bytes());
+    r.client_read(&mut buf);
+    assert!(!r.is_waiting(), "the shell stops watching the endpoints");
+    r.picker.replicas = vec![addr(1)];
+    r.ready_changed();
+    assert!(r.backs().next().is_none(), "nothing placed");
+    r.tick(Duration::from_secs(2));
+    assert!(calls(r.client_out()).is_empty(), "no status for a call the client reset");
+    assert!(log.borrow().is_empty());
 }
 
 #[test]
