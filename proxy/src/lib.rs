@@ -54,6 +54,9 @@ struct App {
     relay: bool,
     /// Bounds the relay's connects to replicas.
     connect_timeout: std::time::Duration,
+    /// `--keepalive-interval`: the relay pings a replica connection carrying calls
+    /// after this long with nothing heard.
+    keepalive: std::time::Duration,
     /// `--max-message-size`, for the relay (the balancer applies it on the h2 path).
     max_message: u32,
     /// `--replay-buffer`, for the relay: request bytes it keeps per call (at most 64 KiB).
@@ -135,6 +138,7 @@ pub async fn run(args: ServeArgs, listener: TcpListener, shutdown: impl Future<O
         busy,
         relay: args.relay,
         connect_timeout: args.connect_timeout,
+        keepalive: args.keepalive_interval,
         max_message: args.max_message_size,
         replay: args.replay_buffer.min(64 << 10),
     });

@@ -125,6 +125,7 @@ pub(crate) async fn serve(tcp: TcpStream, peer: SocketAddr, app: Arc<App>, mut d
                 max_resets: front::MAX_ERROR_RESETS,
                 max_message: app.max_message,
                 replay: app.replay,
+                keepalive: Some(app.keepalive),
                 ..Limits::default()
             },
             seed(&peer),

@@ -117,6 +117,12 @@ pub struct Limits {
     pub max_transparent_retries: usize,
     /// A request message declared longer than this fails the call (RESOURCE_EXHAUSTED).
     pub max_message: u32,
+    /// A replica connection with calls open and nothing heard for this long is pinged;
+    /// `None`: never.
+    pub keepalive: Option<Duration>,
+    /// A pinged replica that sends nothing for this long has its connection dropped,
+    /// and its calls are lost.
+    pub ping_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -131,6 +137,8 @@ impl Default for Limits {
             replay: 64 << 10,
             max_transparent_retries: 3,
             max_message: 4 << 20,
+            keepalive: None,
+            ping_timeout: Duration::from_millis(750),
         }
     }
 }
@@ -293,6 +301,10 @@ struct Back {
     /// It sent GOAWAY, or its stream ids ran out: it takes no new calls.
     closing: bool,
     connected: bool,
+    /// When it last sent anything, or began carrying calls again.
+    heard: Duration,
+    /// When we pinged it, unanswered since.
+    pinged: Option<Duration>,
 }
 
 impl Back {
@@ -411,12 +423,36 @@ impl<P: Picker> Relay<P> {
         }
         while let Some(&Reverse((due, id))) = self.backoffs.peek() {
             if due > now {
-                return;
+                break;
             }
             self.backoffs.pop();
             let Some(s) = self.streams.get_mut(&id).filter(|s| s.backoff_until == Some(due)) else { continue };
             s.backoff_until = None;
             self.place(id);
+        }
+        self.keep_alive(now);
+    }
+
+    /// Pings each replica connection that carries calls and went quiet; drops one that
+    /// stayed silent past its ping, losing its calls as a lost connection does.
+    fn keep_alive(&mut self, now: Duration) {
+        let Some(interval) = self.limits.keepalive else { return };
+        let timeout = self.limits.ping_timeout;
+        let mut silent = Vec::new();
+        for b in self.backs.iter_mut().filter(|b| b.connected && !b.streams.is_empty()) {
+            match b.pinged {
+                Some(at) if now >= at + timeout => silent.push(b.id),
+                Some(_) => {}
+                None if now >= b.heard + interval => {
+                    frame::put(&mut b.conn.out, frame::PING, 0, 0, &[0; 8]);
+                    b.pinged = Some(now);
+                }
+                None => {}
+            }
+        }
+        for back in silent {
+            let why = format!("went silent: no answer to a ping within {timeout:?}");
+            self.drop_back(back, &why);
         }
     }
 
@@ -438,7 +474,13 @@ impl<P: Picker> Relay<P> {
     /// When [`Relay::tick`] has work next, if ever.
     pub fn next_timer(&self) -> Option<Duration> {
         let next = |heap: &BinaryHeap<Reverse<(Duration, u32)>>| heap.peek().map(|Reverse((due, _))| *due);
-        [next(&self.backoffs), next(&self.deadlines), next(&self.waits)].into_iter().flatten().min()
+        let timers = [next(&self.backoffs), next(&self.deadlines), next(&self.waits)];
+        let pings = self.limits.keepalive.into_iter().flat_map(|interval| {
+            let timeout = self.limits.ping_timeout;
+            let busy = self.backs.iter().filter(|b| b.connected && !b.streams.is_empty());
+            busy.map(move |b| b.pinged.map_or(b.heard + interval, |at| at + timeout))
+        });
+        timers.into_iter().flatten().chain(pings).min()
     }
 
     /// Bytes to write to the client.
@@ -762,6 +804,9 @@ impl<P: Picker> Relay<P> {
         if b.next_id > (1 << 31) - 2 {
             b.closing = true;
         }
+        if b.streams.is_empty() {
+            b.heard = self.now; // quiet while idle is no sign of trouble
+        }
         b.streams.insert(up, id);
         let s = self.streams.get_mut(&id).expect("found above");
         let replay = s.replay.as_ref().expect("found above");
@@ -879,6 +924,8 @@ impl<P: Picker> Relay<P> {
             max_streams: usize::MAX,
             closing: false,
             connected: false,
+            heard: self.now,
+            pinged: None,
         });
         id
     }
@@ -1045,14 +1092,21 @@ impl<P: Picker> Relay<P> {
 
     /// The shell connected a back's socket.
     pub fn back_connected(&mut self, back: u64) {
+        let now = self.now;
         if let Some(b) = self.back_mut(back) {
             b.connected = true;
+            b.heard = now;
         }
     }
 
     /// A back's connection could not be made, or was lost: calls it never received go
     /// elsewhere; those it may have end with UNAVAILABLE.
     pub fn back_lost(&mut self, back: u64) {
+        self.drop_back(back, "was lost");
+    }
+
+    /// Lets a back go; its calls end as [`Relay::back_lost`] says, `why` naming how.
+    fn drop_back(&mut self, back: u64, why: &str) {
         let Some(b) = self.remove_back(back) else { return };
         let mut ids: Vec<u32> = b.streams.values().copied().collect();
         ids.sort_unstable();
@@ -1067,13 +1121,18 @@ impl<P: Picker> Relay<P> {
             } else if s.response == Response::None && self.retry_after(id, Code::Unavailable as u8, Pushback::None) {
                 // Lost before a response: UNAVAILABLE, sent again as the policy says.
             } else {
-                self.end_with(id, 14, &format!("the connection to replica {} was lost", b.addr), Outcome::Lost);
+                self.end_with(id, 14, &format!("the connection to replica {} {why}", b.addr), Outcome::Lost);
             }
         }
     }
 
     /// Handles every whole frame in `buf` from a back, leaving a partial one.
     pub fn back_read(&mut self, back: u64, buf: &mut BytesMut) {
+        let now = self.now;
+        if let Some(b) = self.back_mut(back) {
+            b.heard = now;
+            b.pinged = None;
+        }
         while let Some(head) = Head::parse(buf) {
             if self.back_mut(back).is_none() {
                 buf.clear();

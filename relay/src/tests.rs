@@ -918,3 +918,67 @@ fn deadlines_of_calls_already_over_are_not_kept_without_bound() {
     assert_eq!(r.open_calls(), 0);
     assert!(r.deadlines.len() <= 100, "{} deadlines held for calls long over", r.deadlines.len());
 }
+
+/// A relay pinging its replicas after a second of silence, with one call on replica 1
+/// placed at time zero.
+fn pinging() -> (Relay<Turns>, Log) {
+    let (r, log) = relay(&[1]);
+    let limits = Limits { keepalive: Some(Duration::from_secs(1)), ..Limits::default() };
+    let mut r = Relay::new(r.picker, limits, 7);
+    client_calls(&mut r, &[1], b"\0\0\0\0\0");
+    r.back_connected(0);
+    assert_eq!(back_frames(&mut r, 0).len(), 2, "the call went out");
+    (r, log)
+}
+
+fn pings(r: &mut Relay<Turns>) -> usize {
+    back_frames(r, 0).iter().filter(|f| f.kind == frame::PING && f.flags & frame::ACK == 0).count()
+}
+
+#[test]
+fn a_replica_silent_past_a_ping_loses_its_calls_as_a_lost_connection() {
+    let (mut r, log) = pinging();
+    r.tick(Duration::from_millis(999));
+    assert_eq!(pings(&mut r), 0);
+    assert_eq!(r.next_timer(), Some(Duration::from_secs(1)));
+    r.tick(Duration::from_secs(1));
+    assert_eq!(pings(&mut r), 1, "a second with nothing heard");
+    r.tick(Duration::from_millis(1749));
+    assert!(calls(r.client_out()).is_empty());
+    assert_eq!(r.next_timer(), Some(Duration::from_millis(1750)));
+    r.tick(Duration::from_millis(1750));
+    let got = calls(r.client_out());
+    let status = decode(&got.iter().find(|f| f.kind == HEADERS).expect("a status").payload);
+    assert_eq!(header(&status, "grpc-status"), Some("14"));
+    assert_eq!(
+        header(&status, "grpc-message"),
+        Some("the connection to replica 127.0.0.1:50051 went silent: no answer to a ping within 750ms")
+    );
+    assert_eq!(*log.borrow(), vec![(addr(1), Outcome::Lost)]);
+    assert!(r.backs().next().is_none(), "its connection is let go");
+}
+
+#[test]
+fn a_replica_that_answers_its_ping_keeps_its_calls() {
+    let (mut r, log) = pinging();
+    r.tick(Duration::from_secs(1));
+    assert_eq!(pings(&mut r), 1);
+    r.tick(Duration::from_millis(1200));
+    let mut buf = BytesMut::new();
+    put(&mut buf, frame::PING, frame::ACK, 0, &[0; 8]);
+    r.back_read(0, &mut buf);
+    r.tick(Duration::from_millis(1750));
+    assert!(calls(r.client_out()).is_empty(), "the call goes on");
+    assert_eq!(r.next_timer(), Some(Duration::from_millis(2200)), "the next ping, a second after the answer");
+    answer(&mut r, 0, 1, b"\0\0\0\0\0", "0");
+    assert_eq!(*log.borrow(), vec![(addr(1), Outcome::Status(0))]);
+}
+
+#[test]
+fn a_replica_connection_with_no_call_open_is_not_pinged() {
+    let (mut r, _) = pinging();
+    answer(&mut r, 0, 1, b"\0\0\0\0\0", "0");
+    assert_eq!(r.next_timer(), None);
+    r.tick(Duration::from_secs(10));
+    assert_eq!(pings(&mut r), 0);
+}
