@@ -158,6 +158,21 @@ fn client_calls(r: &mut Relay<Turns>, streams: &[u32], body: &[u8]) {
 }
 
 /// The back at `slot`'s output, as frames.
+/// A client's first call, on stream 1 to `path`: one message of 96 KiB (its 5-byte
+/// prefix included) in six DATA frames, the stream left open. Returns the message.
+fn send_96_kib(r: &mut Relay<Turns>, path: &str) -> Vec<u8> {
+    let mut buf = BytesMut::from(frame::PREFACE);
+    frame::put_settings(&mut buf, &[]);
+    put(&mut buf, HEADERS, END_HEADERS, 1, &request(path));
+    let mut message = vec![7; 6 * 16_384];
+    message[..5].copy_from_slice(&[0, 0, 1, 0x7f, 0xfb]);
+    for chunk in message.chunks(16_384) {
+        put(&mut buf, DATA, 0, 1, chunk);
+    }
+    r.client_read(&mut buf);
+    message
+}
+
 fn back_frames(r: &mut Relay<Turns>, slot: u64) -> Vec<F> {
     calls(r.back_out(slot).expect("a live back"))
 }
@@ -371,16 +386,8 @@ fn a_waiting_call_with_a_deadline_waits_until_it() {
 fn a_waiting_call_whose_request_outgrows_the_replay_buffer_still_goes_out_once() {
     let (mut r, log) = relay(&[]);
     r.picker.wait = Some(Duration::from_secs(1));
-    let mut buf = BytesMut::from(frame::PREFACE);
-    frame::put_settings(&mut buf, &[]);
-    put(&mut buf, HEADERS, END_HEADERS, 1, &request("/echo.Echo/Upload"));
-    // One message of 96 KiB, past the 64 KiB kept for replays, its 5-byte prefix included.
-    let mut message = vec![7; 6 * 16_384];
-    message[..5].copy_from_slice(&[0, 0, 1, 0x7f, 0xfb]);
-    for chunk in message.chunks(16_384) {
-        put(&mut buf, DATA, 0, 1, chunk);
-    }
-    r.client_read(&mut buf);
+    // Past the 64 KiB kept for replays.
+    let message = send_96_kib(&mut r, "/echo.Echo/Upload");
     assert!(calls(r.client_out()).is_empty(), "still waiting");
     r.picker.replicas = vec![addr(1)];
     r.ready_changed();
@@ -400,16 +407,7 @@ fn a_waiting_call_whose_request_outgrows_the_replay_buffer_still_goes_out_once()
 #[test]
 fn request_bytes_wait_for_the_replica_window_and_are_credited_only_once_sent() {
     let (mut r, _) = relay(&[1]);
-    let mut buf = BytesMut::from(frame::PREFACE);
-    frame::put_settings(&mut buf, &[]);
-    put(&mut buf, HEADERS, END_HEADERS, 1, &request("/echo.Echo/Stream"));
-    // One message of 96 KiB, its 5-byte prefix included.
-    let mut message = vec![7; 6 * 16_384];
-    message[..5].copy_from_slice(&[0, 0, 1, 0x7f, 0xfb]);
-    for chunk in message.chunks(16_384) {
-        put(&mut buf, DATA, 0, 1, chunk);
-    }
-    r.client_read(&mut buf);
+    send_96_kib(&mut r, "/echo.Echo/Stream");
     calls(r.client_out());
     let sent: usize = back_frames(&mut r, 0).iter().filter(|f| f.kind == DATA).map(|f| f.payload.len()).sum();
     assert_eq!(sent, 65_535, "the replica's default window");
