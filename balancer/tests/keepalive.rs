@@ -7,23 +7,9 @@ use std::time::Duration;
 
 use balancer::{Balancer, Settings};
 use testkit::{Dns, Replica, Subnet};
-use tokio::{net::TcpListener, time::Instant};
+use tokio::time::Instant;
 
 type Channel = Balancer<tonic::body::Body>;
-
-/// Accepts connections on `addr`, answers the HTTP/2 handshake and then never reads or
-/// writes again, holding the sockets open.
-async fn silent_replica(addr: std::net::SocketAddr) {
-    let listener = TcpListener::bind(addr).await.unwrap();
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((tcp, _)) = listener.accept().await {
-            if let Ok(conn) = h2::server::handshake(tcp).await {
-                held.push(conn); // kept, never polled: pings go unanswered
-            }
-        }
-    });
-}
 
 async fn wait_ready(channel: &Channel, n: usize, within: Duration) -> Duration {
     let started = Instant::now();
@@ -41,7 +27,7 @@ async fn a_silent_replica_leaves_rotation_after_one_unanswered_ping() {
     let net = Subnet::random();
     let dns = Dns::start(net.ip(250)).await;
     let _s1 = Replica::start(net.addr(1), "s1", "node-a");
-    silent_replica(net.addr(2)).await;
+    testkit::replica::silent(net.addr(2)).await;
     dns.set("svc.test", &[net.ip(1), net.ip(2)]);
     let mut settings = Settings::new("svc.test:50051".parse().unwrap());
     settings.dns_server = Some(dns.addr());

@@ -214,3 +214,28 @@ mod waiting {
         }
     }
 }
+
+/// A replica that hangs mid-call (its process stopped, its node gone without a FIN).
+mod hung {
+    use super::*;
+
+    on_h2_and_relay! {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_call_on_a_hung_replica_ends_unavailable_after_a_missed_ping_not_at_its_deadline() {
+            let mut c = Cluster::start(PATH, &[], &["--keepalive-interval", "500ms"]).await;
+            c.add_silent("hung", "node-a").await;
+            c.wait_serving().await;
+            let mut client = c.client().await;
+            let started = Instant::now();
+            let mut call = tonic::Request::new(hello());
+            call.set_timeout(Duration::from_secs(10));
+            let err = client.say_hello(call).await.expect_err("a hung replica answers nothing");
+            let took = started.elapsed();
+            assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+            let hung = c.addr_of("hung").to_string();
+            assert!(err.message().contains(&hung), "names the replica: {}", err.message());
+            // Silent for an interval, then 750 ms past the ping: about 1.25 s.
+            assert!(took < Duration::from_secs(5), "took {took:?}, as if waiting for the deadline");
+        }
+    }
+}

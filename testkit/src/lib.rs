@@ -4,7 +4,8 @@
 //! # Layout
 //! - [`dns`]: [`Dns`], a UDP DNS server answering A/AAAA from a mutable table.
 //! - [`echo`]: `echo.Echo`, client and bidi streaming for the proxy's tests.
-//! - [`replica`]: [`Replica`], a greeter server on its own runtime and thread.
+//! - [`replica`]: [`Replica`], a greeter server on its own runtime and thread, and
+//!   [`replica::silent`], one that hangs after its handshake.
 //! - [`Subnet`]: a random 127.a.b.0/24 for one test, so tests run in parallel.
 
 pub mod dns;

@@ -148,3 +148,19 @@ impl Drop for Replica {
         self.join();
     }
 }
+
+/// A replica that hangs: it accepts connections on `addr`, answers the HTTP/2
+/// handshake, then never reads or writes again, holding the sockets open (a hung
+/// process, or its node gone without a FIN). Pings and calls go unanswered. Runs on
+/// the caller's runtime until the test ends.
+pub async fn silent(addr: SocketAddr) {
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            if let Ok(conn) = h2::server::handshake(tcp).await {
+                held.push(conn); // kept, never polled
+            }
+        }
+    });
+}

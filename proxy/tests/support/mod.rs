@@ -147,6 +147,16 @@ impl Cluster {
         self.publish();
     }
 
+    /// Adds a replica that hangs after its HTTP/2 handshake ([`testkit::replica::silent`]),
+    /// and publishes it in DNS. It cannot be killed or restarted.
+    pub async fn add_silent(&mut self, name: &str, node: &str) {
+        let host = self.members.len() as u8 + 1;
+        testkit::replica::silent(self.net.addr(host)).await;
+        let m = Member { host, node: node.to_owned(), in_dns: true, faults: Faults::default(), replica: None };
+        self.members.insert(name.to_owned(), m);
+        self.publish();
+    }
+
     /// Writes every replica that is in DNS under TARGET, and node-a's under LOCAL.
     pub fn publish(&self) {
         let ips = |node: Option<&str>| -> Vec<_> {
