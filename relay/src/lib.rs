@@ -1286,12 +1286,9 @@ impl<P: Picker> Relay<P> {
     }
 
     fn back_headers(&mut self, back: u64, client_id: Option<u32>, block: Partial) -> Result<(), Reason> {
+        self.fresh_scratch();
         let b = self.backs.iter_mut().find(|b| b.id == back).expect("checked by the caller");
         let end_stream = block.flags & frame::END_STREAM != 0;
-        if self.scratch.capacity() > SCRATCH_KEPT {
-            self.scratch = Vec::with_capacity(1024);
-        }
-        self.scratch.clear();
         let mut seen = Seen::default();
         b.conn
             .decoder
