@@ -198,8 +198,11 @@ impl Conn {
             progress |= self.poll_reads(cx)?;
             progress |= self.poll_endpoints(cx);
             if let Some(due) = self.relay.next_timer() {
+                // Moved only earlier, or once it fired: a later due (a replica heard from
+                // again pushes its keepalive on) waits for the earlier wake-up, so the
+                // timer is not re-registered on every read.
                 let at = self.epoch + due;
-                if self.timer.deadline() != at {
+                if at < self.timer.deadline() || self.timer.is_elapsed() {
                     self.timer.as_mut().reset(at);
                 }
                 progress |= self.timer.as_mut().poll(cx).is_ready();
