@@ -11,7 +11,7 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, Version};
 use lb_core::{
     Code,
     call::{self, Action, AttemptId, Call, Ended, Finish, Policy, Reason, Setup},
-    retry::{ServiceConfig, Throttle},
+    retry::{MethodConfig, ServiceConfig, Throttle},
     rng::SplitMix64,
 };
 use smallvec::SmallVec;
@@ -160,7 +160,7 @@ where
         Some((None, Some(hedging))) => Policy::Hedging(hedging.clone()),
         _ => Policy::None,
     };
-    let wait_for_ready = method.and_then(|m| m.wait_for_ready) != Some(false);
+    let wait_for_ready = MethodConfig::waits_for_ready(method);
     let setup = Setup { deadline, wait_for_ready, connect_timeout: shared.pool.connector.connect_timeout, policy };
     let body = ReplayBody::new(body, shared.replay_limit, shared.max_message, shared.budget.clone());
     let mut driver = Driver {

@@ -289,8 +289,8 @@ where
     /// none is: the connect timeout, or `None` when its method says `waitForReady:
     /// false` (as [`Balancer::send`] waits).
     pub fn ready_wait(&self, path: &str) -> Option<Duration> {
-        let fail_fast = self.shared.config.lookup(path).and_then(|m| m.wait_for_ready) == Some(false);
-        (!fail_fast).then_some(self.shared.pool.connector.connect_timeout)
+        let method = self.shared.config.lookup(path);
+        lb_core::retry::MethodConfig::waits_for_ready(method).then_some(self.shared.pool.connector.connect_timeout)
     }
 
     /// Marked changed whenever the endpoints do (added, removed, ready or not, ejected):

@@ -33,6 +33,15 @@ pub struct MethodConfig {
     pub hedging: Option<HedgingPolicy>,
 }
 
+impl MethodConfig {
+    /// Whether a call under `method` (its [`ServiceConfig::lookup`]) waits for a ready
+    /// endpoint when none is: unless it says `waitForReady: false`, as the proxy hides
+    /// a replica's absence.
+    pub fn waits_for_ready(method: Option<&MethodConfig>) -> bool {
+        method.and_then(|m| m.wait_for_ready) != Some(false)
+    }
+}
+
 /// Where in the JSON a rule was broken, and which.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{path}: {rule}")]
