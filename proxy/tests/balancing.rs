@@ -161,18 +161,24 @@ over_h2_and_h3! {
 mod waiting {
     use super::*;
 
+    /// A cluster whose replicas all served, then all died, with the proxy told so: until
+    /// the proxy notices, a call may go out on a dying connection and fail naming that
+    /// replica (it may have run); once it has, nothing is tried.
+    async fn all_down(path: impl Into<support::Path>, connect_timeout: &str) -> Cluster {
+        let mut c = Cluster::start(path, LAYOUT, &["--connect-timeout", connect_timeout]).await;
+        c.wait_for(&["s1", "s2"]).await;
+        for name in ["s1", "s2", "s3"] {
+            c.kill(name);
+        }
+        c.wait_not_serving().await;
+        c
+    }
+
     over_h2_and_h3! {
         relay;
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn when_every_replica_is_down_calls_fail_within_the_connect_timeout() {
-            let mut c = Cluster::start(PROTOCOL, LAYOUT, &["--connect-timeout", "1s"]).await;
-            c.wait_for(&["s1", "s2"]).await;
-            for name in ["s1", "s2", "s3"] {
-                c.kill(name);
-            }
-            // Until the proxy notices, a call may go out on a dying connection and fail naming
-            // that replica (it may have run); once it has, nothing is tried.
-            c.wait_not_serving().await;
+            let c = all_down(PROTOCOL, "1s").await;
             let mut client = c.client().await;
             let started = Instant::now();
             let err = client.say_hello(hello()).await.unwrap_err();
@@ -197,12 +203,7 @@ mod waiting {
 
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn a_call_made_while_every_replica_is_down_is_answered_once_one_is_back() {
-            let mut c = Cluster::start(PROTOCOL, LAYOUT, &["--connect-timeout", "10s"]).await;
-            c.wait_for(&["s1", "s2"]).await;
-            for name in ["s1", "s2", "s3"] {
-                c.kill(name);
-            }
-            c.wait_not_serving().await;
+            let mut c = all_down(PROTOCOL, "10s").await;
             let mut client = c.client().await;
             let call = tokio::spawn(async move { client.say_hello(hello()).await });
             // It waits rather than failing at once.
