@@ -115,7 +115,6 @@ async fn bench(a: Args) -> anyhow::Result<()> {
     let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
     let server_args = ["--listen", SERVER, "--name", "bench", "--tls-cert", &path(&cert), "--tls-key", &path(&key)];
     let server = Child::spawn(&a.bin_dir.join("server"), 0, &server_args).await?;
-    let far = Child::spawn(&a.bin_dir.join("server"), 1, &["--listen", FAR, "--name", "far"]).await?;
     let proxy_args = |listen: &'static str, protocol: &'static str| {
         let mut v: Vec<String> = ["--listen", listen, "--target", SERVER, "--threads", "1"].map(String::from).to_vec();
         v.extend(["--admin-listen".into(), "off".into()]);
@@ -145,6 +144,7 @@ async fn bench(a: Args) -> anyhow::Result<()> {
         let proxies = [("proxy (h2 path)", &proxy_h2, PROXY_H2), ("proxy --relay", &relay, RELAY)];
         return streams::run(&proxies, &server, n).await;
     }
+    let far = Child::spawn(&a.bin_dir.join("server"), 1, &["--listen", FAR, "--name", "far"]).await?;
     let proxy_h3 = Child::spawn(&a.bin_dir.join("proxy"), 1, &as_str(&h3_args)).await?;
     let proxy_quiet = Child::spawn(&a.bin_dir.join("proxy"), 1, &as_str(&quiet_args)).await?;
     let proxy_busy = Child::spawn(&a.bin_dir.join("proxy"), 1, &as_str(&busy_args)).await?;
