@@ -58,6 +58,11 @@ pub struct ServeArgs {
     /// pings that replica half as often, up to 5 min, and only during calls.
     #[arg(long, env = "PROXY_KEEPALIVE_INTERVAL", default_value = "1s", value_parser = duration::parse)]
     pub keepalive_interval: Duration,
+    /// A ping to each client after this long (the h2 path: every this long), so one
+    /// that vanished without a FIN is let go, its calls cancelled, when it answers
+    /// nothing for twice this long after the ping.
+    #[arg(long, env = "PROXY_CLIENT_KEEPALIVE", default_value = "10s", value_parser = duration::parse)]
+    pub client_keepalive: Duration,
     /// Request bytes kept per call so a call a replica never processed can be replayed
     /// on another; larger requests are sent once.
     #[arg(long, env = "PROXY_REPLAY_BUFFER", default_value_t = 1 << 20)]
@@ -104,8 +109,9 @@ pub struct ServeArgs {
     /// ids rewritten, at a fraction of the CPU. It places every call local-first
     /// round-robin, sends calls a replica did not process elsewhere, applies the
     /// service config's retryPolicy and timeouts, and keeps outlier detection and
-    /// metrics; it does not apply hedgingPolicy (a service config with one is refused),
-    /// does not wait for a replica when none is ready, and needs --upstream-protocol h2.
+    /// metrics, waits for a ready replica and keeps both sides' connections alive with
+    /// pings; it does not apply hedgingPolicy (a service config with one is refused),
+    /// and needs --upstream-protocol h2.
     /// HTTP/3 clients use the HTTP/2 stack as before.
     #[arg(long, env = "PROXY_RELAY", default_value = "off", value_parser = on_off, action = clap::ArgAction::Set,
           num_args = 0..=1, default_missing_value = "on")]
@@ -183,6 +189,9 @@ impl ServeArgs {
         };
         if self.keepalive_interval < Duration::from_millis(10) {
             anyhow::bail!("--keepalive-interval must be at least 10ms, got {:?}", self.keepalive_interval);
+        }
+        if self.client_keepalive < Duration::from_millis(10) {
+            anyhow::bail!("--client-keepalive must be at least 10ms, got {:?}", self.client_keepalive);
         }
         let kubernetes = match self.discovery.as_str() {
             "kubernetes" => {
@@ -272,6 +281,7 @@ mod tests {
         assert_eq!(a.resolve_interval, Duration::from_secs(1));
         assert_eq!(a.connect_timeout, Duration::from_secs(5));
         assert_eq!(a.keepalive_interval, Duration::from_secs(1));
+        assert_eq!(a.client_keepalive, Duration::from_secs(10));
     }
 
     #[test]
@@ -280,6 +290,8 @@ mod tests {
         assert_eq!(a.settings().unwrap_err().to_string(), "--keepalive-interval must be at least 10ms, got 0ns");
         let a = parse(&["--keepalive-interval", "30s"]).unwrap().serve;
         assert_eq!(a.settings().unwrap().keepalive, Duration::from_secs(30));
+        let a = parse(&["--client-keepalive", "5ms"]).unwrap().serve;
+        assert_eq!(a.settings().unwrap_err().to_string(), "--client-keepalive must be at least 10ms, got 5ms");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! client's flow control allows. A client's reset cancels its call; a drain sends
 //! GOAWAY and lets open streams finish. The limits are h2's, set here.
 
-use std::{future::poll_fn, net::SocketAddr, sync::Arc, task::Poll, time::Duration};
+use std::{future::poll_fn, net::SocketAddr, sync::Arc, task::Poll};
 
 use balancer::h2::{RecvBody, send_body};
 use bytes::Bytes;
@@ -30,11 +30,6 @@ pub(crate) const MAX_ERROR_RESETS: usize = 1024;
 // them are dropped quietly; h2's default of 10 forgot them under load, and each late
 // frame then cost a reset counted against `MAX_ERROR_RESETS`.
 
-/// A ping to each client this often, so a vanished one is let go...
-const PING_EVERY: Duration = Duration::from_secs(10);
-/// ...when it has not answered in this long.
-const PING_TIMEOUT: Duration = Duration::from_secs(20);
-
 /// Serves one client connection until it closes, or until `drain` turns true and its
 /// open streams are done.
 pub(crate) async fn serve(tcp: TcpStream, peer: SocketAddr, app: Arc<App>, mut drain: watch::Receiver<bool>) {
@@ -55,7 +50,10 @@ pub(crate) async fn serve(tcp: TcpStream, peer: SocketAddr, app: Arc<App>, mut d
         _ = drain.wait_for(|d| *d) => return,
     };
     let mut pings = conn.ping_pong().expect("taken once, here");
-    let mut tick = tokio::time::interval(PING_EVERY);
+    // A ping to the client every `--client-keepalive`, so a vanished one is let go when
+    // it has not answered in twice that.
+    let every = app.client_keepalive;
+    let mut tick = tokio::time::interval(every);
     tick.reset();
     let mut unanswered: Option<Instant> = None;
     // Made once, not per accepted stream: each would take the watch's lock.
@@ -76,8 +74,8 @@ pub(crate) async fn serve(tcp: TcpStream, peer: SocketAddr, app: Arc<App>, mut d
                 conn.graceful_shutdown();
             }
             _ = tick.tick() => match unanswered {
-                Some(since) if since.elapsed() >= PING_TIMEOUT => {
-                    return debug!(%peer, "Client answered no ping in 20 s; closing");
+                Some(since) if since.elapsed() >= 2 * every => {
+                    return debug!(%peer, "Client answered no ping in {:?}; closing", 2 * every);
                 }
                 Some(_) => {}
                 None => {

@@ -57,6 +57,9 @@ struct App {
     /// `--keepalive-interval`: the relay pings a replica connection carrying calls
     /// after this long with nothing heard.
     keepalive: std::time::Duration,
+    /// `--client-keepalive`: each client is pinged after this long, and let go when it
+    /// answers nothing for twice as long.
+    client_keepalive: std::time::Duration,
     /// `--max-message-size`, for the relay (the balancer applies it on the h2 path).
     max_message: u32,
     /// `--replay-buffer`, for the relay: request bytes it keeps per call (at most 64 KiB).
@@ -139,6 +142,7 @@ pub async fn run(args: ServeArgs, listener: TcpListener, shutdown: impl Future<O
         relay: args.relay,
         connect_timeout: args.connect_timeout,
         keepalive: args.keepalive_interval,
+        client_keepalive: args.client_keepalive,
         max_message: args.max_message_size,
         replay: args.replay_buffer.min(64 << 10),
     });

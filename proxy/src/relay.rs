@@ -126,6 +126,8 @@ pub(crate) async fn serve(tcp: TcpStream, peer: SocketAddr, app: Arc<App>, mut d
                 max_message: app.max_message,
                 replay: app.replay,
                 keepalive: Some(app.keepalive),
+                client_keepalive: Some(app.client_keepalive),
+                client_ping_timeout: 2 * app.client_keepalive,
                 ..Limits::default()
             },
             seed(&peer),
@@ -192,7 +194,9 @@ impl Conn {
             let mut progress = self.reconcile();
             progress |= self.poll_connects(cx);
             let flushed = self.poll_writes(cx)?;
-            if self.relay.is_done() && flushed {
+            // A client that answers no ping is let go with what is queued for it: a
+            // vanished one would never read it.
+            if self.relay.is_done() && (flushed || self.relay.client_silent()) {
                 return Poll::Ready(Ok(()));
             }
             progress |= self.poll_reads(cx)?;

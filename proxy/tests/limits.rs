@@ -1,7 +1,8 @@
 //! The proxy's HTTP/2 front under hostile clients, in raw frames: the stream limit it
 //! advertises is enforced, an oversized header list is refused without harming the
 //! connection, and CONTINUATION and rapid-reset floods end the connection with bounded
-//! work. After each, the proxy serves a normal call. Each runs against the h2 front
+//! work, and a client that stops answering is let go. After each, the proxy serves a
+//! normal call. Each runs against the h2 front
 //! (`mod h2`) and the frame relay (`mod relay`).
 
 mod support;
@@ -12,12 +13,14 @@ use support::{Cluster, Path};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
+    time::Instant,
 };
 
 const DATA: u8 = 0x0;
 const HEADERS: u8 = 0x1;
 const RST_STREAM: u8 = 0x3;
 const SETTINGS: u8 = 0x4;
+const PING: u8 = 0x6;
 const GOAWAY: u8 = 0x7;
 const CONTINUATION: u8 = 0x9;
 const END_STREAM: u8 = 0x1;
@@ -148,6 +151,14 @@ async fn still_serves(c: &Cluster) {
     assert_eq!(counts.values().sum::<usize>(), 5);
 }
 
+/// Waits until `done`, for 5 s at most.
+async fn within_5s(done: impl Fn() -> bool) {
+    let until = Instant::now() + Duration::from_secs(5);
+    while !done() && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 async fn cluster(path: Path) -> Cluster {
     let c = Cluster::start(path, &[("s1", "node-a")], &[]).await;
     c.wait_for(&["s1"]).await;
@@ -238,6 +249,34 @@ on_h2_and_relay! {
         let _ = raw.tcp.write_all(&burst).await; // the proxy may close before reading all
         let goaway = raw.until(|f| f.0 == GOAWAY).await.expect("a GOAWAY");
         assert_eq!(error_code(&goaway.3, 4), ENHANCE_YOUR_CALM, "{goaway:?}");
+        still_serves(&c).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_that_stops_answering_is_let_go_and_its_call_cancelled() {
+        let c = Cluster::start(PATH, &[("s1", "node-a")], &["--client-keepalive", "200ms"]).await;
+        c.wait_for(&["s1"]).await;
+        let mut raw = Raw::open(c.proxy).await;
+        raw.until(|f| f.0 == SETTINGS && f.1 & 1 == 0).await.expect("the proxy's SETTINGS");
+        let collect = block(&[
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", "/echo.Echo/Collect"),
+            (":authority", "proxy"),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+        ]);
+        raw.tcp.write_all(&frame(HEADERS, END_HEADERS, 1, &collect)).await.unwrap();
+        // From here on the client reads but never writes: it answers no ping.
+        let echo = c.replica("s1").echo.clone();
+        within_5s(|| echo.calls() >= 1).await;
+        assert_eq!(echo.calls(), 1, "the call reached the replica");
+        raw.until(|f| f.0 == PING && f.1 & 1 == 0).await.expect("a ping");
+        let pinged = Instant::now();
+        assert!(raw.until(|_| false).await.is_none(), "the proxy closes the connection");
+        println!("let go {:?} after its ping", pinged.elapsed());
+        within_5s(|| echo.cancelled() >= 1).await;
+        assert_eq!(echo.cancelled(), 1, "its call was cancelled at the replica");
         still_serves(&c).await;
     }
 }

@@ -123,6 +123,12 @@ pub struct Limits {
     /// A pinged replica that sends nothing for this long has its connection dropped,
     /// and its calls are lost.
     pub ping_timeout: Duration,
+    /// The client is pinged after this long with nothing heard from it, connection idle
+    /// or not; `None`: never.
+    pub client_keepalive: Option<Duration>,
+    /// A pinged client that sends nothing for this long is let go: its calls are
+    /// cancelled and the shell closes its socket without flushing.
+    pub client_ping_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -139,6 +145,8 @@ impl Default for Limits {
             max_message: 4 << 20,
             keepalive: None,
             ping_timeout: Duration::from_millis(750),
+            client_keepalive: None,
+            client_ping_timeout: Duration::from_secs(20),
         }
     }
 }
@@ -358,6 +366,12 @@ pub struct Relay<P: Picker> {
     waits: BinaryHeap<Reverse<(Duration, u32)>>,
     /// Jitter for retry backoffs.
     rng: SplitMix64,
+    /// When the client last sent anything.
+    client_heard: Duration,
+    /// When we pinged the client, unanswered since.
+    client_pinged: Option<Duration>,
+    /// The client answered no ping in time: it is let go.
+    client_silent: bool,
 }
 
 /// A replica's response headers or trailers larger than this (RFC 7541 sizes) end its
@@ -393,6 +407,9 @@ impl<P: Picker> Relay<P> {
             waiting: Vec::new(),
             waits: BinaryHeap::new(),
             rng: SplitMix64::seeded(seed),
+            client_heard: Duration::ZERO,
+            client_pinged: None,
+            client_silent: false,
         }
     }
 
@@ -431,6 +448,28 @@ impl<P: Picker> Relay<P> {
             self.place(id);
         }
         self.keep_alive(now);
+        self.keep_client_alive(now);
+    }
+
+    /// Pings the client once nothing was heard from it for a while; lets it go, its
+    /// calls cancelled, if it stays silent past the ping.
+    fn keep_client_alive(&mut self, now: Duration) {
+        let Some(interval) = self.limits.client_keepalive else { return };
+        if self.is_done() {
+            return;
+        }
+        match self.client_pinged {
+            Some(at) if now >= at + self.limits.client_ping_timeout => {
+                self.client_silent = true;
+                self.client_closed();
+            }
+            Some(_) => {}
+            None if now >= self.client_heard + interval => {
+                frame::put(&mut self.client.out, frame::PING, 0, 0, &[0; 8]);
+                self.client_pinged = Some(now);
+            }
+            None => {}
+        }
     }
 
     /// Pings each replica connection that carries calls and went quiet; drops one that
@@ -480,7 +519,13 @@ impl<P: Picker> Relay<P> {
             let busy = self.backs.iter().filter(|b| b.connected && !b.streams.is_empty());
             busy.map(move |b| b.pinged.map_or(b.heard + interval, |at| at + timeout))
         });
-        timers.into_iter().flatten().chain(pings).min()
+        let client = match self.limits.client_keepalive {
+            Some(interval) if !self.is_done() => {
+                Some(self.client_pinged.map_or(self.client_heard + interval, |at| at + self.limits.client_ping_timeout))
+            }
+            _ => None,
+        };
+        timers.into_iter().flatten().chain(pings).chain(client).min()
     }
 
     /// Bytes to write to the client.
@@ -512,6 +557,12 @@ impl<P: Picker> Relay<P> {
         Some(self.backs.remove(i))
     }
 
+    /// The client answered no ping: the shell closes its socket without flushing what
+    /// is queued for it (a vanished peer never reads it).
+    pub fn client_silent(&self) -> bool {
+        self.client_silent
+    }
+
     /// Calls open now.
     pub fn open_calls(&self) -> usize {
         self.streams.len()
@@ -519,7 +570,8 @@ impl<P: Picker> Relay<P> {
 
     /// The connection is over: an error was sent, or no call is open and none can come.
     pub fn is_done(&self) -> bool {
-        matches!(self.goaway, Some(r) if r != Reason::NoError)
+        self.client_silent
+            || matches!(self.goaway, Some(r) if r != Reason::NoError)
             || ((self.client_done || self.goaway.is_some()) && self.streams.is_empty())
     }
 
@@ -549,6 +601,8 @@ impl<P: Picker> Relay<P> {
 
     /// Handles every whole frame in `buf` from the client, leaving a partial one.
     pub fn client_read(&mut self, buf: &mut BytesMut) {
+        self.client_heard = self.now;
+        self.client_pinged = None;
         if !self.started {
             if buf.len() < frame::PREFACE.len() {
                 if !frame::PREFACE.starts_with(buf) {

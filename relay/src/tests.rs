@@ -980,3 +980,67 @@ fn a_replica_connection_with_no_call_open_is_not_pinged() {
     r.tick(Duration::from_secs(10));
     assert_eq!(pings(&mut r), 0);
 }
+
+/// A relay that pings its client after 10 s with nothing heard from it, and lets it go
+/// 20 s past an unanswered ping.
+fn pinging_client() -> (Relay<Turns>, Log) {
+    let (r, log) = relay(&[1]);
+    let limits = Limits {
+        client_keepalive: Some(Duration::from_secs(10)),
+        client_ping_timeout: Duration::from_secs(20),
+        ..Limits::default()
+    };
+    (Relay::new(r.picker, limits, 7), log)
+}
+
+fn client_pings(r: &mut Relay<Turns>) -> usize {
+    frames(r.client_out()).iter().filter(|f| f.kind == frame::PING && f.flags & frame::ACK == 0).count()
+}
+
+#[test]
+fn a_client_silent_past_a_ping_is_let_go_and_its_calls_cancelled() {
+    let (mut r, log) = pinging_client();
+    assert_eq!(r.next_timer(), Some(Duration::from_secs(10)), "an idle connection is pinged too");
+    let mut buf = BytesMut::from(frame::PREFACE);
+    frame::put_settings(&mut buf, &[]);
+    put(&mut buf, HEADERS, END_HEADERS, 1, &request("/hello.HelloService/SayHello"));
+    r.tick(Duration::from_secs(1));
+    r.client_read(&mut buf);
+    r.back_connected(0);
+    assert_eq!(back_frames(&mut r, 0).len(), 1, "the call went out");
+    r.tick(Duration::from_millis(10_999));
+    assert_eq!(client_pings(&mut r), 0);
+    r.tick(Duration::from_secs(11));
+    assert_eq!(client_pings(&mut r), 1, "ten seconds with nothing heard");
+    r.tick(Duration::from_millis(30_999));
+    assert!(!r.client_silent() && !r.is_done());
+    assert_eq!(r.next_timer(), Some(Duration::from_secs(31)));
+    r.tick(Duration::from_secs(31));
+    assert!(r.client_silent(), "twenty seconds past the ping");
+    assert!(r.is_done());
+    let reset = back_frames(&mut r, 0);
+    assert_eq!((reset[0].kind, reset[0].stream, &reset[0].payload[..]), (RST_STREAM, 1, &[0, 0, 0, 8][..]));
+    assert_eq!(*log.borrow(), vec![(addr(1), Outcome::Cancelled)]);
+    assert_eq!(r.next_timer(), None, "nothing more to wait for");
+}
+
+#[test]
+fn a_client_heard_from_after_its_ping_is_kept() {
+    let (mut r, _) = pinging_client();
+    let mut buf = BytesMut::from(frame::PREFACE);
+    frame::put_settings(&mut buf, &[]);
+    r.client_read(&mut buf);
+    r.tick(Duration::from_secs(10));
+    assert_eq!(client_pings(&mut r), 1);
+    r.tick(Duration::from_secs(15));
+    put(&mut buf, frame::PING, frame::ACK, 0, &[0; 8]);
+    r.client_read(&mut buf);
+    r.tick(Duration::from_secs(30));
+    assert!(!r.client_silent() && !r.is_done());
+    assert_eq!(client_pings(&mut r), 1, "the next ping, ten seconds after the answer");
+    r.tick(Duration::from_secs(40));
+    put(&mut buf, WINDOW_UPDATE, 0, 0, &[0, 0, 1, 0]);
+    r.client_read(&mut buf);
+    r.tick(Duration::from_secs(60));
+    assert!(!r.client_silent(), "any frame is an answer");
+}
