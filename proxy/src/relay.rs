@@ -217,11 +217,11 @@ impl Conn {
         }
     }
 
-    /// While calls wait for a ready replica, places them again once the endpoints
-    /// change. The change is looked for from the last time they were placed, so one
-    /// that came while the relay was finding none is not missed.
+    /// While calls wait for a ready replica or watch health, tells the relay once the
+    /// endpoints change. The change is looked for from the last time it was told, so
+    /// one that came while the relay was finding none is not missed.
     fn poll_endpoints(&mut self, cx: &mut Context<'_>) -> bool {
-        if !self.relay.is_waiting() {
+        if !self.relay.follows_readiness() {
             self.endpoints_change = None;
             return false;
         }

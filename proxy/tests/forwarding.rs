@@ -206,6 +206,24 @@ over_h2_and_h3! {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_proxys_health_watch_follows_its_replicas() {
+        use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+        let mut c = Cluster::start(PROTOCOL, &[("s1", "node-a")], &[]).await;
+        c.wait_for(&["s1"]).await;
+        let mut health = HealthClient::new(c.channel().await);
+        let mut watch = health.watch(HealthCheckRequest { service: String::new() }).await.unwrap().into_inner();
+        let mut next = async || {
+            let status = tokio::time::timeout(Duration::from_secs(10), watch.next()).await;
+            status.expect("a status within 10 s").expect("the watch goes on").unwrap().status()
+        };
+        assert_eq!(next().await, ServingStatus::Serving);
+        c.kill("s1");
+        assert_eq!(next().await, ServingStatus::NotServing, "its only replica died");
+        c.restart("s1");
+        assert_eq!(next().await, ServingStatus::Serving, "and came back");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_stream_whose_replica_dies_ends_with_unavailable_naming_it() {
         let mut c = Cluster::start(PROTOCOL, &[("s1", "node-a")], &[]).await;
         c.wait_for(&["s1"]).await;

@@ -366,6 +366,9 @@ pub struct Relay<P: Picker> {
     waits: BinaryHeap<Reverse<(Duration, u32)>>,
     /// Jitter for retry backoffs.
     rng: SplitMix64,
+    /// Streams watching the proxy's health (`Health/Watch`); stale ids are skipped, and
+    /// dropped when a watch starts.
+    watches: Vec<u32>,
     /// When the client last sent anything.
     client_heard: Duration,
     /// When we pinged the client, unanswered since.
@@ -382,6 +385,7 @@ const SCRATCH_KEPT: usize = 64 << 10;
 /// HPACK's default dynamic table size, what a peer may use before it saw our 0.
 const DEFAULT_TABLE: usize = 4096;
 const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
+const HEALTH_WATCH: &str = "/grpc.health.v1.Health/Watch";
 const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";
 
 impl<P: Picker> Relay<P> {
@@ -407,6 +411,7 @@ impl<P: Picker> Relay<P> {
             waiting: Vec::new(),
             waits: BinaryHeap::new(),
             rng: SplitMix64::seeded(seed),
+            watches: Vec::new(),
             client_heard: Duration::ZERO,
             client_pinged: None,
             client_silent: false,
@@ -495,19 +500,45 @@ impl<P: Picker> Relay<P> {
         }
     }
 
-    /// A replica may have become ready: calls waiting for one are placed again, in the
-    /// order they began to wait.
+    /// A replica may have become ready, or the last one not: calls waiting for one are
+    /// placed again, in the order they began to wait, and health watches hear of a
+    /// change in the proxy's status.
     pub fn ready_changed(&mut self) {
         for id in std::mem::take(&mut self.waiting) {
             if self.streams.get(&id).is_some_and(|s| s.waiting.is_some()) {
                 self.place(id);
             }
         }
+        let status = self.health_status();
+        for i in 0..self.watches.len() {
+            let id = self.watches[i];
+            let Some(s) = self.streams.get_mut(&id).filter(|s| s.watching.is_some_and(|w| w != status)) else {
+                continue;
+            };
+            s.watching = Some(status);
+            // Only the latest status counts: one still waiting whole for the client's
+            // window is replaced, not followed (the rest of one begun goes out first).
+            let begun = s.down.pending.len() % HEALTH_MESSAGE_LEN;
+            s.down.pending.truncate(begun);
+            self.pump_down(id, &health_message(status));
+        }
+    }
+
+    /// `grpc.health.v1.HealthCheckResponse.ServingStatus`: SERVING (1) while a replica
+    /// is ready, NOT_SERVING (2) otherwise.
+    fn health_status(&self) -> u8 {
+        if self.picker.serving() { 1 } else { 2 }
     }
 
     /// Whether calls wait for a ready replica: the shell then watches for one.
     pub fn is_waiting(&self) -> bool {
         self.waiting.iter().any(|id| self.streams.get(id).is_some_and(|s| s.waiting.is_some()))
+    }
+
+    /// Whether calls wait for a ready replica or watch the proxy's health: the shell
+    /// then tells it when the endpoints change ([`Relay::ready_changed`]).
+    pub fn follows_readiness(&self) -> bool {
+        self.is_waiting() || self.watches.iter().any(|id| self.streams.get(id).is_some_and(|s| s.watching.is_some()))
     }
 
     /// When [`Relay::tick`] has work next, if ever.
@@ -580,6 +611,13 @@ impl<P: Picker> Relay<P> {
         if self.goaway.is_none() {
             frame::put_goaway(&mut self.client.out, self.last_client_stream, Reason::NoError);
             self.goaway = Some(Reason::NoError);
+        }
+        // Health watches never end by themselves: they end here, so the client watches
+        // again elsewhere.
+        for id in std::mem::take(&mut self.watches) {
+            if self.streams.get(&id).is_some_and(|s| s.watching.is_some()) {
+                self.end_with(id, Code::Unavailable as u8, "the proxy is draining", Outcome::Cancelled);
+            }
         }
     }
 
@@ -1119,29 +1157,50 @@ impl<P: Picker> Relay<P> {
         self.client.put_block(id, true, &block);
     }
 
-    /// Answers `grpc.health.v1.Health/Check` for the whole proxy (service "") from
-    /// [`Picker::serving`]; other services are NOT_FOUND, other methods UNIMPLEMENTED.
+    /// Answers `grpc.health.v1.Health` for the whole proxy (service "") from
+    /// [`Picker::serving`]: `Check` once, `Watch` now and at each change, until the
+    /// client resets it or the proxy drains. Other services are NOT_FOUND, other methods
+    /// UNIMPLEMENTED.
     fn answer_locally(&mut self, id: u32) {
-        let Some(s) = self.streams.remove(&id) else { return };
-        let Some(replay) = s.replay else {
-            return self.trailers_only(id, 8, "health check request too large", 0);
+        let Some(s) = self.streams.get(&id) else { return };
+        let watch = s.path == HEALTH_WATCH;
+        let refused = match &s.replay {
+            None => Some((8, "health check request too large")),
+            Some(_) if !watch && s.path != HEALTH_CHECK => {
+                Some((12, "only Health/Check and Health/Watch are answered"))
+            }
+            // A HealthCheckRequest with no service: an empty message, or field 1 empty.
+            Some(r) if !matches!(&r.data[..], [0, 0, 0, 0, 0] | [0, 0, 0, 0, 2, 0x0a, 0]) => {
+                Some((5, "unknown service"))
+            }
+            Some(_) => None,
         };
-        if s.path != HEALTH_CHECK {
-            return self.trailers_only(id, 12, "only Health/Check is answered with --relay", 0);
+        if let Some((code, why)) = refused {
+            self.streams.remove(&id);
+            return self.trailers_only(id, code, why, 0);
         }
-        // A HealthCheckRequest with no service: an empty message, or field 1 empty.
-        if !matches!(&replay.data[..], [0, 0, 0, 0, 0] | [0, 0, 0, 0, 2, 0x0a, 0]) {
-            return self.trailers_only(id, 5, "unknown service", 0);
-        }
-        let status = if self.picker.serving() { 1 } else { 2 };
+        let status = self.health_status();
         let mut block = Vec::new();
         hpack::encode(b":status", b"200", &mut block);
         hpack::encode(b"content-type", b"application/grpc", &mut block);
         self.client.put_block(id, false, &block);
-        frame::put(&mut self.client.out, frame::DATA, 0, id, &[0, 0, 0, 0, 2, 0x08, status]);
-        block.clear();
-        status_headers(0, "", &mut block);
-        self.client.put_block(id, true, &block);
+        let s = self.streams.get_mut(&id).expect("found above");
+        s.response = Response::Headers;
+        s.replay = None;
+        if watch {
+            s.watching = Some(status);
+            let streams = &self.streams;
+            self.watches.retain(|id| streams.get(id).is_some_and(|s| s.watching.is_some()));
+            self.watches.push(id);
+        } else {
+            block.clear();
+            status_headers(0, "", &mut block);
+            s.down.trailers = Some(block);
+            s.down.end = true;
+            s.response = Response::Ended;
+        }
+        // Through the stream's windows, as a replica's response would go.
+        self.pump_down(id, &health_message(status));
     }
 
     /// The shell connected a back's socket.
@@ -1439,6 +1498,13 @@ fn put_count(name: &[u8], n: u32, out: &mut Vec<u8>) {
 }
 
 /// `grpc-status` and, when there is one, `grpc-message`, as literals.
+const HEALTH_MESSAGE_LEN: usize = 7;
+
+/// A `HealthCheckResponse` with `status`, as a gRPC message.
+fn health_message(status: u8) -> [u8; HEALTH_MESSAGE_LEN] {
+    [0, 0, 0, 0, 2, 0x08, status]
+}
+
 fn status_headers(code: u8, message: &str, out: &mut Vec<u8>) {
     let mut digits = [0u8; 3];
     let n = {

@@ -189,6 +189,8 @@ pub(crate) struct Stream<A> {
     pub backoff_until: Option<Duration>,
     /// Waiting for a ready replica since then, until then.
     pub waiting: Option<(Duration, Duration)>,
+    /// A health watch answered by the relay: the status it was last told.
+    pub watching: Option<u8>,
     /// Attempts before this one that failed and were retried (`grpc-previous-rpc-attempts`).
     pub previous: u32,
     /// When the call fails with DEADLINE_EXCEEDED: the caller's `grpc-timeout` or the
@@ -217,6 +219,7 @@ impl<A> Stream<A> {
             retry: None,
             backoff_until: None,
             waiting: None,
+            watching: None,
             previous: 0,
             deadline: None,
         }

@@ -1044,3 +1044,92 @@ fn a_client_heard_from_after_its_ping_is_kept() {
     r.tick(Duration::from_secs(60));
     assert!(!r.client_silent(), "any frame is an answer");
 }
+
+/// A client opening `Health/Watch` for the whole proxy on stream 1, with `settings`.
+fn watch(serving: bool, settings: &[(u16, u32)]) -> Relay<Turns> {
+    let (mut r, _) = relay(&[1]);
+    r.picker.serving = serving;
+    let mut buf = BytesMut::from(frame::PREFACE);
+    frame::put_settings(&mut buf, settings);
+    put(&mut buf, HEADERS, END_HEADERS, 1, &request("/grpc.health.v1.Health/Watch"));
+    put(&mut buf, DATA, END_STREAM, 1, b"\0\0\0\0\0");
+    r.client_read(&mut buf);
+    r
+}
+
+const SERVING: [u8; 7] = [0, 0, 0, 0, 2, 0x08, 1];
+const NOT_SERVING: [u8; 7] = [0, 0, 0, 0, 2, 0x08, 2];
+
+#[test]
+fn a_health_watch_hears_the_status_at_once_and_then_each_change() {
+    let mut r = watch(true, &[]);
+    let got = calls(r.client_out());
+    assert_eq!(got.len(), 2, "headers and a status, the stream left open: {got:?}");
+    assert_eq!((got[0].kind, got[0].flags & END_STREAM), (HEADERS, 0));
+    assert_eq!(header(&decode(&got[0].payload), ":status"), Some("200"));
+    assert_eq!((got[1].kind, &got[1].payload[..]), (DATA, &SERVING[..]));
+    assert!(r.follows_readiness(), "the shell tells it of changes");
+    r.ready_changed();
+    assert!(calls(r.client_out()).is_empty(), "no change, no message");
+    r.picker.serving = false;
+    r.ready_changed();
+    let got = calls(r.client_out());
+    assert_eq!((got.len(), got[0].kind, &got[0].payload[..]), (1, DATA, &NOT_SERVING[..]));
+    r.picker.serving = true;
+    r.ready_changed();
+    assert_eq!(calls(r.client_out())[0].payload, SERVING);
+    assert!(r.backs().next().is_none(), "no replica asked");
+}
+
+#[test]
+fn a_health_watch_waits_for_the_clients_window() {
+    let mut r = watch(false, &[(frame::SETTINGS_INITIAL_WINDOW_SIZE, 0)]);
+    let got = calls(r.client_out());
+    assert_eq!(got.len(), 1, "headers only: no window for the status");
+    r.picker.serving = true;
+    r.ready_changed();
+    assert!(calls(r.client_out()).is_empty());
+    let mut buf = BytesMut::new();
+    put(&mut buf, WINDOW_UPDATE, 0, 1, &[0, 0, 0, 7]);
+    r.client_read(&mut buf);
+    let got = calls(r.client_out());
+    assert_eq!(got.len(), 1, "the latest status only: {got:?}");
+    assert_eq!(got[0].payload, SERVING);
+}
+
+#[test]
+fn a_health_watch_ends_unavailable_when_the_proxy_drains_and_on_a_client_reset() {
+    let mut r = watch(true, &[]);
+    calls(r.client_out());
+    r.drain();
+    let got = frames(r.client_out());
+    let trailers = got.iter().find(|f| f.kind == HEADERS).expect("trailers");
+    assert_eq!(trailers.flags & END_STREAM, END_STREAM);
+    assert_eq!(header(&decode(&trailers.payload), "grpc-status"), Some("14"));
+    assert!(r.is_done(), "no watch holds the connection open");
+
+    let mut r = watch(true, &[]);
+    let mut buf = BytesMut::new();
+    frame::put_rst(&mut buf, 1, Reason::Cancel);
+    r.client_read(&mut buf);
+    calls(r.client_out());
+    assert!(!r.follows_readiness());
+    r.picker.serving = false;
+    r.ready_changed();
+    assert!(calls(r.client_out()).is_empty(), "a watch reset hears nothing more");
+}
+
+#[test]
+fn a_health_status_begun_in_a_small_window_is_finished_before_the_next() {
+    let mut r = watch(false, &[(frame::SETTINGS_INITIAL_WINDOW_SIZE, 3)]);
+    let mut got: Vec<u8> =
+        calls(r.client_out()).into_iter().filter(|f| f.kind == DATA).flat_map(|f| f.payload).collect();
+    assert_eq!(got, NOT_SERVING[..3]);
+    r.picker.serving = true;
+    r.ready_changed();
+    let mut buf = BytesMut::new();
+    put(&mut buf, WINDOW_UPDATE, 0, 1, &[0, 0, 0, 100]);
+    r.client_read(&mut buf);
+    got.extend(calls(r.client_out()).into_iter().filter(|f| f.kind == DATA).flat_map(|f| f.payload));
+    assert_eq!(got, [NOT_SERVING, SERVING].concat(), "whole messages, the latest last");
+}
