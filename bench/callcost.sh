@@ -4,7 +4,7 @@
 # (callgrind) and system calls (strace -c, by name) per unary SayHello, as the
 # difference between a run of N1 and of N2 calls (start-up and shutdown cancel out).
 #   bench/callcost.sh [PROXY_BIN] [SERVER_BIN]     (defaults: target/release/{proxy,server})
-# PROXY_ARGS adds proxy flags: PROXY_ARGS=--relay for the frame relay, or
+# PROXY_ARGS adds proxy flags: PROXY_ARGS='--relay off' for the HTTP/2 stack, or
 # PROXY_ARGS="--service-config config/outlier.json" for the cost with health checking
 # and outlier detection on.
 set -euo pipefail

@@ -5,8 +5,11 @@
 
 Starts two grpcio servers on 127.a.b.1 and 127.a.b.2 (port 50051, a random /24 inside
 127/8 so parallel runs do not collide), a DNS responder answering `interop.test` with
-both, and the proxy with --target interop.test:50051 once per service config (none,
-retry, hedging), runs every case of client.py through it, and prints a summary table.
+both, and the proxy with --target interop.test:50051 once per configuration (no
+service config, retry, hedging, detection: through the frame relay, the default, but
+hedging, for which the proxy keeps the HTTP/2 stack; and `relay-off`: no service config
+through the HTTP/2 stack), runs every case of client.py through it, and prints a
+summary table.
 Everything it starts is stopped when it ends, whatever happens. Exits non-zero if any
 case failed.
 """
@@ -47,8 +50,9 @@ DETECT = """{"healthCheckConfig":{"serviceName":"interop.Interop"},
 "maxEjectionPercent":50,"consecutiveFailures":{"threshold":5},"childPolicy":[{"round_robin":{}}]}}],
 "methodConfig":[{"name":[{}],"retryPolicy":{"maxAttempts":4,"initialBackoff":"0.01s",
 "maxBackoff":"0.01s","backoffMultiplier":1,"retryableStatusCodes":["UNAVAILABLE"]}}]}"""
-# "relay": no service config, calls forwarded by the frame relay (--relay).
-CONFIGS = {"none": None, "retry": RETRY, "hedging": HEDGING, "detect": DETECT, "relay": None}
+# "relay-off": no service config, calls forwarded by the HTTP/2 stack (--relay off);
+# the others run with the proxy's default, --relay auto.
+CONFIGS = {"none": None, "retry": RETRY, "hedging": HEDGING, "detect": DETECT, "relay-off": None}
 
 
 class Setup(Exception):
@@ -170,8 +174,8 @@ def through_proxy(args, procs: Processes, work: str, config: str, listen: str, d
         with open(path, "w") as f:
             f.write(CONFIGS[config])
         argv += ["--service-config", path]
-    if config == "relay":
-        argv += ["--relay"]
+    if config == "relay-off":
+        argv += ["--relay", "off"]
     name = f"proxy-{config}"
     try:
         proc = start_proxy(procs, name, argv, listen)

@@ -12,6 +12,11 @@ trap cleanup EXIT
 
 step "task up"
 task up
+proxy=$(docker ps -q --filter "label=com.docker.compose.project=$COMPOSE_PROJECT_NAME" --filter label=com.docker.compose.service=proxy)
+# Read whole before grep: `grep -q` stops at the first match and, under pipefail,
+# docker's broken pipe would fail the check.
+logs=$(docker logs "$proxy" 2>&1)
+grep -q 'with the frame relay' <<<"$logs" || fail "the proxy did not start with the frame relay (--relay auto)"
 
 step "grpcurl through the proxy"
 out=$(grpcurl -plaintext -d '{"name":"World"}' "localhost:$PORT" hello.HelloService/SayHello)
@@ -56,22 +61,20 @@ task verify-lb -- --check
 UPSTREAM_PROTOCOL=h3 task failover
 UPSTREAM_PROTOCOL=h3 task simulate-rolling-update
 
-step "frame relay: RELAY=on task up"
+step "HTTP/2 stack: RELAY=off task up"
 task down >/dev/null
-RELAY=on task up
+RELAY=off task up
 proxy=$(docker ps -q --filter "label=com.docker.compose.project=$COMPOSE_PROJECT_NAME" --filter label=com.docker.compose.service=proxy)
-# Read whole before grep: `grep -q` stops at the first match and, under pipefail,
-# docker's broken pipe would fail the check.
 logs=$(docker logs "$proxy" 2>&1)
-grep -q 'frame relay' <<<"$logs" || fail "the proxy did not start with --relay"
+grep -q 'with the HTTP/2 stack (--relay off)' <<<"$logs" || fail "the proxy did not start with --relay off"
 out=$(grpcurl -plaintext -d '{"name":"World"}' localhost:50050 hello.HelloService/SayHello)
 echo "$out"
-grep -q 'on node-a' <<<"$out" || fail "grpcurl through the relay to a node-a replica"
+grep -q 'on node-a' <<<"$out" || fail "grpcurl through the HTTP/2 stack to a node-a replica"
 
-step "frame relay: verify-lb, failover, rolling update"
-RELAY=on task verify-lb -- --check
-RELAY=on task failover
-RELAY=on task simulate-rolling-update
+step "HTTP/2 stack: verify-lb, failover, rolling update"
+RELAY=off task verify-lb -- --check
+RELAY=off task failover
+RELAY=off task simulate-rolling-update
 
 step "Kubernetes discovery: DISCOVERY=kubernetes task up (slice-api, EndpointSlices)"
 task down >/dev/null

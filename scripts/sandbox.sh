@@ -110,7 +110,7 @@ up() {
   # The CA, for calling the HTTP/3 front from this machine (client --http3).
   mkdir -p certs
   docker cp "$(dc ps -q proxy):/certs/ca.pem" certs/ca.pem >/dev/null
-  echo "sandbox healthy in $((SECONDS - started))s (upstream protocol: ${UPSTREAM_PROTOCOL:-h2}, relay: ${RELAY:-off}, discovery: $DISCOVERY):"
+  echo "sandbox healthy in $((SECONDS - started))s (upstream protocol: ${UPSTREAM_PROTOCOL:-h2}, relay: ${RELAY:-auto}, discovery: $DISCOVERY):"
   replicas | sed 's/^/  replica /'
   cat <<MSG
 

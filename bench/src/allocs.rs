@@ -67,9 +67,7 @@ const LISTEN: &str = "127.0.0.150:50156";
 /// Counts the in-process proxy's allocations, with `--relay` when `relay`.
 pub async fn measure(a: &Args, relay: bool) -> anyhow::Result<PerCall> {
     let mut argv = vec!["proxy", "--listen", LISTEN, "--target", crate::SERVER, "--admin-listen", "off"];
-    if relay {
-        argv.push("--relay");
-    }
+    argv.extend(["--relay", if relay { "on" } else { "off" }]);
     let args = proxy::config::Args::try_parse_from(argv)?.serve;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let thread = std::thread::Builder::new().name("counted-proxy".into()).spawn(move || {

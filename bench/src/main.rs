@@ -124,9 +124,8 @@ async fn bench(a: Args) -> anyhow::Result<()> {
         if listen == BUSY || listen == RELAY_BUSY {
             v.extend(["--busy-poll".into(), a.busy_poll.to_string()]);
         }
-        if listen == RELAY || listen == RELAY_BUSY {
-            v.push("--relay".into());
-        }
+        let relay = listen == RELAY || listen == RELAY_BUSY;
+        v.extend(["--relay".into(), if relay { "on" } else { "off" }.into()]);
         v.extend(["--upstream-protocol".into(), protocol.into(), "--ca-cert".into(), path(&ca)]);
         v
     };

@@ -104,18 +104,17 @@ pub struct ServeArgs {
     #[arg(long, value_name = "MICROS", env = "PROXY_BUSY_POLL", default_value_t = 0,
           value_parser = clap::value_parser!(u64).range(0..=100_000))]
     pub busy_poll: u64,
-    /// Forward h2c calls with the frame relay instead of the HTTP/2 stack: frames pass
-    /// between the client's connection and connections to replicas with their stream
-    /// ids rewritten, at a fraction of the CPU. It places every call local-first
-    /// round-robin, sends calls a replica did not process elsewhere, applies the
-    /// service config's retryPolicy and timeouts, and keeps outlier detection and
-    /// metrics, waits for a ready replica and keeps both sides' connections alive with
-    /// pings; it does not apply hedgingPolicy (a service config with one is refused),
-    /// and needs --upstream-protocol h2.
-    /// HTTP/3 clients use the HTTP/2 stack as before.
-    #[arg(long, env = "PROXY_RELAY", default_value = "off", value_parser = on_off, action = clap::ArgAction::Set,
-          num_args = 0..=1, default_missing_value = "on")]
-    pub relay: bool,
+    /// How h2c calls are forwarded: `auto` (the frame relay wherever it applies, the
+    /// HTTP/2 stack otherwise), `on` (the frame relay, or a start-up error naming what
+    /// it cannot do), or `off` (the HTTP/2 stack). The relay passes frames between the
+    /// client's connection and connections to replicas with their stream ids
+    /// rewritten, at a fraction of the CPU, with the same balancing, retries,
+    /// timeouts, waits, keepalives, health answers and metrics; it does not apply
+    /// hedgingPolicy and forwards over HTTP/2 only, so `auto` keeps the HTTP/2 stack
+    /// when the service config hedges or --upstream-protocol is not h2. HTTP/3
+    /// clients always use the HTTP/2 stack's call path.
+    #[arg(long, env = "PROXY_RELAY", default_value = "auto", num_args = 0..=1, default_missing_value = "on")]
+    pub relay: RelayMode,
     /// Runtime worker threads [default: one per CPU].
     #[arg(long, env = "PROXY_THREADS")]
     pub threads: Option<usize>,
@@ -153,6 +152,26 @@ pub struct ServeArgs {
     pub drain_timeout: Duration,
 }
 
+/// `--relay`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayMode {
+    On,
+    Off,
+    Auto,
+}
+
+impl std::str::FromStr for RelayMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "on" => Ok(RelayMode::On),
+            "off" => Ok(RelayMode::Off),
+            "auto" => Ok(RelayMode::Auto),
+            _ => Err(format!("expected on, off or auto, got {s:?}")),
+        }
+    }
+}
+
 fn on_off(s: &str) -> Result<bool, String> {
     match s {
         "on" => Ok(true),
@@ -176,6 +195,29 @@ impl std::str::FromStr for AdminListen {
 }
 
 impl ServeArgs {
+    /// Whether h2c calls go through the frame relay with these settings; with `auto`
+    /// and not, why not.
+    pub fn uses_relay(&self, settings: &Settings) -> (bool, Option<String>) {
+        match self.relay {
+            RelayMode::On => (true, None),
+            RelayMode::Off => (false, None),
+            RelayMode::Auto => match self.relay_unfit(&settings.service_config) {
+                Some(why) => (false, Some(why)),
+                None => (true, None),
+            },
+        }
+    }
+
+    /// What the frame relay cannot do that these flags ask for, if anything.
+    fn relay_unfit(&self, service_config: &ServiceConfig) -> Option<String> {
+        if self.upstream_protocol != Protocol::H2 {
+            return Some(format!("forwards over HTTP/2 only, not --upstream-protocol {}", self.upstream_protocol));
+        }
+        let hedged = service_config.methods.iter().find(|m| m.hedging.is_some())?;
+        let (service, method) = hedged.names.first().cloned().unwrap_or_default();
+        Some(format!("does not apply hedgingPolicy, and the service config sets one for {service}/{method}"))
+    }
+
     /// The balancer's settings; reads and validates `--service-config`.
     pub fn settings(&self) -> anyhow::Result<Settings> {
         let service_config = match &self.service_config {
@@ -215,16 +257,10 @@ impl ServeArgs {
         if self.upstream_protocol != Protocol::H2 && self.ca_cert.is_none() {
             anyhow::bail!("--upstream-protocol {} needs --ca-cert to verify the replicas", self.upstream_protocol);
         }
-        if self.relay {
-            if self.upstream_protocol != Protocol::H2 {
-                anyhow::bail!("--relay forwards over HTTP/2 only, not --upstream-protocol {}", self.upstream_protocol);
-            }
-            if let Some(m) = service_config.methods.iter().find(|m| m.hedging.is_some()) {
-                let (service, method) = m.names.first().cloned().unwrap_or_default();
-                anyhow::bail!(
-                    "--relay does not apply hedgingPolicy, and the service config sets one for {service}/{method}; drop --relay or that policy"
-                );
-            }
+        if self.relay == RelayMode::On
+            && let Some(why) = self.relay_unfit(&service_config)
+        {
+            anyhow::bail!("--relay on: the frame relay {why}; use --relay auto or off");
         }
         Ok(Settings {
             target: self.target.clone(),
@@ -295,6 +331,34 @@ mod tests {
     }
 
     #[test]
+    fn the_relay_is_the_default_and_steps_aside_for_hedging_or_http3_upstream() {
+        let uses = |args: &[&str]| {
+            let a = parse(args).unwrap().serve;
+            let settings = a.settings().map_err(|e| e.to_string())?;
+            Ok::<_, String>(a.uses_relay(&settings))
+        };
+        assert_eq!(uses(&[]), Ok((true, None)));
+        assert_eq!(uses(&["--relay"]), Ok((true, None)), "the bare flag is on");
+        assert_eq!(uses(&["--relay", "off"]), Ok((false, None)));
+        let hedging = r#"{"methodConfig":[{"name":[{"service":"s","method":"m"}],
+            "hedgingPolicy":{"maxAttempts":2,"hedgingDelay":"0.05s"}}]}"#;
+        let dir = std::env::temp_dir().join(format!("proxy-relay-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("hedging.json");
+        std::fs::write(&file, hedging).unwrap();
+        let file = file.to_str().unwrap();
+        let why = "does not apply hedgingPolicy, and the service config sets one for s/m";
+        assert_eq!(uses(&["--service-config", file]), Ok((false, Some(why.to_owned()))));
+        assert_eq!(
+            uses(&["--service-config", file, "--relay", "on"]),
+            Err(format!("--relay on: the frame relay {why}; use --relay auto or off"))
+        );
+        let h3 = ["--upstream-protocol", "h3", "--ca-cert", "ca.pem"];
+        let why = "forwards over HTTP/2 only, not --upstream-protocol h3".to_owned();
+        assert_eq!(uses(&h3), Ok((false, Some(why))));
+    }
+
+    #[test]
     fn bad_values_name_the_flag() {
         for (args, flag) in [
             (&["--target", "server"][..], "--target"),
@@ -303,6 +367,7 @@ mod tests {
             (&["--listen", "50050"][..], "--listen"),
             (&["--busy-poll", "100001"][..], "--busy-poll"),
             (&["--busy-poll", "soon"][..], "--busy-poll"),
+            (&["--relay", "yes"][..], "--relay"),
         ] {
             let err = parse(args).unwrap_err();
             assert!(err.contains(flag), "{err}");

@@ -97,7 +97,9 @@ pub async fn run(args: ServeArgs, listener: TcpListener, shutdown: impl Future<O
         Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("binding --admin-listen {addr}"))?),
         None => None,
     };
-    let balancer = Balancer::new(args.settings()?).context("starting the balancer")?;
+    let settings = args.settings()?;
+    let (relay, relay_unfit) = args.uses_relay(&settings);
+    let balancer = Balancer::new(settings).context("starting the balancer")?;
     let admin = admin_listener.map(|l| {
         info!(admin_listen = %l.local_addr().map_or_else(|_| "?".to_owned(), |a| a.to_string()), "Admin API: a live page on /, /admin/endpoints, /admin/events, /metrics");
         let balancer = balancer.clone();
@@ -132,14 +134,16 @@ pub async fn run(args: ServeArgs, listener: TcpListener, shutdown: impl Future<O
         warn!("--busy-poll spins to no purpose without --threads 1: a parked worker holds the I/O it would poll");
     }
     let busy = (args.busy_poll > 0).then(|| busy::BusyPoll::start(std::time::Duration::from_micros(args.busy_poll)));
-    if args.relay {
-        info!("Forwarding h2c calls with the frame relay (--relay)");
+    match (relay, relay_unfit) {
+        (true, _) => info!("Forwarding h2c calls with the frame relay"),
+        (false, Some(why)) => info!("Forwarding h2c calls with the HTTP/2 stack: the frame relay {why}"),
+        (false, None) => info!("Forwarding h2c calls with the HTTP/2 stack (--relay off)"),
     }
     let app = Arc::new(App {
         balancer,
         health,
         busy,
-        relay: args.relay,
+        relay,
         connect_timeout: args.connect_timeout,
         keepalive: args.keepalive_interval,
         client_keepalive: args.client_keepalive,

@@ -117,9 +117,7 @@ impl Cluster {
         if self.protocol != Protocol::H2 {
             argv.extend_from_slice(&["--upstream-protocol", &protocol, "--ca-cert", &ca]);
         }
-        if self.relay {
-            argv.push("--relay");
-        }
+        argv.extend_from_slice(&["--relay", if self.relay { "on" } else { "off" }]);
         argv.extend_from_slice(extra);
         let args = proxy::config::Args::try_parse_from(argv).unwrap().serve;
         let (stop, stopped) = oneshot::channel::<()>();
