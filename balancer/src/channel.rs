@@ -268,6 +268,11 @@ where
         self.shared.config.lookup(path).and_then(|m| m.retry.clone())
     }
 
+    /// The replay buffer every call shares (`--replay-buffer-total`).
+    pub fn replay_budget(&self) -> &Budget {
+        &self.shared.budget
+    }
+
     /// The service config's retry throttle, if any.
     pub fn retry_throttle(&self) -> Option<&Throttle> {
         self.shared.throttle.as_ref()

@@ -12,10 +12,7 @@
 
 use std::{
     pin::Pin,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
-    },
+    sync::{Arc, Mutex},
     task::{Context, Poll, Waker},
 };
 
@@ -68,36 +65,7 @@ struct Shared<B> {
     waiters: Vec<Waker>,
 }
 
-/// The replay buffer shared by all calls of a balancer (16 MiB by default).
-#[derive(Debug, Clone)]
-pub struct Budget {
-    used: Arc<AtomicUsize>,
-    limit: usize,
-}
-
-impl Budget {
-    pub fn new(limit: usize) -> Self {
-        Budget { used: Arc::new(AtomicUsize::new(0)), limit }
-    }
-
-    /// Bytes buffered now, by every call.
-    pub fn used(&self) -> usize {
-        self.used.load(Ordering::Relaxed)
-    }
-
-    fn take(&self, n: usize) -> bool {
-        let before = self.used.fetch_add(n, Ordering::Relaxed);
-        if before + n > self.limit {
-            self.used.fetch_sub(n, Ordering::Relaxed);
-            return false;
-        }
-        true
-    }
-
-    fn give(&self, n: usize) {
-        self.used.fetch_sub(n, Ordering::Relaxed);
-    }
-}
+pub use lb_core::budget::Budget;
 
 impl<B> ReplayBody<B> {
     /// Keeps up to `limit` bytes (within `budget`) for replays and refuses messages over

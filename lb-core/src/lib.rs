@@ -9,6 +9,7 @@
 //!   hedges, commit, deadline.
 //! - [`outlier`]: A50 outlier detection plus consecutive-failure ejection.
 //! - [`health`]: A17 health checking: the Watch request, its answers, what they mean.
+//! - [`budget`]: the replay buffer every call shares.
 //! - [`backoff`]: the reconnect delay; [`rng`]: the randomness it takes.
 //! - [`window`]: calls per second and latency percentiles over the last ten seconds;
 //!   [`histogram`]: lock-free Prometheus histograms, and tables of them by key.
@@ -17,6 +18,7 @@
 //!   durations for flags.
 
 pub mod backoff;
+pub mod budget;
 pub mod call;
 pub mod code;
 pub mod duration;

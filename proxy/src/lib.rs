@@ -62,7 +62,8 @@ struct App {
     client_keepalive: std::time::Duration,
     /// `--max-message-size`, for the relay (the balancer applies it on the h2 path).
     max_message: u32,
-    /// `--replay-buffer`, for the relay: request bytes it keeps per call (at most 64 KiB).
+    /// `--replay-buffer`, for the relay: request bytes it keeps per call, from the
+    /// balancer's shared budget (`--replay-buffer-total`).
     replay: usize,
 }
 
@@ -148,7 +149,7 @@ pub async fn run(args: ServeArgs, listener: TcpListener, shutdown: impl Future<O
         keepalive: args.keepalive_interval,
         client_keepalive: args.client_keepalive,
         max_message: args.max_message_size,
-        replay: args.replay_buffer.min(64 << 10),
+        replay: args.replay_buffer,
     });
     let (h3_stop, h3) = match h3_front(&args, app.clone())? {
         Some((stop, task)) => (Some(stop), Some(task)),

@@ -125,6 +125,7 @@ pub(crate) async fn serve(tcp: TcpStream, peer: SocketAddr, app: Arc<App>, mut d
                 max_resets: front::MAX_ERROR_RESETS,
                 max_message: app.max_message,
                 replay: app.replay,
+                replay_budget: app.balancer.replay_budget().clone(),
                 keepalive: Some(app.keepalive),
                 client_keepalive: Some(app.client_keepalive),
                 client_ping_timeout: 2 * app.client_keepalive,

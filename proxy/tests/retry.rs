@@ -305,6 +305,42 @@ on_h2_and_relay! {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_100_kib_request_is_kept_for_its_retry_within_the_shared_total() {
+        let config = config_file(&retry_config(4, "0.01s", r#""UNAVAILABLE""#));
+        let big = || proto::HelloRequest { name: "x".repeat(100 << 10) };
+        for (total, retried) in [("16777216", true), ("50000", false)] {
+            let args = ["--service-config", config.as_str(), "--replay-buffer-total", total];
+            let c = Cluster::start_with(PATH, LOCALS, &args, failing("s1", 1.0, Code::Unavailable)).await;
+            c.wait_for(&["s2"]).await;
+            let mut client = c.client().await;
+            // Until s1 has been tried once it may not be in the rotation yet.
+            let mut tried = async || previous_attempts(client.say_hello(hello()).await.unwrap().metadata()) > 0;
+            let mut calls = 0;
+            while !tried().await {
+                calls += 1;
+                assert!(calls < 100, "s1 never tried");
+            }
+            let (mut failed, mut answered) = (0, 0);
+            for _ in 0..10 {
+                match client.say_hello(big()).await {
+                    Ok(resp) => {
+                        assert_eq!(resp.get_ref().server, "s2");
+                        answered += 1;
+                    }
+                    Err(e) => {
+                        assert_eq!((e.code(), previous_attempts(e.metadata())), (Code::Unavailable, 0), "{e:?}");
+                        failed += 1;
+                    }
+                }
+            }
+            match retried {
+                true => assert_eq!((failed, answered), (0, 10), "every big request that failed on s1 was retried"),
+                false => assert_eq!((failed, answered), (5, 5), "past the shared total: sent once"),
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn throttling_stops_a_retry_storm_when_every_replica_fails() {
         let storm = retry_config(5, "0.001s", r#""UNAVAILABLE""#);
         let throttled = storm.replace(r#"]}"#, r#"], "retryThrottling":{"maxTokens":10,"tokenRatio":0.1}}"#);

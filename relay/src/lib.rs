@@ -48,6 +48,7 @@ use frame::{Head, Reason};
 use hpack::{Seen, Transcoder};
 use lb_core::{
     Code,
+    budget::Budget,
     retry::{Pushback, RetryPolicy, Throttle, Verdict, policy::RetryState},
     rng::SplitMix64,
 };
@@ -113,6 +114,9 @@ pub struct Limits {
     pub conn_window: u32,
     /// Request bytes kept per call to send it elsewhere if it was not processed.
     pub replay: usize,
+    /// What every call keeps for replays together, shared with other connections (and
+    /// the HTTP/2 stack's calls); a request past it is sent but not kept.
+    pub replay_budget: Budget,
     /// Times one call is sent elsewhere before it fails.
     pub max_transparent_retries: usize,
     /// A request message declared longer than this fails the call (RESOURCE_EXHAUSTED).
@@ -141,6 +145,7 @@ impl Default for Limits {
             stream_window: 1 << 20,
             conn_window: 4 << 20,
             replay: 64 << 10,
+            replay_budget: Budget::new(usize::MAX),
             max_transparent_retries: 3,
             max_message: 4 << 20,
             keepalive: None,
@@ -764,13 +769,17 @@ impl<P: Picker> Relay<P> {
         s.client_ended = end_stream;
         if let Some(replay) = &mut s.replay {
             if replay.outgrown {
-            } else if replay.data.len() + body.len() <= self.limits.replay {
+            } else if replay.data.len() + body.len() <= self.limits.replay
+                // The relay's own answers (health) keep their few bytes whatever the budget.
+                && (s.local || replay.held.take(body.len()))
+            {
                 replay.data.extend_from_slice(body);
             } else if replay.tried.is_empty() {
                 // Never sent: all of it waits uncredited in `up.pending`, bounded by the
                 // windows, and goes out from there once.
                 replay.outgrown = true;
                 replay.data = BytesMut::new();
+                replay.held.give_all();
             } else {
                 s.replay = None;
             }
@@ -847,7 +856,13 @@ impl<P: Picker> Relay<P> {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        let mut stream = Stream::new(path, Replay::new(block), limits.stream_window, end_stream, limits.max_message);
+        let mut stream = Stream::new(
+            path,
+            Replay::new(block, &limits.replay_budget),
+            limits.stream_window,
+            end_stream,
+            limits.max_message,
+        );
         stream.retry = retry;
         if let Some(t) = timeout {
             let due = self.now.saturating_add(t);

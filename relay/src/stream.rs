@@ -5,6 +5,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use bytes::BytesMut;
 use lb_core::{
+    budget::{Budget, Held},
     frame::FrameScan,
     retry::{RetryPolicy, policy::RetryState},
 };
@@ -44,6 +45,8 @@ pub(crate) struct Replay {
     pub block: Vec<u8>,
     /// Request DATA received so far.
     pub data: BytesMut,
+    /// What `data` holds of the shared replay budget, given back when dropped.
+    pub held: Held,
     /// Replicas tried, in order.
     pub tried: SmallVec<[SocketAddr; 2]>,
     /// Times it was sent elsewhere unprocessed.
@@ -54,8 +57,9 @@ pub(crate) struct Replay {
 }
 
 impl Replay {
-    pub fn new(block: Vec<u8>) -> Replay {
-        Replay { block, data: BytesMut::new(), tried: SmallVec::new(), transparent: 0, outgrown: false }
+    pub fn new(block: Vec<u8>, budget: &Budget) -> Replay {
+        let held = Held::new(budget);
+        Replay { block, data: BytesMut::new(), held, tried: SmallVec::new(), transparent: 0, outgrown: false }
     }
 }
 

@@ -1133,3 +1133,35 @@ fn a_health_status_begun_in_a_small_window_is_finished_before_the_next() {
     got.extend(calls(r.client_out()).into_iter().filter(|f| f.kind == DATA).flat_map(|f| f.payload));
     assert_eq!(got, [NOT_SERVING, SERVING].concat(), "whole messages, the latest last");
 }
+
+#[test]
+fn requests_kept_for_replays_share_one_budget_and_give_it_back() {
+    let (r, log) = relay(&[1, 2]);
+    let budget = Budget::new(10);
+    let limits = Limits { replay_budget: budget.clone(), ..Limits::default() };
+    let mut r = Relay::new(r.picker, limits, 7);
+    // Two calls of 6 request bytes each, on replicas 1 and 2: the second is past the
+    // budget of 10, so it is sent but not kept.
+    client_calls(&mut r, &[1, 3], b"\0\0\0\0\x01x");
+    assert_eq!(budget.used(), 6);
+    back_frames(&mut r, 0);
+    back_frames(&mut r, 1);
+    let mut buf = BytesMut::new();
+    frame::put_rst(&mut buf, 1, Reason::RefusedStream);
+    r.back_read(0, &mut buf.clone());
+    let again = back_frames(&mut r, 1);
+    assert_eq!((again[0].kind, again[0].stream), (HEADERS, 3), "call 1 replayed on replica 2");
+    assert_eq!(again[1].payload, b"\0\0\0\0\x01x");
+    r.back_read(1, &mut buf);
+    let passed_on = calls(r.client_out());
+    assert_eq!(passed_on.len(), 1, "{passed_on:?}");
+    let f = &passed_on[0];
+    assert_eq!(
+        (f.kind, f.stream, &f.payload[..]),
+        (RST_STREAM, 3, &[0, 0, 0, 7][..]),
+        "call 3's refusal, for the client to retry"
+    );
+    answer(&mut r, 1, 3, b"\0\0\0\0\0", "0");
+    assert_eq!(budget.used(), 0, "given back once the response began");
+    assert_eq!(log.borrow().last(), Some(&(addr(2), Outcome::Status(0))));
+}
