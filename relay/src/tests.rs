@@ -1165,3 +1165,39 @@ fn requests_kept_for_replays_share_one_budget_and_give_it_back() {
     assert_eq!(budget.used(), 0, "given back once the response began");
     assert_eq!(log.borrow().last(), Some(&(addr(2), Outcome::Status(0))));
 }
+
+#[test]
+fn a_call_waiting_when_the_proxy_drains_still_goes_out_and_the_connection_ends_after_it() {
+    let (mut r, _) = relay(&[]);
+    r.picker.wait = Some(Duration::from_secs(1));
+    client_calls(&mut r, &[1], b"\0\0\0\0\0");
+    r.drain();
+    let got = frames(r.client_out());
+    assert!(got.iter().any(|f| f.kind == GOAWAY), "{got:?}");
+    assert!(!r.is_done(), "the waiting call holds the connection open");
+    assert!(r.follows_readiness());
+    r.picker.replicas = vec![addr(1)];
+    r.ready_changed();
+    assert_eq!(back_frames(&mut r, 0)[0].kind, HEADERS, "placed once a replica is ready");
+    answer(&mut r, 0, 1, b"\0\0\0\0\0", "0");
+    let got = calls(r.client_out());
+    assert_eq!(header(&decode(&got.last().unwrap().payload), "grpc-status"), Some("0"));
+    assert!(r.is_done());
+}
+
+#[test]
+fn a_waiting_call_placed_on_a_replica_that_refuses_it_goes_to_the_next() {
+    let (mut r, log) = relay(&[]);
+    r.picker.wait = Some(Duration::from_secs(1));
+    client_calls(&mut r, &[1], b"\0\0\0\0\x01x");
+    r.picker.replicas = vec![addr(1), addr(2)];
+    r.ready_changed();
+    back_frames(&mut r, 0);
+    let mut buf = BytesMut::new();
+    frame::put_rst(&mut buf, 1, Reason::RefusedStream);
+    r.back_read(0, &mut buf);
+    let again = back_frames(&mut r, 1);
+    assert_eq!(again[1].payload, b"\0\0\0\0\x01x", "its request, held while it waited");
+    answer(&mut r, 1, 1, b"\0\0\0\0\0", "0");
+    assert_eq!(*log.borrow(), vec![(addr(1), Outcome::Refused), (addr(2), Outcome::Status(0))]);
+}
