@@ -6,9 +6,8 @@
 Starts two grpcio servers on 127.a.b.1 and 127.a.b.2 (port 50051, a random /24 inside
 127/8 so parallel runs do not collide), a DNS responder answering `interop.test` with
 both, and the proxy with --target interop.test:50051 once per configuration (no
-service config, retry, hedging, detection: through the frame relay, the default, but
-hedging, for which the proxy keeps the HTTP/2 stack; and `relay-off`: no service config
-through the HTTP/2 stack), runs every case of client.py through it, and prints a
+service config, retry, hedging, detection: through the frame relay, the default; and
+`relay-off`: no service config through the HTTP/2 stack), runs every case of client.py through it, and prints a
 summary table.
 Everything it starts is stopped when it ends, whatever happens. Exits non-zero if any
 case failed.

@@ -268,6 +268,11 @@ where
         self.shared.config.lookup(path).and_then(|m| m.retry.clone())
     }
 
+    /// The service config's hedging policy for `path`, if any.
+    pub fn hedging_policy(&self, path: &str) -> Option<lb_core::retry::HedgingPolicy> {
+        self.shared.config.lookup(path).and_then(|m| m.hedging.clone())
+    }
+
     /// The replay buffer every call shares (`--replay-buffer-total`).
     pub fn replay_budget(&self) -> &Budget {
         &self.shared.budget

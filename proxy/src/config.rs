@@ -108,11 +108,10 @@ pub struct ServeArgs {
     /// HTTP/2 stack otherwise), `on` (the frame relay, or a start-up error naming what
     /// it cannot do), or `off` (the HTTP/2 stack). The relay passes frames between the
     /// client's connection and connections to replicas with their stream ids
-    /// rewritten, at a fraction of the CPU, with the same balancing, retries,
-    /// timeouts, waits, keepalives, health answers and metrics; it does not apply
-    /// hedgingPolicy and forwards over HTTP/2 only, so `auto` keeps the HTTP/2 stack
-    /// when the service config hedges or --upstream-protocol is not h2. HTTP/3
-    /// clients always use the HTTP/2 stack's call path.
+    /// rewritten, at a fraction of the CPU, with the same balancing, retries, hedges,
+    /// timeouts, waits, keepalives, health answers and metrics; it forwards over
+    /// HTTP/2 only, so `auto` keeps the HTTP/2 stack when --upstream-protocol is not
+    /// h2. HTTP/3 clients always use the HTTP/2 stack's call path.
     #[arg(long, env = "PROXY_RELAY", default_value = "auto", num_args = 0..=1, default_missing_value = "on")]
     pub relay: RelayMode,
     /// Runtime worker threads [default: one per CPU].
@@ -197,11 +196,11 @@ impl std::str::FromStr for AdminListen {
 impl ServeArgs {
     /// Whether h2c calls go through the frame relay with these settings; with `auto`
     /// and not, why not.
-    pub fn uses_relay(&self, settings: &Settings) -> (bool, Option<String>) {
+    pub fn uses_relay(&self) -> (bool, Option<String>) {
         match self.relay {
             RelayMode::On => (true, None),
             RelayMode::Off => (false, None),
-            RelayMode::Auto => match self.relay_unfit(&settings.service_config) {
+            RelayMode::Auto => match self.relay_unfit() {
                 Some(why) => (false, Some(why)),
                 None => (true, None),
             },
@@ -209,13 +208,9 @@ impl ServeArgs {
     }
 
     /// What the frame relay cannot do that these flags ask for, if anything.
-    fn relay_unfit(&self, service_config: &ServiceConfig) -> Option<String> {
-        if self.upstream_protocol != Protocol::H2 {
-            return Some(format!("forwards over HTTP/2 only, not --upstream-protocol {}", self.upstream_protocol));
-        }
-        let hedged = service_config.methods.iter().find(|m| m.hedging.is_some())?;
-        let (service, method) = hedged.names.first().cloned().unwrap_or_default();
-        Some(format!("does not apply hedgingPolicy, and the service config sets one for {service}/{method}"))
+    fn relay_unfit(&self) -> Option<String> {
+        (self.upstream_protocol != Protocol::H2)
+            .then(|| format!("forwards over HTTP/2 only, not --upstream-protocol {}", self.upstream_protocol))
     }
 
     /// The balancer's settings; reads and validates `--service-config`.
@@ -258,7 +253,7 @@ impl ServeArgs {
             anyhow::bail!("--upstream-protocol {} needs --ca-cert to verify the replicas", self.upstream_protocol);
         }
         if self.relay == RelayMode::On
-            && let Some(why) = self.relay_unfit(&service_config)
+            && let Some(why) = self.relay_unfit()
         {
             anyhow::bail!("--relay on: the frame relay {why}; use --relay auto or off");
         }
@@ -331,11 +326,11 @@ mod tests {
     }
 
     #[test]
-    fn the_relay_is_the_default_and_steps_aside_for_hedging_or_http3_upstream() {
+    fn the_relay_is_the_default_and_steps_aside_for_an_http3_upstream() {
         let uses = |args: &[&str]| {
             let a = parse(args).unwrap().serve;
-            let settings = a.settings().map_err(|e| e.to_string())?;
-            Ok::<_, String>(a.uses_relay(&settings))
+            a.settings().map_err(|e| e.to_string())?;
+            Ok::<_, String>(a.uses_relay())
         };
         assert_eq!(uses(&[]), Ok((true, None)));
         assert_eq!(uses(&["--relay"]), Ok((true, None)), "the bare flag is on");
@@ -347,15 +342,12 @@ mod tests {
         let file = dir.join("hedging.json");
         std::fs::write(&file, hedging).unwrap();
         let file = file.to_str().unwrap();
-        let why = "does not apply hedgingPolicy, and the service config sets one for s/m";
-        assert_eq!(uses(&["--service-config", file]), Ok((false, Some(why.to_owned()))));
-        assert_eq!(
-            uses(&["--service-config", file, "--relay", "on"]),
-            Err(format!("--relay on: the frame relay {why}; use --relay auto or off"))
-        );
+        assert_eq!(uses(&["--service-config", file]), Ok((true, None)), "the relay hedges too");
         let h3 = ["--upstream-protocol", "h3", "--ca-cert", "ca.pem"];
-        let why = "forwards over HTTP/2 only, not --upstream-protocol h3".to_owned();
-        assert_eq!(uses(&h3), Ok((false, Some(why))));
+        let why = "forwards over HTTP/2 only, not --upstream-protocol h3";
+        assert_eq!(uses(&h3), Ok((false, Some(why.to_owned()))));
+        let on: Vec<&str> = h3.iter().copied().chain(["--relay", "on"]).collect();
+        assert_eq!(uses(&on), Err(format!("--relay on: the frame relay {why}; use --relay auto or off")));
     }
 
     #[test]

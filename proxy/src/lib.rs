@@ -99,7 +99,7 @@ pub async fn run(args: ServeArgs, listener: TcpListener, shutdown: impl Future<O
         None => None,
     };
     let settings = args.settings()?;
-    let (relay, relay_unfit) = args.uses_relay(&settings);
+    let (relay, relay_unfit) = args.uses_relay();
     let balancer = Balancer::new(settings).context("starting the balancer")?;
     let admin = admin_listener.map(|l| {
         info!(admin_listen = %l.local_addr().map_or_else(|_| "?".to_owned(), |a| a.to_string()), "Admin API: a live page on /, /admin/endpoints, /admin/events, /metrics");

@@ -14,7 +14,7 @@ use std::{
 
 use balancer::{
     Placed, Placement,
-    retry::{RetryPolicy, Throttle},
+    retry::{HedgingPolicy, RetryPolicy, Throttle},
 };
 use bytes::{Buf, BytesMut};
 use relay::{Limits, Outcome, Relay};
@@ -65,6 +65,10 @@ impl relay::Picker for Placer {
 
     fn retry_policy(&self, path: &str) -> Option<RetryPolicy> {
         self.app.balancer.retry_policy(path)
+    }
+
+    fn hedging_policy(&self, path: &str) -> Option<HedgingPolicy> {
+        self.app.balancer.hedging_policy(path)
     }
 
     fn throttle(&self) -> Option<&Throttle> {

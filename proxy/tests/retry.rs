@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::{Cluster, Path, Protocol, config_file, hello, tally};
+use support::{Cluster, Path, config_file, hello, tally};
 use testkit::{
     echo::pb::{EchoMessage, echo_client::EchoClient},
     replica::Faults,
@@ -40,33 +40,6 @@ fn previous_attempts(md: &tonic::metadata::MetadataMap) -> u64 {
     md.get("grpc-previous-rpc-attempts").map_or(0, |v| v.to_str().unwrap().parse().unwrap())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hedging_beats_a_slow_replica_and_cancels_the_loser() {
-    let config = config_file(
-        r#"{"methodConfig":[{"name":[{"service":"echo.Echo"}],
-            "hedgingPolicy":{"maxAttempts":2,"hedgingDelay":"0.05s","nonFatalStatusCodes":["UNAVAILABLE"]}}]}"#,
-    );
-    let slow = |n: &str| Faults { delay: Duration::from_millis(if n == "s1" { 1000 } else { 0 }), ..Faults::default() };
-    let c = Cluster::start_with(Protocol::H2, LOCALS, &["--service-config", &config], slow).await;
-    c.wait_for(&["s1", "s2"]).await;
-    let mut echo = EchoClient::new(c.channel().await);
-    for _ in 0..6 {
-        let started = Instant::now();
-        let msgs = tokio_stream::iter([EchoMessage { text: "hi".into(), server: String::new() }]);
-        let reply = echo.collect(msgs).await.unwrap().into_inner();
-        assert_eq!(reply.server, "s2");
-        assert!(started.elapsed() < Duration::from_millis(800), "not held up by s1: {:?}", started.elapsed());
-    }
-    let s1 = &c.replica("s1").echo;
-    assert!(s1.calls() >= 3, "s1 got the first attempt of about half the calls: {}", s1.calls());
-    // The resets reach s1 a moment after the winners' replies reach us.
-    let until = Instant::now() + Duration::from_secs(2);
-    while s1.cancelled() < s1.calls() && Instant::now() < until {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(s1.cancelled(), s1.calls(), "every losing attempt on s1 was cancelled");
-}
-
 fn hedging_config(delay: &str) -> String {
     format!(
         r#"{{"methodConfig":[{{"name":[{{}}],"hedgingPolicy":{{"maxAttempts":3,"hedgingDelay":"{delay}",
@@ -74,49 +47,76 @@ fn hedging_config(delay: &str) -> String {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_non_fatal_status_fires_the_next_hedge_at_once_and_a_fatal_one_ends_the_call() {
-    let config = config_file(&hedging_config("5s"));
-    let c = Cluster::start_with(
-        Protocol::H2,
-        LOCALS,
-        &["--service-config", &config],
-        failing("s1", 1.0, Code::Unavailable),
-    )
-    .await;
-    c.wait_for(&["s2"]).await;
-    let mut client = c.client().await;
-    for _ in 0..6 {
-        let started = Instant::now();
-        let r = client.say_hello(hello()).await.expect("the next hedge goes to s2");
-        assert_eq!(r.get_ref().server, "s2");
-        assert!(started.elapsed() < Duration::from_secs(2), "not after the 5 s hedging delay");
-    }
-
-    let fatal =
-        Cluster::start_with(Protocol::H2, LOCALS, &["--service-config", &config], failing("s1", 1.0, Code::NotFound))
-            .await;
-    fatal.wait_for(&["s2"]).await;
-    let mut client = fatal.client().await;
-    // Calls alternate between s1 and s2 once both are connected; one starting on s1
-    // must end with s1's NOT_FOUND instead of waiting for a hedge.
-    let mut not_found = false;
-    for _ in 0..100 {
-        match client.say_hello(hello()).await {
-            Err(s) if s.code() == Code::NotFound => {
-                not_found = true;
-                break;
-            }
-            Err(s) => panic!("only NOT_FOUND may fail a call: {s:?}"),
-            Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-        }
-    }
-    assert!(not_found, "a call that started on s1 ended with its NOT_FOUND");
-}
-
-// Through the h2 path and through the frame relay: both apply retryPolicy, pushback and
-// the throttle.
+// Through the h2 path and through the frame relay: both apply retryPolicy, hedgingPolicy,
+// pushback and the throttle.
 on_h2_and_relay! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hedging_beats_a_slow_replica_and_cancels_the_loser() {
+        let config = config_file(
+            r#"{"methodConfig":[{"name":[{"service":"echo.Echo"}],
+                "hedgingPolicy":{"maxAttempts":2,"hedgingDelay":"0.05s","nonFatalStatusCodes":["UNAVAILABLE"]}}]}"#,
+        );
+        let slow = |n: &str| Faults { delay: Duration::from_millis(if n == "s1" { 1000 } else { 0 }), ..Faults::default() };
+        let c = Cluster::start_with(PATH, LOCALS, &["--service-config", &config], slow).await;
+        c.wait_for(&["s1", "s2"]).await;
+        let mut echo = EchoClient::new(c.channel().await);
+        for _ in 0..6 {
+            let started = Instant::now();
+            let msgs = tokio_stream::iter([EchoMessage { text: "hi".into(), server: String::new() }]);
+            let reply = echo.collect(msgs).await.unwrap().into_inner();
+            assert_eq!(reply.server, "s2");
+            assert!(started.elapsed() < Duration::from_millis(800), "not held up by s1: {:?}", started.elapsed());
+        }
+        let s1 = &c.replica("s1").echo;
+        assert!(s1.calls() >= 3, "s1 got the first attempt of about half the calls: {}", s1.calls());
+        // The resets reach s1 a moment after the winners' replies reach us.
+        let until = Instant::now() + Duration::from_secs(2);
+        while s1.cancelled() < s1.calls() && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(s1.cancelled(), s1.calls(), "every losing attempt on s1 was cancelled");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_non_fatal_status_fires_the_next_hedge_at_once_and_a_fatal_one_ends_the_call() {
+        let config = config_file(&hedging_config("5s"));
+        let c = Cluster::start_with(
+            PATH,
+            LOCALS,
+            &["--service-config", &config],
+            failing("s1", 1.0, Code::Unavailable),
+        )
+        .await;
+        c.wait_for(&["s2"]).await;
+        let mut client = c.client().await;
+        for _ in 0..6 {
+            let started = Instant::now();
+            let r = client.say_hello(hello()).await.expect("the next hedge goes to s2");
+            assert_eq!(r.get_ref().server, "s2");
+            assert!(started.elapsed() < Duration::from_secs(2), "not after the 5 s hedging delay");
+        }
+
+        let fatal =
+            Cluster::start_with(PATH, LOCALS, &["--service-config", &config], failing("s1", 1.0, Code::NotFound))
+                .await;
+        fatal.wait_for(&["s2"]).await;
+        let mut client = fatal.client().await;
+        // Calls alternate between s1 and s2 once both are connected; one starting on s1
+        // must end with s1's NOT_FOUND instead of waiting for a hedge.
+        let mut not_found = false;
+        for _ in 0..100 {
+            match client.say_hello(hello()).await {
+                Err(s) if s.code() == Code::NotFound => {
+                    not_found = true;
+                    break;
+                }
+                Err(s) => panic!("only NOT_FOUND may fail a call: {s:?}"),
+                Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+        assert!(not_found, "a call that started on s1 ended with its NOT_FOUND");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_deadline_bounds_every_attempt_and_backoff() {
         // Attempts of 100 ms, up to 10 ms apart, five allowed: the fourth is in flight at

@@ -49,11 +49,12 @@ use hpack::{Seen, Transcoder};
 use lb_core::{
     Code,
     budget::Budget,
-    retry::{Pushback, RetryPolicy, Throttle, Verdict, policy::RetryState},
+    retry::{HedgeSchedule, HedgingPolicy, Pushback, RetryPolicy, Throttle, Verdict, policy::RetryState},
     rng::SplitMix64,
 };
+use smallvec::SmallVec;
 pub use stream::Outcome;
-use stream::{DETACHED, Replay, Response, Stream};
+use stream::{DETACHED, Hedging, Replay, Response, Stream};
 
 /// Where calls go: the balancer's picker, as the relay sees it.
 pub trait Picker {
@@ -78,6 +79,11 @@ pub trait Picker {
     }
     /// The service config's retry policy for `path` (gRFC A6).
     fn retry_policy(&self, _path: &str) -> Option<RetryPolicy> {
+        None
+    }
+    /// The service config's hedging policy for `path` (gRFC A6); a method with a retry
+    /// policy is not asked.
+    fn hedging_policy(&self, _path: &str) -> Option<HedgingPolicy> {
         None
     }
     /// The service config's retry throttle, shared by every call.
@@ -374,6 +380,12 @@ pub struct Relay<P: Picker> {
     /// Streams watching the proxy's health (`Health/Watch`); stale ids are skipped, and
     /// dropped when a watch starts.
     watches: Vec<u32>,
+    /// When calls' next hedges are due, soonest first (stale entries skipped).
+    hedge_timers: BinaryHeap<Reverse<(Duration, u32)>>,
+    /// The id the next hedge goes under in `streams`: even, unlike the client's.
+    next_hedge: u32,
+    /// Hedges in `streams`, which are not calls.
+    hedge_count: usize,
     /// When the client last sent anything.
     client_heard: Duration,
     /// When we pinged the client, unanswered since.
@@ -417,6 +429,9 @@ impl<P: Picker> Relay<P> {
             waits: BinaryHeap::new(),
             rng: SplitMix64::seeded(seed),
             watches: Vec::new(),
+            hedge_timers: BinaryHeap::new(),
+            next_hedge: 2,
+            hedge_count: 0,
             client_heard: Duration::ZERO,
             client_pinged: None,
             client_silent: false,
@@ -456,6 +471,15 @@ impl<P: Picker> Relay<P> {
             let Some(s) = self.streams.get_mut(&id).filter(|s| s.backoff_until == Some(due)) else { continue };
             s.backoff_until = None;
             self.place(id);
+        }
+        while let Some(&Reverse((due, id))) = self.hedge_timers.peek() {
+            if due > now {
+                break;
+            }
+            self.hedge_timers.pop();
+            if self.streams.get(&id).is_some_and(|s| hedge_due(s) == Some(due)) {
+                self.hedge(id);
+            }
         }
         self.keep_alive(now);
         self.keep_client_alive(now);
@@ -549,7 +573,7 @@ impl<P: Picker> Relay<P> {
     /// When [`Relay::tick`] has work next, if ever.
     pub fn next_timer(&self) -> Option<Duration> {
         let next = |heap: &BinaryHeap<Reverse<(Duration, u32)>>| heap.peek().map(|Reverse((due, _))| *due);
-        let timers = [next(&self.backoffs), next(&self.deadlines), next(&self.waits)];
+        let timers = [next(&self.backoffs), next(&self.deadlines), next(&self.waits), next(&self.hedge_timers)];
         let pings = self.limits.keepalive.into_iter().flat_map(|interval| {
             let timeout = self.limits.ping_timeout;
             let busy = self.backs.iter().filter(|b| b.connected && !b.streams.is_empty());
@@ -601,7 +625,7 @@ impl<P: Picker> Relay<P> {
 
     /// Calls open now.
     pub fn open_calls(&self) -> usize {
-        self.streams.len()
+        self.streams.len() - self.hedge_count
     }
 
     /// The connection is over: an error was sent, or no call is open and none can come.
@@ -689,7 +713,8 @@ impl<P: Picker> Relay<P> {
                     self.client_headers(block)?;
                 }
             }
-            frame::RST_STREAM if self.streams.contains_key(&head.stream) => {
+            // Even ids are the relay's own hedges, never the client's streams.
+            frame::RST_STREAM if head.stream % 2 == 1 && self.streams.contains_key(&head.stream) => {
                 self.cancel(head.stream);
                 self.resets += 1;
                 if self.resets > self.limits.max_resets {
@@ -724,7 +749,7 @@ impl<P: Picker> Relay<P> {
                     for id in ids {
                         self.pump_down(id, &[]);
                     }
-                } else if let Some(s) = self.streams.get_mut(&head.stream) {
+                } else if let Some(s) = self.streams.get_mut(&head.stream).filter(|s| s.hedge_of.is_none()) {
                     s.down.window += increment;
                     self.pump_down(head.stream, &[]);
                 }
@@ -793,6 +818,9 @@ impl<P: Picker> Relay<P> {
         }
         s.up.end |= end_stream;
         self.pump_up(head.stream, body);
+        if end_stream {
+            self.hedge(head.stream); // one due waited for the whole request
+        }
         Ok(())
     }
 
@@ -832,7 +860,7 @@ impl<P: Picker> Relay<P> {
             return Ok(());
         }
         self.last_client_stream = id;
-        if self.goaway.is_some() || self.streams.len() >= self.limits.max_streams as usize {
+        if self.goaway.is_some() || self.open_calls() >= self.limits.max_streams as usize {
             frame::put_rst(&mut self.client.out, id, Reason::RefusedStream);
             return Ok(());
         }
@@ -856,6 +884,10 @@ impl<P: Picker> Relay<P> {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
+        let hedging = match retry {
+            None => self.picker.hedging_policy(&path),
+            Some(_) => None,
+        };
         let mut stream = Stream::new(
             path,
             Replay::new(block, &limits.replay_budget),
@@ -863,6 +895,10 @@ impl<P: Picker> Relay<P> {
             end_stream,
             limits.max_message,
         );
+        if let Some(policy) = hedging {
+            let schedule = HedgeSchedule::new(&policy, self.now);
+            stream.hedging = Some(Box::new(Hedging { policy, schedule, hedges: SmallVec::new() }));
+        }
         stream.retry = retry;
         if let Some(t) = timeout {
             let due = self.now.saturating_add(t);
@@ -879,6 +915,9 @@ impl<P: Picker> Relay<P> {
             return Ok(());
         }
         self.streams.insert(id, stream);
+        if let Some(due) = self.streams.get(&id).and_then(hedge_due) {
+            push_timer(&mut self.hedge_timers, due, id, &self.streams, hedge_due);
+        }
         self.place(id);
         Ok(())
     }
@@ -898,6 +937,14 @@ impl<P: Picker> Relay<P> {
         let Some((addr, attempt)) = self.picker.pick(&s.path, &replay.tried, s.previous) else {
             return self.wait_for_ready(id);
         };
+        self.send_attempt(id, addr, attempt);
+        self.hedge(id); // one came due while it waited for a replica
+    }
+
+    /// Sends the call's request, as its replay holds it, to `addr`.
+    fn send_attempt(&mut self, id: u32, addr: SocketAddr, attempt: P::Attempt) {
+        let Some(s) = self.streams.get_mut(&id) else { return };
+        let Some(replay) = &mut s.replay else { return };
         let first = replay.tried.is_empty();
         replay.tried.push(addr);
         s.waiting = None;
@@ -952,6 +999,189 @@ impl<P: Picker> Relay<P> {
             s.replay = None; // sent once from what was pending: it cannot be again
         }
         self.pump_up(id, &[]);
+    }
+
+    /// Starts the call's next hedge if one is due and its request is whole and kept, on
+    /// a replica it has not tried if there is one; schedules the one after.
+    fn hedge(&mut self, id: u32) {
+        let now = self.now;
+        if self.streams.get(&id).is_none_or(|s| hedge_due(s).is_none_or(|due| due > now)) {
+            return;
+        }
+        let hid = loop {
+            let hid = self.next_hedge;
+            self.next_hedge = if hid >= (1 << 31) - 2 { 2 } else { hid + 2 };
+            if !self.streams.contains_key(&hid) {
+                break hid;
+            }
+        };
+        let throttled = self.picker.throttle().is_some_and(|t| !t.allows());
+        let Some(s) = self.streams.get_mut(&id) else { return };
+        let Some(h) = s.hedging.as_deref_mut() else { return };
+        if s.response != Response::None || s.waiting.is_some() || !h.schedule.is_due(now) {
+            return;
+        }
+        let whole = s.client_ended && s.up.trailers.is_none();
+        let Some(replay) = s.replay.as_mut().filter(|r| !r.outgrown) else {
+            return h.schedule.stop(); // outgrew its buffer: committed to the attempts it has
+        };
+        if throttled {
+            return h.schedule.stop();
+        }
+        if !whole {
+            return; // the client's END_STREAM starts it
+        }
+        let Some((addr, attempt)) = self.picker.pick(&s.path, &replay.tried, h.schedule.started()) else {
+            // None ready: the next try a delay on.
+            h.schedule.push_back(now.saturating_add(h.policy.delay));
+            let due = h.schedule.next_due();
+            if let Some(due) = due {
+                push_timer(&mut self.hedge_timers, due, id, &self.streams, hedge_due);
+            }
+            return;
+        };
+        replay.tried.push(addr);
+        let attempt_no = h.schedule.started();
+        h.schedule.on_started(now);
+        let mut hedge = Stream::new(
+            s.path.clone(),
+            Replay::new(replay.block.clone(), &self.limits.replay_budget),
+            self.limits.stream_window,
+            true,
+            self.limits.max_message,
+        );
+        // All of the request, credited to the client when it first came.
+        hedge.up.pending.extend_from_slice(&replay.data);
+        hedge.up.resend = replay.data.len();
+        hedge.previous = attempt_no;
+        hedge.deadline = s.deadline;
+        hedge.hedge_of = Some(id);
+        h.hedges.push(hid);
+        let due = h.schedule.next_due();
+        self.streams.insert(hid, hedge);
+        self.hedge_count += 1;
+        if let Some(due) = due {
+            push_timer(&mut self.hedge_timers, due, id, &self.streams, hedge_due);
+        }
+        self.send_attempt(hid, addr, attempt);
+        if let Some(hedge) = self.streams.get_mut(&hid) {
+            hedge.replay = None; // the call keeps the request; a hedge is not placed again
+        }
+    }
+
+    /// Whether the call's hedging policy lets its other attempts go on after `code`.
+    fn is_non_fatal(&self, id: u32, code: u8) -> bool {
+        let code = Code::from_i32(i32::from(code)).unwrap_or(Code::Unknown);
+        self.streams.get(&id).and_then(|s| s.hedging.as_ref()).is_some_and(|h| !h.policy.is_fatal(code))
+    }
+
+    /// One of the call's attempts failed with the non-fatal `code`: the throttle hears
+    /// of it, and the next hedge is due at once (or after the pushback, or never).
+    fn hedge_failed(&mut self, id: u32, code: u8, pushback: Pushback) {
+        let now = self.now;
+        let throttle = self.picker.throttle();
+        let Some(h) = self.streams.get_mut(&id).and_then(|s| s.hedging.as_deref_mut()) else { return };
+        if let Some(t) = throttle {
+            t.on_failure();
+        }
+        h.schedule.on_nonfatal_failure(now);
+        match pushback {
+            Pushback::None => {}
+            Pushback::After(pause) => h.schedule.push_back(now.saturating_add(pause)),
+            Pushback::Stop => h.schedule.stop(),
+        }
+        let _ = code;
+        if let Some(due) = h.schedule.next_due().filter(|&due| due > now) {
+            push_timer(&mut self.hedge_timers, due, id, &self.streams, hedge_due);
+        }
+        self.hedge(id);
+    }
+
+    /// The call's own attempt failed with `code` before any response: with a hedging
+    /// policy that calls it non-fatal, a running hedge takes the call over, or the next
+    /// starts at once and does. Says whether one did.
+    fn hedge_after(&mut self, id: u32, code: u8, pushback: Pushback) -> bool {
+        if !self.is_non_fatal(id, code) {
+            return false;
+        }
+        let running =
+            |r: &Self| r.streams.get(&id).and_then(|s| s.hedging.as_ref()).and_then(|h| h.hedges.first().copied());
+        if let Some(hedge) = running(self) {
+            self.promote(id, hedge, Outcome::Retried(code));
+            self.hedge_failed(id, code, pushback);
+            return true;
+        }
+        self.hedge_failed(id, code, pushback);
+        match running(self) {
+            Some(hedge) => {
+                self.promote(id, hedge, Outcome::Retried(code));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// A hedge's stream was reset or its connection lost: it is let go, and the next
+    /// is due at once if UNAVAILABLE is non-fatal.
+    fn hedge_lost(&mut self, hid: u32, outcome: Outcome) {
+        let Some(call) = self.streams.get(&hid).and_then(|s| s.hedge_of) else { return };
+        self.drop_hedge(hid, outcome);
+        if self.is_non_fatal(call, Code::Unavailable as u8) {
+            self.hedge_failed(call, Code::Unavailable as u8, Pushback::None);
+        }
+    }
+
+    /// The call goes on with its hedge `hid` in place of its own attempt, which ends as
+    /// `outcome` (its stream reset if still open).
+    fn promote(&mut self, id: u32, hid: u32, outcome: Outcome) {
+        let Some(hedge) = self.take_hedge(hid) else { return };
+        let Some(mut s) = self.streams.remove(&id) else { return };
+        self.detach(&mut s, Reason::Cancel);
+        self.release(&s);
+        if let Some(a) = s.attempt.take() {
+            a.ended(&s.path, outcome);
+        }
+        s.back = hedge.back;
+        s.up_id = hedge.up_id;
+        s.attempt = hedge.attempt;
+        s.up = hedge.up;
+        s.previous = hedge.previous;
+        if let Some(b) = self.back_mut(s.back) {
+            b.streams.insert(s.up_id, id);
+        }
+        self.streams.insert(id, s);
+    }
+
+    /// Takes hedge `hid` out of the map and off its call's list.
+    fn take_hedge(&mut self, hid: u32) -> Option<Stream<P::Attempt>> {
+        let call = self.streams.get(&hid)?.hedge_of?;
+        let hedge = self.streams.remove(&hid)?;
+        self.hedge_count -= 1;
+        if let Some(h) = self.streams.get_mut(&call).and_then(|s| s.hedging.as_deref_mut()) {
+            h.hedges.retain(|x| *x != hid);
+        }
+        Some(hedge)
+    }
+
+    /// Lets hedge `hid` go: its stream reset if still open, its attempt ended as `outcome`.
+    fn drop_hedge(&mut self, hid: u32, outcome: Outcome) {
+        let Some(mut hedge) = self.take_hedge(hid) else { return };
+        self.detach(&mut hedge, Reason::Cancel);
+        self.release(&hedge);
+        if let Some(a) = hedge.attempt.take() {
+            a.ended(&hedge.path, outcome);
+        }
+    }
+
+    /// The call committed or ended: every hedge still racing it is cancelled.
+    fn drop_hedges(&mut self, id: u32) {
+        let Some(h) = self.streams.get(&id).and_then(|s| s.hedging.as_ref()) else { return };
+        for hid in h.hedges.clone() {
+            self.drop_hedge(hid, Outcome::Cancelled);
+        }
+        if let Some(h) = self.streams.get_mut(&id).and_then(|s| s.hedging.as_deref_mut()) {
+            h.schedule.stop();
+        }
     }
 
     /// No replica is ready for the call: it waits for one up to its deadline, or its
@@ -1087,6 +1317,7 @@ impl<P: Picker> Relay<P> {
 
     /// The response went out whole: the call is over.
     fn finish(&mut self, id: u32) {
+        self.drop_hedges(id);
         let Some(mut s) = self.streams.remove(&id) else { return };
         if !s.client_ended {
             frame::put_rst(&mut self.client.out, id, Reason::NoError);
@@ -1101,6 +1332,10 @@ impl<P: Picker> Relay<P> {
 
     /// The client reset the call, or went away: the replica's stream is reset too.
     fn cancel(&mut self, id: u32) {
+        if self.streams.get(&id).is_some_and(|s| s.hedge_of.is_some()) {
+            return self.drop_hedge(id, Outcome::Cancelled);
+        }
+        self.drop_hedges(id);
         let Some(mut s) = self.streams.remove(&id) else { return };
         self.release(&s);
         self.detach(&mut s, Reason::Cancel);
@@ -1126,6 +1361,7 @@ impl<P: Picker> Relay<P> {
     /// Ends a call with a status from the relay: trailers-only if no response began,
     /// else trailers after what is pending.
     fn end_with(&mut self, id: u32, code: u8, message: &str, outcome: Outcome) {
+        self.drop_hedges(id);
         let Some(s) = self.streams.get_mut(&id) else { return };
         s.status = Some(code);
         s.replay = None;
@@ -1241,12 +1477,19 @@ impl<P: Picker> Relay<P> {
         for id in ids {
             let Some(s) = self.streams.get_mut(&id) else { continue };
             s.back = DETACHED;
+            if s.hedge_of.is_some() {
+                self.hedge_lost(id, if b.connected { Outcome::Lost } else { Outcome::Refused });
+                continue;
+            }
             if s.response == Response::Ended {
                 continue; // its trailers came: what is pending drains to the client
             }
             if !b.connected && s.response == Response::None && s.replay.is_some() {
                 self.unprocessed(id);
-            } else if s.response == Response::None && self.retry_after(id, Code::Unavailable as u8, Pushback::None) {
+            } else if s.response == Response::None
+                && (self.retry_after(id, Code::Unavailable as u8, Pushback::None)
+                    || self.hedge_after(id, Code::Unavailable as u8, Pushback::None))
+            {
                 // Lost before a response: UNAVAILABLE, sent again as the policy says.
             } else {
                 self.end_with(id, 14, &format!("the connection to replica {} {why}", b.addr), Outcome::Lost);
@@ -1331,6 +1574,12 @@ impl<P: Picker> Relay<P> {
                 let Some(id) = client_id else { return Ok(()) };
                 b.streams.remove(&head.stream);
                 let Some(s) = self.streams.get_mut(&id) else { return Ok(()) };
+                if s.hedge_of.is_some() {
+                    s.back = DETACHED;
+                    let refused = reason == Reason::RefusedStream as u32;
+                    self.hedge_lost(id, if refused { Outcome::Refused } else { Outcome::Lost });
+                    return Ok(());
+                }
                 if s.response == Response::Ended {
                     // After its trailers (grpc-go resets a stream the client still
                     // sends on): the response drains to the client as it came.
@@ -1339,7 +1588,15 @@ impl<P: Picker> Relay<P> {
                 } else if reason == Reason::RefusedStream as u32 && s.response == Response::None && s.replay.is_some() {
                     s.back = DETACHED;
                     self.unprocessed(id);
-                } else if let Some(mut s) = self.streams.remove(&id) {
+                } else if s.response == Response::None && s.hedging.as_ref().is_some_and(|h| !h.hedges.is_empty()) && {
+                    s.back = DETACHED;
+                    self.hedge_after(id, Code::Unavailable as u8, Pushback::None)
+                } {
+                    // A hedge goes on with the call.
+                } else if let Some(mut s) = {
+                    self.drop_hedges(id);
+                    self.streams.remove(&id)
+                } {
                     frame::put(&mut self.client.out, frame::RST_STREAM, 0, id, &reason.to_be_bytes());
                     self.release(&s);
                     if let Some(a) = s.attempt.take() {
@@ -1379,12 +1636,15 @@ impl<P: Picker> Relay<P> {
                 for (_, id) in unprocessed {
                     let Some(s) = self.streams.get_mut(&id) else { continue };
                     s.back = DETACHED;
-                    if s.replay.is_some() {
+                    if s.hedge_of.is_some() {
+                        self.hedge_lost(id, Outcome::Refused);
+                    } else if s.replay.is_some() {
                         self.unprocessed(id);
                     } else {
                         if let Some(a) = s.attempt.take() {
                             a.ended(&s.path, Outcome::Refused);
                         }
+                        self.drop_hedges(id);
                         if let Some(s) = self.streams.remove(&id) {
                             self.release(&s);
                         }
@@ -1428,20 +1688,36 @@ impl<P: Picker> Relay<P> {
         let Seen { status, pushback, .. } = seen;
         let Some(id) = client_id else { return Ok(()) };
         let Some(s) = self.streams.get(&id) else { return Ok(()) };
+        let failed = end_stream && status != Some(0);
+        let code = status.unwrap_or(Code::Unknown as u8);
+        let pushback = match pushback {
+            None => Pushback::None,
+            Some(Some(ms)) => Pushback::After(Duration::from_millis(ms)),
+            Some(None) => Pushback::Stop,
+        };
+        let id = match s.hedge_of {
+            Some(call) => {
+                if failed && self.is_non_fatal(call, code) {
+                    self.drop_hedge(id, Outcome::Retried(code));
+                    self.hedge_failed(call, code, pushback);
+                    return Ok(());
+                }
+                // Response headers, OK or a fatal status: the call is this hedge's.
+                self.promote(call, id, Outcome::Cancelled);
+                call
+            }
+            None => id,
+        };
+        let Some(s) = self.streams.get(&id) else { return Ok(()) };
         if s.response == Response::None {
-            let failed = end_stream && status != Some(0);
             if failed {
-                let pushback = match pushback {
-                    None => Pushback::None,
-                    Some(Some(ms)) => Pushback::After(Duration::from_millis(ms)),
-                    Some(None) => Pushback::Stop,
-                };
-                if self.retry_after(id, status.unwrap_or(Code::Unknown as u8), pushback) {
+                if self.retry_after(id, code, pushback) || self.hedge_after(id, code, pushback) {
                     return Ok(());
                 }
             } else if let Some(t) = self.picker.throttle() {
                 t.on_success(); // response headers, or OK: the call is done with retries
             }
+            self.drop_hedges(id); // committed
         }
         let Some(s) = self.streams.get_mut(&id) else { return Ok(()) };
         if s.response == Response::None && s.previous > 0 {
@@ -1494,6 +1770,11 @@ fn push_timer<A>(
         heap.retain(|Reverse((t, i))| streams.get(i).is_some_and(|s| when(s) == Some(*t)));
     }
     heap.push(Reverse((due, id)));
+}
+
+/// When a call's next hedge is due, if one is.
+fn hedge_due<A>(s: &Stream<A>) -> Option<Duration> {
+    s.hedging.as_ref().and_then(|h| h.schedule.next_due())
 }
 
 /// `name: n` as a literal.

@@ -7,7 +7,7 @@ use bytes::BytesMut;
 use lb_core::{
     budget::{Budget, Held},
     frame::FrameScan,
-    retry::{RetryPolicy, policy::RetryState},
+    retry::{HedgeSchedule, HedgingPolicy, RetryPolicy, policy::RetryState},
 };
 use smallvec::SmallVec;
 
@@ -195,11 +195,24 @@ pub(crate) struct Stream<A> {
     pub waiting: Option<(Duration, Duration)>,
     /// A health watch answered by the relay: the status it was last told.
     pub watching: Option<u8>,
+    /// The method's hedgingPolicy, when it has one, and the call's hedges.
+    pub hedging: Option<Box<Hedging>>,
+    /// This is a hedge of the call on that client stream, under an id of its own
+    /// (even: the client's are odd). Its response, once it has one, is the call's.
+    pub hedge_of: Option<u32>,
     /// Attempts before this one that failed and were retried (`grpc-previous-rpc-attempts`).
     pub previous: u32,
     /// When the call fails with DEADLINE_EXCEEDED: the caller's `grpc-timeout` or the
     /// method's timeout, whichever is sooner, from its arrival.
     pub deadline: Option<Duration>,
+}
+
+/// A call's hedging (gRFC A6): when its next attempt is due, and the attempts racing
+/// its own, by their ids in the relay's map.
+pub(crate) struct Hedging {
+    pub policy: HedgingPolicy,
+    pub schedule: HedgeSchedule,
+    pub hedges: SmallVec<[u32; 2]>,
 }
 
 /// A stream on no back.
@@ -224,6 +237,8 @@ impl<A> Stream<A> {
             backoff_until: None,
             waiting: None,
             watching: None,
+            hedging: None,
+            hedge_of: None,
             previous: 0,
             deadline: None,
         }

@@ -5,7 +5,7 @@ use std::{cell::RefCell, net::SocketAddr, rc::Rc};
 use bytes::BytesMut;
 use loona_hpack::{Decoder, Encoder};
 
-use lb_core::retry::policy::CodeSet;
+use lb_core::retry::{HedgingPolicy, policy::CodeSet};
 
 use super::*;
 use frame::{CONTINUATION, DATA, END_HEADERS, END_STREAM, GOAWAY, HEADERS, RST_STREAM, SETTINGS, WINDOW_UPDATE};
@@ -22,6 +22,7 @@ struct Turns {
     timeout: Option<Duration>,
     /// How long a call finding no replica waits for one (`None`: fails at once).
     wait: Option<Duration>,
+    hedging: Option<HedgingPolicy>,
     /// What each pick was told: the replicas to avoid and the retries so far.
     asked: Vec<(Vec<SocketAddr>, u32)>,
 }
@@ -56,6 +57,9 @@ impl Picker for Turns {
     fn ready_wait(&self, _path: &str) -> Option<Duration> {
         self.wait
     }
+    fn hedging_policy(&self, _path: &str) -> Option<HedgingPolicy> {
+        self.hedging.clone()
+    }
     fn unavailable(&self, waited: Duration) -> String {
         format!("no ready replica after {waited:?}")
     }
@@ -76,6 +80,7 @@ fn relay(replicas: &[u8]) -> (Relay<Turns>, Log) {
         retry: None,
         timeout: None,
         wait: None,
+        hedging: None,
         asked: Vec::new(),
     };
     (Relay::new(picker, Limits::default(), 7), log)
@@ -780,6 +785,7 @@ fn bytes_pending_when_a_call_ends_are_credited_back_to_the_connection() {
         retry: None,
         timeout: None,
         wait: None,
+        hedging: None,
         asked: Vec::new(),
     };
     // Connection credit goes out in steps of 10,000 bytes.
@@ -1200,4 +1206,135 @@ fn a_waiting_call_placed_on_a_replica_that_refuses_it_goes_to_the_next() {
     assert_eq!(again[1].payload, b"\0\0\0\0\x01x", "its request, held while it waited");
     answer(&mut r, 1, 1, b"\0\0\0\0\0", "0");
     assert_eq!(*log.borrow(), vec![(addr(1), Outcome::Refused), (addr(2), Outcome::Status(0))]);
+}
+
+/// A relay whose method hedges: up to `attempts`, 50 ms apart, UNAVAILABLE non-fatal.
+fn hedging(replicas: &[u8], attempts: u32) -> (Relay<Turns>, Log) {
+    let (mut r, log) = relay(replicas);
+    let mut non_fatal = CodeSet::default();
+    non_fatal.insert(Code::Unavailable);
+    r.picker.hedging = Some(HedgingPolicy { max_attempts: attempts, delay: Duration::from_millis(50), non_fatal });
+    (r, log)
+}
+
+fn kinds(frames: &[F]) -> Vec<(u8, u8)> {
+    frames.iter().map(|f| (f.kind, f.flags)).collect()
+}
+
+#[test]
+fn a_hedge_goes_to_another_replica_after_the_delay_and_the_first_response_wins() {
+    let (mut r, log) = hedging(&[1, 2, 3], 3);
+    client_calls(&mut r, &[1], b"\0\0\0\0\x01x");
+    assert_eq!(back_frames(&mut r, 0).len(), 2, "the first attempt at once");
+    assert_eq!(r.next_timer(), Some(Duration::from_millis(50)));
+    r.tick(Duration::from_millis(49));
+    assert!(r.backs().all(|b| b.id != 1), "no hedge before the delay");
+    r.tick(Duration::from_millis(50));
+    let hedge = back_frames(&mut r, 1);
+    assert_eq!(kinds(&hedge), [(HEADERS, END_HEADERS), (DATA, END_STREAM)]);
+    assert_eq!(header(&decode(&hedge[0].payload), "grpc-previous-rpc-attempts"), Some("1"));
+    assert_eq!(hedge[1].payload, b"\0\0\0\0\x01x", "the same request");
+    assert_eq!(r.picker.asked[1].0, vec![addr(1)], "on a replica not tried");
+    assert_eq!(r.open_calls(), 1, "one call, two attempts");
+    answer(&mut r, 1, 1, b"\0\0\0\0\x02ok", "0");
+    let lost = back_frames(&mut r, 0);
+    assert_eq!((lost[0].kind, lost[0].stream, &lost[0].payload[..]), (RST_STREAM, 1, &[0, 0, 0, 8][..]));
+    let got = calls(r.client_out());
+    assert_eq!(kinds(&got), [(HEADERS, END_HEADERS), (DATA, 0), (HEADERS, END_HEADERS | END_STREAM)]);
+    assert_eq!(header(&decode(&got[0].payload), "grpc-previous-rpc-attempts"), Some("1"));
+    assert_eq!(got[1].payload, b"\0\0\0\0\x02ok");
+    assert_eq!(*log.borrow(), vec![(addr(1), Outcome::Cancelled), (addr(2), Outcome::Status(0))]);
+    r.tick(Duration::from_millis(100));
+    assert!(r.backs().all(|b| b.id != 2), "no third attempt once committed");
+    assert!(r.is_done() || r.open_calls() == 0);
+}
+
+#[test]
+fn a_non_fatal_failure_sends_the_next_hedge_at_once_and_a_fatal_one_ends_the_call() {
+    let (mut r, log) = hedging(&[1, 2, 3], 3);
+    client_calls(&mut r, &[1], b"\0\0\0\0\x01x");
+    back_frames(&mut r, 0);
+    r.tick(Duration::from_millis(10));
+    refuse(&mut r, 0, 1, "14", &[]);
+    assert!(calls(r.client_out()).is_empty(), "the failure is not passed on");
+    let hedge = back_frames(&mut r, 1);
+    assert_eq!(kinds(&hedge), [(HEADERS, END_HEADERS), (DATA, END_STREAM)], "at once, not at 50 ms");
+    r.tick(Duration::from_millis(59));
+    assert!(r.backs().all(|b| b.id != 2), "the next, a delay after this one");
+    refuse(&mut r, 1, 1, "13", &[]);
+    let got = calls(r.client_out());
+    assert_eq!(got.len(), 1);
+    assert_eq!(header(&decode(&got[0].payload), "grpc-status"), Some("13"), "INTERNAL is fatal");
+    assert_eq!(header(&decode(&got[0].payload), "grpc-previous-rpc-attempts"), Some("1"));
+    assert_eq!(*log.borrow(), vec![(addr(1), Outcome::Retried(14)), (addr(2), Outcome::Status(13))]);
+    r.tick(Duration::from_millis(100));
+    assert!(r.backs().all(|b| b.id != 2), "no attempt after the call ended");
+}
+
+#[test]
+fn the_last_non_fatal_failure_reaches_the_client_once_attempts_run_out() {
+    let (mut r, log) = hedging(&[1, 2], 2);
+    client_calls(&mut r, &[1], b"\0\0\0\0\0");
+    r.tick(Duration::from_millis(50));
+    assert_eq!(back_frames(&mut r, 1).len(), 2, "the hedge");
+    refuse(&mut r, 1, 1, "14", &[]);
+    assert!(calls(r.client_out()).is_empty(), "the first attempt still runs");
+    refuse(&mut r, 0, 1, "14", &[]);
+    let got = calls(r.client_out());
+    assert_eq!(header(&decode(&got[0].payload), "grpc-status"), Some("14"));
+    assert_eq!(*log.borrow(), vec![(addr(2), Outcome::Retried(14)), (addr(1), Outcome::Status(14))]);
+    assert_eq!(r.open_calls(), 0);
+}
+
+#[test]
+fn a_failed_first_attempt_hands_the_call_to_a_running_hedge() {
+    let (mut r, log) = hedging(&[1, 2], 2);
+    client_calls(&mut r, &[1], b"\0\0\0\0\0");
+    r.tick(Duration::from_millis(50));
+    back_frames(&mut r, 1);
+    refuse(&mut r, 0, 1, "14", &[]);
+    assert!(calls(r.client_out()).is_empty());
+    answer(&mut r, 1, 1, b"\0\0\0\0\0", "0");
+    let got = calls(r.client_out());
+    assert_eq!(header(&decode(&got.last().unwrap().payload), "grpc-status"), Some("0"));
+    assert_eq!(*log.borrow(), vec![(addr(1), Outcome::Retried(14)), (addr(2), Outcome::Status(0))]);
+}
+
+#[test]
+fn a_client_reset_cancels_every_hedge() {
+    let (mut r, log) = hedging(&[1, 2], 2);
+    client_calls(&mut r, &[1], b"\0\0\0\0\0");
+    r.tick(Duration::from_millis(50));
+    back_frames(&mut r, 0);
+    back_frames(&mut r, 1);
+    let mut buf = BytesMut::new();
+    frame::put_rst(&mut buf, 1, Reason::Cancel);
+    r.client_read(&mut buf);
+    for slot in [0, 1] {
+        let got = back_frames(&mut r, slot);
+        assert_eq!((got[0].kind, got[0].stream), (RST_STREAM, 1), "replica {slot}: {got:?}");
+    }
+    let mut outcomes: Vec<_> = log.borrow().clone();
+    outcomes.sort_by_key(|(a, _)| *a);
+    assert_eq!(outcomes, vec![(addr(1), Outcome::Cancelled), (addr(2), Outcome::Cancelled)]);
+    assert!(r.is_done() || r.open_calls() == 0);
+    assert_eq!(r.next_timer(), None);
+}
+
+#[test]
+fn a_hedge_waits_for_the_whole_request() {
+    let (mut r, _) = hedging(&[1, 2], 2);
+    let mut buf = BytesMut::from(frame::PREFACE);
+    frame::put_settings(&mut buf, &[]);
+    put(&mut buf, HEADERS, END_HEADERS, 1, &request("/echo.Echo/Collect"));
+    put(&mut buf, DATA, 0, 1, b"\0\0\0\0\x01a");
+    r.client_read(&mut buf);
+    r.tick(Duration::from_millis(80));
+    assert!(r.backs().all(|b| b.id != 1), "half a request is not hedged");
+    put(&mut buf, DATA, END_STREAM, 1, b"\0\0\0\0\x01b");
+    r.client_read(&mut buf);
+    let hedge = back_frames(&mut r, 1);
+    let data: Vec<u8> = hedge.iter().filter(|f| f.kind == DATA).flat_map(|f| f.payload.clone()).collect();
+    assert_eq!(data, b"\0\0\0\0\x01a\0\0\0\0\x01b", "the whole request, once it is");
+    assert_eq!(hedge.last().unwrap().flags & END_STREAM, END_STREAM);
 }
