@@ -323,6 +323,10 @@ impl Conn {
         // Reading stops while what the client's frames made us owe others (or the client
         // itself: acks, resets) waits to be written.
         let backlog = client_backlog >= HIGH_WATER || self.relay.backs().any(|b| b.out.len() >= HIGH_WATER);
+        if self.client_open && backlog && client_backlog < HIGH_WATER {
+            // Unread for a replica's backlog, not for the client's: not its silence.
+            self.relay.client_unread();
+        }
         if self.client_open && !backlog {
             match read(&self.client, &mut self.read, cx) {
                 Poll::Ready(Ok(0)) => {

@@ -275,6 +275,8 @@ on_h2_and_relay! {
         let pinged = Instant::now();
         assert!(raw.until(|_| false).await.is_none(), "the proxy closes the connection");
         println!("let go {:?} after its ping", pinged.elapsed());
+        // Twice the keepalive past the ping (the h2 path checks on its 200 ms ticks).
+        assert!(pinged.elapsed() >= Duration::from_millis(350), "let go too soon: {:?}", pinged.elapsed());
         within_5s(|| echo.cancelled() >= 1).await;
         assert_eq!(echo.cancelled(), 1, "its call was cancelled at the replica");
         still_serves(&c).await;

@@ -541,7 +541,9 @@ impl<P: Picker> Relay<P> {
         let status = self.health_status();
         for i in 0..self.watches.len() {
             let id = self.watches[i];
-            let Some(s) = self.streams.get_mut(&id).filter(|s| s.watching.is_some_and(|w| w != status)) else {
+            let changed =
+                |s: &&mut Stream<_>| s.response == Response::Headers && s.watching.is_some_and(|w| w != status);
+            let Some(s) = self.streams.get_mut(&id).filter(changed) else {
                 continue;
             };
             s.watching = Some(status);
@@ -621,6 +623,13 @@ impl<P: Picker> Relay<P> {
     /// is queued for it (a vanished peer never reads it).
     pub fn client_silent(&self) -> bool {
         self.client_silent
+    }
+
+    /// The shell leaves the client's bytes unread for now (a replica's backlog): its
+    /// silence proves nothing, so its ping clock starts again.
+    pub fn client_unread(&mut self) {
+        self.client_heard = self.now;
+        self.client_pinged = None;
     }
 
     /// Calls open now.
@@ -794,10 +803,14 @@ impl<P: Picker> Relay<P> {
         s.client_ended = end_stream;
         if let Some(replay) = &mut s.replay {
             if replay.outgrown {
-            } else if replay.data.len() + body.len() <= self.limits.replay
-                // The relay's own answers (health) keep their few bytes whatever the budget.
-                && (s.local || replay.held.take(body.len()))
-            {
+            } else if s.local {
+                // The relay's own answers keep their few bytes outside the budget; a
+                // request larger than any real one is refused.
+                match replay.data.len() + body.len() <= LOCAL_REQUEST_MAX {
+                    true => replay.data.extend_from_slice(body),
+                    false => s.replay = None,
+                }
+            } else if replay.data.len() + body.len() <= self.limits.replay && replay.held.take(body.len()) {
                 replay.data.extend_from_slice(body);
             } else if replay.tried.is_empty() {
                 // Never sent: all of it waits uncredited in `up.pending`, bounded by the
@@ -1322,7 +1335,11 @@ impl<P: Picker> Relay<P> {
         if !s.client_ended {
             frame::put_rst(&mut self.client.out, id, Reason::NoError);
         }
-        self.resets = self.resets.saturating_sub(1);
+        if !s.local {
+            // A completed call offsets a reset; the relay's own answers, free to ask
+            // for, do not.
+            self.resets = self.resets.saturating_sub(1);
+        }
         self.release(&s);
         self.detach(&mut s, Reason::NoError);
         if let Some(a) = s.attempt.take() {
@@ -1452,6 +1469,11 @@ impl<P: Picker> Relay<P> {
         }
         // Through the stream's windows, as a replica's response would go.
         self.pump_down(id, &health_message(status));
+        if watch && self.goaway.is_some() {
+            // Asked while the proxy drains: the status, then the end, as drain() gave
+            // the watches before it.
+            self.end_with(id, Code::Unavailable as u8, "the proxy is draining", Outcome::Cancelled);
+        }
     }
 
     /// The shell connected a back's socket.
@@ -1795,6 +1817,8 @@ fn put_count(name: &[u8], n: u32, out: &mut Vec<u8>) {
 
 /// `grpc-status` and, when there is one, `grpc-message`, as literals.
 const HEALTH_MESSAGE_LEN: usize = 7;
+/// A health request is at most a few bytes (the service name); more is refused.
+const LOCAL_REQUEST_MAX: usize = 64;
 
 /// A `HealthCheckResponse` with `status`, as a gRPC message.
 fn health_message(status: u8) -> [u8; HEALTH_MESSAGE_LEN] {

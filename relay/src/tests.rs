@@ -1338,3 +1338,106 @@ fn a_hedge_waits_for_the_whole_request() {
     assert_eq!(data, b"\0\0\0\0\x01a\0\0\0\0\x01b", "the whole request, once it is");
     assert_eq!(hedge.last().unwrap().flags & END_STREAM, END_STREAM);
 }
+
+#[test]
+fn health_checks_answered_between_resets_do_not_offset_them() {
+    let (mut r, _) = relay(&[1]);
+    let mut buf = BytesMut::from(frame::PREFACE);
+    for i in 0..2000u32 {
+        put(&mut buf, HEADERS, END_HEADERS, 4 * i + 1, &request("/a/b"));
+        frame::put_rst(&mut buf, 4 * i + 1, Reason::Cancel);
+        put(&mut buf, HEADERS, END_HEADERS, 4 * i + 3, &request("/grpc.health.v1.Health/Check"));
+        put(&mut buf, DATA, END_STREAM, 4 * i + 3, b"\0\0\0\0\0");
+    }
+    r.client_read(&mut buf);
+    let goaway = frames(r.client_out()).into_iter().find(|f| f.kind == GOAWAY).expect("calmed");
+    assert_eq!(frame::u32_at(&goaway.payload, 4), Some(Reason::EnhanceYourCalm as u32));
+}
+
+#[test]
+fn a_health_watch_answered_after_a_drain_ends_at_once() {
+    let (mut r, _) = relay(&[1]);
+    let mut buf = BytesMut::from(frame::PREFACE);
+    put(&mut buf, HEADERS, END_HEADERS, 1, &request("/grpc.health.v1.Health/Watch"));
+    r.client_read(&mut buf);
+    r.drain();
+    put(&mut buf, DATA, END_STREAM, 1, b"\0\0\0\0\0");
+    r.client_read(&mut buf);
+    let got = calls(r.client_out());
+    let trailers = got.iter().rfind(|f| f.kind == HEADERS).expect("trailers");
+    assert_eq!(trailers.flags & END_STREAM, END_STREAM, "{got:?}");
+    assert_eq!(header(&decode(&trailers.payload), "grpc-status"), Some("14"));
+    assert!(r.is_done(), "nothing holds the draining connection open");
+}
+
+#[test]
+fn a_health_watch_that_ended_hears_no_more_changes() {
+    let (mut r, _) = relay(&[1]);
+    r.picker.serving = false;
+    let mut buf = BytesMut::from(frame::PREFACE);
+    frame::put_settings(&mut buf, &[(frame::SETTINGS_INITIAL_WINDOW_SIZE, 3)]);
+    let mut block = request("/grpc.health.v1.Health/Watch");
+    hpack::encode(b"grpc-timeout", b"100m", &mut block);
+    put(&mut buf, HEADERS, END_HEADERS, 1, &block);
+    put(&mut buf, DATA, END_STREAM, 1, b"\0\0\0\0\0");
+    r.client_read(&mut buf);
+    r.tick(Duration::from_millis(100));
+    r.picker.serving = true;
+    r.ready_changed();
+    put(&mut buf, WINDOW_UPDATE, 0, 1, &[0, 0, 1, 0]);
+    r.client_read(&mut buf);
+    let got = calls(r.client_out());
+    let data: Vec<u8> = got.iter().filter(|f| f.kind == DATA).flat_map(|f| f.payload.clone()).collect();
+    assert_eq!(data, NOT_SERVING, "no status after the deadline ended it");
+    let trailers = got.iter().rfind(|f| f.kind == HEADERS).unwrap();
+    assert_eq!(header(&decode(&trailers.payload), "grpc-status"), Some("4"));
+}
+
+#[test]
+fn a_health_request_larger_than_any_real_one_is_refused() {
+    let (mut r, _) = relay(&[1]);
+    let mut buf = BytesMut::from(frame::PREFACE);
+    put(&mut buf, HEADERS, END_HEADERS, 1, &request("/grpc.health.v1.Health/Check"));
+    let mut message = vec![0, 0, 0, 0, 100];
+    message.extend_from_slice(&[0x0a; 100]);
+    put(&mut buf, DATA, END_STREAM, 1, &message);
+    r.client_read(&mut buf);
+    let got = calls(r.client_out());
+    assert_eq!(header(&decode(&got[0].payload), "grpc-status"), Some("8"), "RESOURCE_EXHAUSTED");
+}
+
+#[test]
+fn a_client_left_unread_for_a_replicas_backlog_is_not_counted_silent() {
+    let (mut r, _) = pinging_client();
+    let mut buf = BytesMut::from(frame::PREFACE);
+    frame::put_settings(&mut buf, &[]);
+    r.client_read(&mut buf);
+    r.tick(Duration::from_secs(10));
+    assert_eq!(client_pings(&mut r), 1);
+    r.tick(Duration::from_secs(25));
+    r.client_unread();
+    r.tick(Duration::from_secs(30));
+    assert!(!r.client_silent(), "its bytes were not read: its silence proves nothing");
+    assert_eq!(r.next_timer(), Some(Duration::from_secs(35)), "pinged again ten seconds on");
+}
+
+#[test]
+fn a_health_check_answer_waits_for_the_clients_window() {
+    let mut r = {
+        let (mut r, _) = relay(&[1]);
+        let mut buf = BytesMut::from(frame::PREFACE);
+        frame::put_settings(&mut buf, &[(frame::SETTINGS_INITIAL_WINDOW_SIZE, 0)]);
+        put(&mut buf, HEADERS, END_HEADERS, 1, &request("/grpc.health.v1.Health/Check"));
+        put(&mut buf, DATA, END_STREAM, 1, b"\0\0\0\0\0");
+        r.client_read(&mut buf);
+        r
+    };
+    assert_eq!(kinds(&calls(r.client_out())), [(HEADERS, END_HEADERS)], "headers only");
+    let mut buf = BytesMut::new();
+    put(&mut buf, WINDOW_UPDATE, 0, 1, &[0, 0, 0, 7]);
+    r.client_read(&mut buf);
+    let got = calls(r.client_out());
+    assert_eq!(kinds(&got), [(DATA, 0), (HEADERS, END_HEADERS | END_STREAM)]);
+    assert_eq!(got[0].payload, SERVING);
+    assert_eq!(r.open_calls(), 0);
+}
