@@ -928,9 +928,6 @@ impl<P: Picker> Relay<P> {
             return Ok(());
         }
         self.streams.insert(id, stream);
-        if let Some(due) = self.streams.get(&id).and_then(hedge_due) {
-            push_timer(&mut self.hedge_timers, due, id, &self.streams, hedge_due);
-        }
         self.place(id);
         Ok(())
     }
@@ -1012,6 +1009,19 @@ impl<P: Picker> Relay<P> {
             s.replay = None; // sent once from what was pending: it cannot be again
         }
         self.pump_up(id, &[]);
+        if first && self.streams.get(&id).is_some_and(|s| s.hedge_of.is_none()) {
+            self.start_hedging(id);
+        }
+    }
+
+    /// The call's first attempt went out: its hedges count from now.
+    fn start_hedging(&mut self, id: u32) {
+        let now = self.now;
+        let Some(h) = self.streams.get_mut(&id).and_then(|s| s.hedging.as_deref_mut()) else { return };
+        h.schedule = HedgeSchedule::new(&h.policy, now);
+        if let Some(due) = h.schedule.next_due() {
+            push_timer(&mut self.hedge_timers, due, id, &self.streams, hedge_due);
+        }
     }
 
     /// Starts the call's next hedge if one is due and its request is whole and kept, on
@@ -1045,8 +1055,8 @@ impl<P: Picker> Relay<P> {
             return; // the client's END_STREAM starts it
         }
         let Some((addr, attempt)) = self.picker.pick(&s.path, &replay.tried, h.schedule.started()) else {
-            // None ready: the next try a delay on.
-            h.schedule.push_back(now.saturating_add(h.policy.delay));
+            // None ready: the next try a delay on (never now again, even with no delay).
+            h.schedule.push_back(now.saturating_add(h.policy.delay.max(NO_REPLICA_RETRY)));
             let due = h.schedule.next_due();
             if let Some(due) = due {
                 push_timer(&mut self.hedge_timers, due, id, &self.streams, hedge_due);
@@ -1117,21 +1127,40 @@ impl<P: Picker> Relay<P> {
         if !self.is_non_fatal(id, code) {
             return false;
         }
-        let running =
-            |r: &Self| r.streams.get(&id).and_then(|s| s.hedging.as_ref()).and_then(|h| h.hedges.first().copied());
+        let running = |r: &Self| r.running_hedge(id);
         if let Some(hedge) = running(self) {
             self.promote(id, hedge, Outcome::Retried(code));
             self.hedge_failed(id, code, pushback);
             return true;
         }
         self.hedge_failed(id, code, pushback);
-        match running(self) {
-            Some(hedge) => {
-                self.promote(id, hedge, Outcome::Retried(code));
-                true
-            }
-            None => false,
+        if let Some(hedge) = running(self) {
+            self.promote(id, hedge, Outcome::Retried(code));
+            return true;
         }
+        // None running and the next not due yet (a pushback): the call waits for it
+        // with no attempt, as a retry waits out its backoff, and is placed again then.
+        let Some(due) = self.streams.get(&id).and_then(hedge_due) else { return false };
+        let Some(mut s) = self.streams.remove(&id) else { return false };
+        self.detach(&mut s, Reason::Cancel);
+        self.release(&s);
+        if let Some(a) = s.attempt.take() {
+            a.ended(&s.path, Outcome::Retried(code));
+        }
+        let h = s.hedging.as_deref_mut().expect("it has a due hedge");
+        s.previous = h.schedule.started();
+        h.schedule.on_started(due);
+        s.backoff_until = Some(due);
+        self.streams.insert(id, s);
+        push_timer(&mut self.backoffs, due, id, &self.streams, |s| s.backoff_until);
+        true
+    }
+
+    /// The call's oldest hedge still on a live connection.
+    fn running_hedge(&self, id: u32) -> Option<u32> {
+        let h = self.streams.get(&id)?.hedging.as_ref()?;
+        let live = |hid: &&u32| self.streams.get(hid).is_some_and(|x| self.backs.iter().any(|b| b.id == x.back));
+        h.hedges.iter().find(live).copied()
     }
 
     /// A hedge's stream was reset or its connection lost: it is let go, and the next
@@ -1154,6 +1183,8 @@ impl<P: Picker> Relay<P> {
         if let Some(a) = s.attempt.take() {
             a.ended(&s.path, outcome);
         }
+        s.waiting = None;
+        s.backoff_until = None;
         s.back = hedge.back;
         s.up_id = hedge.up_id;
         s.attempt = hedge.attempt;
@@ -1222,6 +1253,10 @@ impl<P: Picker> Relay<P> {
 
     /// The replica did not process the call: it goes to another, with its request.
     fn unprocessed(&mut self, id: u32) {
+        if let Some(hedge) = self.running_hedge(id) {
+            // A hedge already carries it: that one goes on instead.
+            return self.promote(id, hedge, Outcome::Refused);
+        }
         let Some(s) = self.streams.get_mut(&id) else { return };
         s.back = DETACHED;
         if let Some(a) = s.attempt.take() {
@@ -1495,7 +1530,8 @@ impl<P: Picker> Relay<P> {
     fn drop_back(&mut self, back: u64, why: &str) {
         let Some(b) = self.remove_back(back) else { return };
         let mut ids: Vec<u32> = b.streams.values().copied().collect();
-        ids.sort_unstable();
+        // Hedges (even ids) first: a call is not handed to a hedge lost with it.
+        ids.sort_unstable_by_key(|&id| (id % 2, id));
         for id in ids {
             let Some(s) = self.streams.get_mut(&id) else { continue };
             s.back = DETACHED;
@@ -1793,6 +1829,9 @@ fn push_timer<A>(
     }
     heap.push(Reverse((due, id)));
 }
+
+/// A hedge that found no ready replica tries again after its delay, or this if longer.
+const NO_REPLICA_RETRY: Duration = Duration::from_millis(10);
 
 /// When a call's next hedge is due, if one is.
 fn hedge_due<A>(s: &Stream<A>) -> Option<Duration> {

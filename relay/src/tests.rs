@@ -1441,3 +1441,88 @@ fn a_health_check_answer_waits_for_the_clients_window() {
     assert_eq!(got[0].payload, SERVING);
     assert_eq!(r.open_calls(), 0);
 }
+
+#[test]
+fn a_lost_connection_carrying_a_call_and_its_hedge_ends_the_call() {
+    let (mut r, log) = hedging(&[1], 2);
+    client_calls(&mut r, &[1], b"\0\0\0\0\0");
+    r.back_connected(0);
+    r.tick(Duration::from_millis(50));
+    let sent = back_frames(&mut r, 0);
+    assert_eq!(sent.iter().filter(|f| f.kind == HEADERS).count(), 2, "the hedge on the same connection");
+    r.back_lost(0);
+    let got = calls(r.client_out());
+    let status = decode(&got.iter().find(|f| f.kind == HEADERS).expect("an answer, not a hang").payload);
+    assert_eq!(header(&status, "grpc-status"), Some("14"));
+    assert_eq!(log.borrow().len(), 2, "both attempts ended: {:?}", log.borrow());
+    assert_eq!(r.open_calls(), 0);
+    assert!(r.is_done() || r.next_timer().is_none_or(|t| t > Duration::from_millis(50)));
+}
+
+#[test]
+fn a_hedge_finding_no_ready_replica_tries_again_later_even_with_no_delay() {
+    let (mut r, _) = hedging(&[1], 3);
+    r.picker.hedging.as_mut().unwrap().delay = Duration::ZERO;
+    let mut buf = BytesMut::from(frame::PREFACE);
+    frame::put_settings(&mut buf, &[]);
+    put(&mut buf, HEADERS, END_HEADERS, 1, &request("/a/b"));
+    r.client_read(&mut buf);
+    r.picker.replicas.clear();
+    put(&mut buf, DATA, END_STREAM, 1, b"\0\0\0\0\0");
+    r.client_read(&mut buf);
+    r.tick(Duration::ZERO); // returns
+    assert!(r.next_timer().is_some_and(|t| t > Duration::ZERO), "{:?}", r.next_timer());
+}
+
+#[test]
+fn a_refused_first_attempt_hands_the_call_to_a_running_hedge() {
+    let (mut r, log) = hedging(&[1, 2], 2);
+    r.picker.wait = Some(Duration::from_secs(1));
+    client_calls(&mut r, &[1], b"\0\0\0\0\0");
+    r.tick(Duration::from_millis(50));
+    back_frames(&mut r, 1);
+    r.picker.replicas.clear();
+    let mut buf = BytesMut::new();
+    frame::put_rst(&mut buf, 1, Reason::RefusedStream);
+    r.back_read(0, &mut buf);
+    answer(&mut r, 1, 1, b"\0\0\0\0\0", "0");
+    r.tick(Duration::from_millis(1100));
+    let got = calls(r.client_out());
+    let statuses: Vec<_> = got.iter().filter(|f| f.kind == HEADERS && f.flags & END_STREAM != 0).collect();
+    assert_eq!(statuses.len(), 1, "{got:?}");
+    assert_eq!(header(&decode(&statuses[0].payload), "grpc-status"), Some("0"));
+    assert_eq!(*log.borrow(), vec![(addr(1), Outcome::Refused), (addr(2), Outcome::Status(0))]);
+}
+
+#[test]
+fn a_pushback_on_the_only_attempt_delays_the_next_instead_of_ending_the_call() {
+    let (mut r, log) = hedging(&[1, 2, 3], 3);
+    client_calls(&mut r, &[1], b"\0\0\0\0\0");
+    r.tick(Duration::from_millis(10));
+    refuse(&mut r, 0, 1, "14", &[("grpc-retry-pushback-ms", "100")]);
+    assert!(calls(r.client_out()).is_empty(), "the call waits out the pushback");
+    r.tick(Duration::from_millis(109));
+    assert!(r.backs().all(|b| b.id != 1));
+    r.tick(Duration::from_millis(110));
+    let next = back_frames(&mut r, 1);
+    assert_eq!(header(&decode(&next[0].payload), "grpc-previous-rpc-attempts"), Some("1"));
+    answer(&mut r, 1, 1, b"\0\0\0\0\0", "0");
+    let got = calls(r.client_out());
+    assert_eq!(header(&decode(&got.last().unwrap().payload), "grpc-status"), Some("0"));
+    assert_eq!(*log.borrow(), vec![(addr(1), Outcome::Retried(14)), (addr(2), Outcome::Status(0))]);
+}
+
+#[test]
+fn hedging_delays_count_from_the_first_attempt_not_the_calls_arrival() {
+    let (mut r, _) = hedging(&[], 2);
+    r.picker.wait = Some(Duration::from_secs(1));
+    client_calls(&mut r, &[1], b"\0\0\0\0\0");
+    r.tick(Duration::from_millis(200));
+    r.picker.replicas = vec![addr(1), addr(2)];
+    r.ready_changed();
+    assert_eq!(r.backs().count(), 1, "the first attempt alone");
+    r.tick(Duration::from_millis(249));
+    assert_eq!(r.backs().count(), 1);
+    r.tick(Duration::from_millis(250));
+    assert_eq!(r.backs().count(), 2, "the hedge, a delay after it");
+}
