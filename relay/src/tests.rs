@@ -1003,6 +1003,17 @@ fn client_pings(r: &mut Relay<Turns>) -> usize {
     frames(r.client_out()).iter().filter(|f| f.kind == frame::PING && f.flags & frame::ACK == 0).count()
 }
 
+/// A client connection open at 0 s and pinged at 10 s, nothing heard since.
+fn pinged_client() -> Relay<Turns> {
+    let (mut r, _) = pinging_client();
+    let mut buf = BytesMut::from(frame::PREFACE);
+    frame::put_settings(&mut buf, &[]);
+    r.client_read(&mut buf);
+    r.tick(Duration::from_secs(10));
+    assert_eq!(client_pings(&mut r), 1);
+    r
+}
+
 #[test]
 fn a_client_silent_past_a_ping_is_let_go_and_its_calls_cancelled() {
     let (mut r, log) = pinging_client();
@@ -1032,12 +1043,8 @@ fn a_client_silent_past_a_ping_is_let_go_and_its_calls_cancelled() {
 
 #[test]
 fn a_client_heard_from_after_its_ping_is_kept() {
-    let (mut r, _) = pinging_client();
-    let mut buf = BytesMut::from(frame::PREFACE);
-    frame::put_settings(&mut buf, &[]);
-    r.client_read(&mut buf);
-    r.tick(Duration::from_secs(10));
-    assert_eq!(client_pings(&mut r), 1);
+    let mut r = pinged_client();
+    let mut buf = BytesMut::new();
     r.tick(Duration::from_secs(15));
     put(&mut buf, frame::PING, frame::ACK, 0, &[0; 8]);
     r.client_read(&mut buf);
@@ -1408,12 +1415,7 @@ fn a_health_request_larger_than_any_real_one_is_refused() {
 
 #[test]
 fn a_client_left_unread_for_a_replicas_backlog_is_not_counted_silent() {
-    let (mut r, _) = pinging_client();
-    let mut buf = BytesMut::from(frame::PREFACE);
-    frame::put_settings(&mut buf, &[]);
-    r.client_read(&mut buf);
-    r.tick(Duration::from_secs(10));
-    assert_eq!(client_pings(&mut r), 1);
+    let mut r = pinged_client();
     r.tick(Duration::from_secs(25));
     r.client_unread();
     r.tick(Duration::from_secs(30));
