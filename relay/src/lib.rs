@@ -38,6 +38,7 @@ mod stream;
 use std::{
     cmp::Reverse,
     collections::{BinaryHeap, HashMap},
+    hash::{BuildHasherDefault, Hasher},
     net::SocketAddr,
     time::Duration,
 };
@@ -313,7 +314,7 @@ struct Back {
     addr: SocketAddr,
     conn: Conn,
     /// Our stream id on this connection -> the client's.
-    streams: HashMap<u32, u32>,
+    streams: IdMap<u32>,
     next_id: u32,
     /// The replica's SETTINGS_MAX_CONCURRENT_STREAMS.
     max_streams: usize,
@@ -351,7 +352,7 @@ pub struct Relay<P: Picker> {
     /// address from the one it replaced.
     next_back: u64,
     /// Calls by the client's stream id.
-    streams: HashMap<u32, Stream<P::Attempt>>,
+    streams: IdMap<Stream<P::Attempt>>,
     /// The client's preface has been read.
     started: bool,
     /// The highest stream id the client opened.
@@ -415,7 +416,7 @@ impl<P: Picker> Relay<P> {
             client,
             backs: Vec::new(),
             next_back: 0,
-            streams: HashMap::new(),
+            streams: IdMap::default(),
             started: false,
             last_client_stream: 0,
             goaway: None,
@@ -1304,7 +1305,7 @@ impl<P: Picker> Relay<P> {
             id,
             addr,
             conn: Conn::new(&self.limits, false),
-            streams: HashMap::new(),
+            streams: IdMap::default(),
             next_id: 1,
             max_streams: usize::MAX,
             closing: false,
@@ -1821,7 +1822,7 @@ fn push_timer<A>(
     heap: &mut BinaryHeap<Reverse<(Duration, u32)>>,
     due: Duration,
     id: u32,
-    streams: &HashMap<u32, Stream<A>>,
+    streams: &IdMap<Stream<A>>,
     when: impl Fn(&Stream<A>) -> Option<Duration>,
 ) {
     if heap.len() >= 2 * streams.len() + 64 {
@@ -1832,6 +1833,32 @@ fn push_timer<A>(
 
 /// A hedge that found no ready replica tries again after its delay, or this if longer.
 const NO_REPLICA_RETRY: Duration = Duration::from_millis(10);
+
+/// Maps by stream id. The ids are the client's (odd, each above the last, which HTTP/2
+/// enforces) or the relay's own, so no peer can aim them at one bucket: a multiply is
+/// hash enough, where SipHash cost a hundred instructions a lookup, several per call.
+type IdMap<V> = HashMap<u32, V, BuildHasherDefault<IdHasher>>;
+
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u32(&mut self, id: u32) {
+        // Fibonacci hashing: the product's high half mixes every bit of the id; rotated
+        // into the low bits, where the table picks a bucket.
+        self.0 = u64::from(id).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(32);
+    }
+}
 
 /// When a call's next hedge is due, if one is.
 fn hedge_due<A>(s: &Stream<A>) -> Option<Duration> {
