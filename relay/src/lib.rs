@@ -1834,9 +1834,10 @@ fn push_timer<A>(
 /// A hedge that found no ready replica tries again after its delay, or this if longer.
 const NO_REPLICA_RETRY: Duration = Duration::from_millis(10);
 
-/// Maps by stream id. The ids are the client's (odd, each above the last, which HTTP/2
-/// enforces) or the relay's own, so no peer can aim them at one bucket: a multiply is
-/// hash enough, where SipHash cost a hundred instructions a lookup, several per call.
+/// Maps by stream id, hashed by a multiply where SipHash cost a hundred-odd
+/// instructions a lookup, several per call. A client could pick rising ids that share
+/// a bucket, but it holds at most `max_streams` open (and each call a few hedges), so
+/// a lookup then compares a few hundred keys at worst, with nothing to flood.
 type IdMap<V> = HashMap<u32, V, BuildHasherDefault<IdHasher>>;
 
 #[derive(Default)]
