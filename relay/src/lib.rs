@@ -1099,9 +1099,9 @@ impl<P: Picker> Relay<P> {
         self.streams.get(&id).and_then(|s| s.hedging.as_ref()).is_some_and(|h| !h.policy.is_fatal(code))
     }
 
-    /// One of the call's attempts failed with the non-fatal `code`: the throttle hears
+    /// One of the call's attempts failed with a non-fatal status: the throttle hears
     /// of it, and the next hedge is due at once (or after the pushback, or never).
-    fn hedge_failed(&mut self, id: u32, code: u8, pushback: Pushback) {
+    fn hedge_failed(&mut self, id: u32, pushback: Pushback) {
         let now = self.now;
         let throttle = self.picker.throttle();
         let Some(h) = self.streams.get_mut(&id).and_then(|s| s.hedging.as_deref_mut()) else { return };
@@ -1114,7 +1114,6 @@ impl<P: Picker> Relay<P> {
             Pushback::After(pause) => h.schedule.push_back(now.saturating_add(pause)),
             Pushback::Stop => h.schedule.stop(),
         }
-        let _ = code;
         if let Some(due) = h.schedule.next_due().filter(|&due| due > now) {
             push_timer(&mut self.hedge_timers, due, id, &self.streams, hedge_due);
         }
@@ -1131,10 +1130,10 @@ impl<P: Picker> Relay<P> {
         let running = |r: &Self| r.running_hedge(id);
         if let Some(hedge) = running(self) {
             self.promote(id, hedge, Outcome::Retried(code));
-            self.hedge_failed(id, code, pushback);
+            self.hedge_failed(id, pushback);
             return true;
         }
-        self.hedge_failed(id, code, pushback);
+        self.hedge_failed(id, pushback);
         if let Some(hedge) = running(self) {
             self.promote(id, hedge, Outcome::Retried(code));
             return true;
@@ -1170,7 +1169,7 @@ impl<P: Picker> Relay<P> {
         let Some(call) = self.streams.get(&hid).and_then(|s| s.hedge_of) else { return };
         self.drop_hedge(hid, outcome);
         if self.is_non_fatal(call, Code::Unavailable as u8) {
-            self.hedge_failed(call, Code::Unavailable as u8, Pushback::None);
+            self.hedge_failed(call, Pushback::None);
         }
     }
 
@@ -1758,7 +1757,7 @@ impl<P: Picker> Relay<P> {
             Some(call) => {
                 if failed && self.is_non_fatal(call, code) {
                     self.drop_hedge(id, Outcome::Retried(code));
-                    self.hedge_failed(call, code, pushback);
+                    self.hedge_failed(call, pushback);
                     return Ok(());
                 }
                 // Response headers, OK or a fatal status: the call is this hedge's.
