@@ -1584,6 +1584,63 @@ impl<P: Picker> Relay<P> {
         }
     }
 
+    /// The replica reset the stream of call or hedge `id` with HTTP/2 error `reason`.
+    /// REFUSED_STREAM before a response means it never processed the call, which goes
+    /// elsewhere; any other reset is the status gRPC reads in it (PROTOCOL-HTTP2), which
+    /// the call's policy retries or hedges past as it would that status in trailers. A
+    /// reset nothing takes past reaches the client as it came.
+    fn back_reset(&mut self, back: u64, id: u32, reason: u32) {
+        let Some(s) = self.streams.get_mut(&id) else { return };
+        s.back = DETACHED;
+        // What the replica sent is its connection's to send again, though the client
+        // has yet to take it.
+        let (pending, window) = (s.down.pending.len() as u32, self.limits.conn_window);
+        let ended = s.response == Response::Ended;
+        if let Some(b) = self.back_mut(back) {
+            b.conn.credit(pending, window);
+        }
+        if ended {
+            // After its trailers (grpc-go resets a stream the client still sends on):
+            // the response drains to the client as it came.
+            return;
+        }
+        let Some(s) = self.streams.get(&id) else { return };
+        let refused = reason == Reason::RefusedStream as u32 && s.response == Response::None;
+        let code = Code::from_h2_reason(reason) as u8;
+        let hedge_of = s.hedge_of;
+        let id = match hedge_of {
+            Some(_) if refused => return self.hedge_lost(id, Outcome::Refused),
+            Some(call) if self.is_non_fatal(call, code) => {
+                self.drop_hedge(id, Outcome::Retried(code));
+                return self.hedge_failed(call, Pushback::None);
+            }
+            Some(call) => {
+                // A fatal status: the call is this hedge's, and ends with it.
+                self.promote(call, id, Outcome::Cancelled);
+                call
+            }
+            None => id,
+        };
+        let Some(s) = self.streams.get(&id) else { return };
+        if s.response == Response::None {
+            if refused && s.replay.is_some() {
+                return self.unprocessed(id);
+            }
+            if self.retry_after(id, code, Pushback::None) || self.hedge_after(id, code, Pushback::None) {
+                return;
+            }
+        }
+        self.drop_hedges(id);
+        let Some(mut s) = self.streams.remove(&id) else { return };
+        frame::put(&mut self.client.out, frame::RST_STREAM, 0, id, &reason.to_be_bytes());
+        self.release(&s);
+        if let Some(a) = s.attempt.take() {
+            // As the HTTP/2 stack counts it: UNAVAILABLE as a lost connection.
+            let lost = code == Code::Unavailable as u8;
+            a.ended(&s.path, if lost { Outcome::Lost } else { Outcome::Status(code) });
+        }
+    }
+
     /// A back broke the protocol: GOAWAY to it, and its calls are lost.
     fn back_error(&mut self, back: u64, reason: Reason) {
         if let Some(b) = self.back_mut(back) {
@@ -1629,38 +1686,9 @@ impl<P: Picker> Relay<P> {
             }
             frame::RST_STREAM => {
                 let reason = frame::u32_at(payload, 0).ok_or(Reason::FrameSize)?;
-                let Some(id) = client_id else { return Ok(()) };
-                b.streams.remove(&head.stream);
-                let Some(s) = self.streams.get_mut(&id) else { return Ok(()) };
-                if s.hedge_of.is_some() {
-                    s.back = DETACHED;
-                    let refused = reason == Reason::RefusedStream as u32;
-                    self.hedge_lost(id, if refused { Outcome::Refused } else { Outcome::Lost });
-                    return Ok(());
-                }
-                if s.response == Response::Ended {
-                    // After its trailers (grpc-go resets a stream the client still
-                    // sends on): the response drains to the client as it came.
-                    b.conn.credit(s.down.pending.len() as u32, self.limits.conn_window);
-                    s.back = DETACHED;
-                } else if reason == Reason::RefusedStream as u32 && s.response == Response::None && s.replay.is_some() {
-                    s.back = DETACHED;
-                    self.unprocessed(id);
-                } else if s.response == Response::None && s.hedging.as_ref().is_some_and(|h| !h.hedges.is_empty()) && {
-                    s.back = DETACHED;
-                    self.hedge_after(id, Code::Unavailable as u8, Pushback::None)
-                } {
-                    // A hedge goes on with the call.
-                } else if let Some(mut s) = {
-                    self.drop_hedges(id);
-                    self.streams.remove(&id)
-                } {
-                    frame::put(&mut self.client.out, frame::RST_STREAM, 0, id, &reason.to_be_bytes());
-                    self.release(&s);
-                    if let Some(a) = s.attempt.take() {
-                        a.ended(&s.path, Outcome::Lost);
-                    }
-                    s.back = DETACHED;
+                if let Some(id) = client_id {
+                    b.streams.remove(&head.stream);
+                    self.back_reset(back, id, reason);
                 }
             }
             frame::SETTINGS if head.flags & frame::ACK == 0 => {

@@ -1528,3 +1528,106 @@ fn hedging_delays_count_from_the_first_attempt_not_the_calls_arrival() {
     r.tick(Duration::from_millis(250));
     assert_eq!(r.backs().count(), 2, "the hedge, a delay after it");
 }
+
+/// The replica at `slot` resets its stream `up` with HTTP/2 error `reason`.
+fn reset_by_replica(r: &mut Relay<Turns>, slot: u64, up: u32, reason: Reason) {
+    let mut buf = BytesMut::new();
+    frame::put_rst(&mut buf, up, reason);
+    r.back_read(slot, &mut buf);
+}
+
+#[test]
+fn a_replica_reset_before_any_response_is_retried_as_the_status_grpc_reads_in_it() {
+    let (mut r, log) = retrying(&[1, 2]);
+    r.picker.retry.as_mut().unwrap().retryable.insert(Code::Internal);
+    client_calls(&mut r, &[1], b"\0\0\0\0\0");
+    calls(r.client_out());
+    reset_by_replica(&mut r, 0, 1, Reason::Internal);
+    assert!(calls(r.client_out()).is_empty(), "INTERNAL_ERROR reads as INTERNAL, which the policy retries");
+    r.tick(r.next_timer().expect("a backoff"));
+    answer(&mut r, 1, 1, b"\0\0\0\0\0", "0");
+    let got = calls(r.client_out());
+    assert_eq!(header(&decode(&got.last().unwrap().payload), "grpc-status"), Some("0"));
+    assert_eq!(*log.borrow(), vec![(addr(1), Outcome::Retried(13)), (addr(2), Outcome::Status(0))]);
+}
+
+#[test]
+fn a_replica_reset_the_policy_does_not_retry_reaches_the_client_and_counts_as_its_status() {
+    let (mut r, log) = retrying(&[1, 2]);
+    client_calls(&mut r, &[1], b"\0\0\0\0\0");
+    calls(r.client_out());
+    reset_by_replica(&mut r, 0, 1, Reason::Cancel);
+    let got = calls(r.client_out());
+    assert_eq!(kinds(&got), [(RST_STREAM, 0)]);
+    assert_eq!(got[0].payload, [0, 0, 0, 8], "the replica's own reason");
+    assert_eq!(r.next_timer(), None);
+    assert_eq!(*log.borrow(), vec![(addr(1), Outcome::Status(Code::Cancelled as u8))]);
+    assert_eq!(r.open_calls(), 0);
+}
+
+#[test]
+fn a_hedge_reset_with_a_fatal_status_ends_the_call_with_it() {
+    let (mut r, log) = hedging(&[1, 2, 3], 3);
+    client_calls(&mut r, &[1], b"\0\0\0\0\0");
+    r.tick(Duration::from_millis(50));
+    back_frames(&mut r, 0);
+    back_frames(&mut r, 1);
+    reset_by_replica(&mut r, 1, 1, Reason::Internal);
+    let got = calls(r.client_out());
+    assert_eq!(kinds(&got), [(RST_STREAM, 0)], "INTERNAL is fatal: the call is the hedge's");
+    assert_eq!(got[0].payload, [0, 0, 0, 2]);
+    let cancelled = back_frames(&mut r, 0);
+    assert_eq!((cancelled[0].kind, &cancelled[0].payload[..]), (RST_STREAM, &[0, 0, 0, 8][..]));
+    assert!(r.backs().all(|b| b.id != 2), "no third attempt");
+    assert_eq!(*log.borrow(), vec![(addr(1), Outcome::Cancelled), (addr(2), Outcome::Status(13))]);
+    assert_eq!(r.open_calls(), 0);
+}
+
+#[test]
+fn a_hedge_reset_with_a_non_fatal_status_sends_the_next_at_once() {
+    let (mut r, log) = hedging(&[1, 2, 3], 3);
+    r.picker.hedging.as_mut().unwrap().non_fatal.insert(Code::Cancelled);
+    client_calls(&mut r, &[1], b"\0\0\0\0\0");
+    r.tick(Duration::from_millis(50));
+    back_frames(&mut r, 1);
+    reset_by_replica(&mut r, 1, 1, Reason::Cancel);
+    assert!(calls(r.client_out()).is_empty());
+    assert_eq!(kinds(&back_frames(&mut r, 2)), [(HEADERS, END_HEADERS), (DATA, END_STREAM)], "at once");
+    answer(&mut r, 2, 1, b"\0\0\0\0\0", "0");
+    let outcomes = log.borrow().clone();
+    assert_eq!(outcomes[0], (addr(2), Outcome::Retried(Code::Cancelled as u8)));
+    assert_eq!(outcomes.last(), Some(&(addr(3), Outcome::Status(0))));
+}
+
+#[test]
+fn a_first_attempt_reset_with_a_fatal_status_ends_the_call_though_a_hedge_runs() {
+    let (mut r, log) = hedging(&[1, 2], 2);
+    client_calls(&mut r, &[1], b"\0\0\0\0\0");
+    r.tick(Duration::from_millis(50));
+    back_frames(&mut r, 1);
+    reset_by_replica(&mut r, 0, 1, Reason::Internal);
+    let got = calls(r.client_out());
+    assert_eq!(kinds(&got), [(RST_STREAM, 0)]);
+    let cancelled = back_frames(&mut r, 1);
+    assert_eq!((cancelled[0].kind, &cancelled[0].payload[..]), (RST_STREAM, &[0, 0, 0, 8][..]));
+    assert_eq!(*log.borrow(), vec![(addr(2), Outcome::Cancelled), (addr(1), Outcome::Status(13))]);
+}
+
+#[test]
+fn a_response_reset_midway_gives_its_unsent_bytes_back_to_the_replica_connection() {
+    // Connection credit goes out in steps of 10,000 bytes.
+    let limits = Limits { conn_window: 20_000, ..Limits::default() };
+    let mut r = Relay::new(relay(&[1]).0.picker, limits, 7);
+    let mut buf = BytesMut::from(frame::PREFACE);
+    frame::put_settings(&mut buf, &[(frame::SETTINGS_INITIAL_WINDOW_SIZE, 10)]);
+    put(&mut buf, HEADERS, END_HEADERS, 1, &request("/a/b"));
+    r.client_read(&mut buf);
+    let mut buf = BytesMut::new();
+    put(&mut buf, HEADERS, END_HEADERS, 1, &response_headers());
+    put(&mut buf, DATA, 0, 1, &[1; 15_000]);
+    r.back_read(0, &mut buf);
+    frames(r.back_out(0).unwrap());
+    reset_by_replica(&mut r, 0, 1, Reason::Internal);
+    assert_eq!(kinds(&calls(r.client_out())).last(), Some(&(RST_STREAM, 0)));
+    assert_eq!(connection_credit(&frames(r.back_out(0).unwrap())), 15_000, "what it took and what it never will");
+}
