@@ -3,7 +3,7 @@
 
 mod support;
 
-use std::time::Duration;
+use std::{sync::atomic::Ordering, time::Duration};
 
 use support::{Cluster, Path, config_file, hello, tally};
 use testkit::{
@@ -115,6 +115,24 @@ on_h2_and_relay! {
             }
         }
         assert!(not_found, "a call that started on s1 ended with its NOT_FOUND");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_replica_reset_is_retried_when_the_status_it_reads_as_is_retryable() {
+        // INTERNAL_ERROR reads as INTERNAL (PROTOCOL-HTTP2), which this policy retries.
+        let config = config_file(&retry_config(4, "0.01s", r#""INTERNAL""#));
+        let mut c = Cluster::start(PATH, &[("s1", "node-a")], &["--service-config", &config]).await;
+        c.wait_for(&["s1"]).await;
+        let resets = c.add_resetting("resets", "node-a", 0x2).await;
+        let mut client = c.client().await;
+        let until = Instant::now() + Duration::from_secs(5);
+        let mut calls = 0;
+        while resets.load(Ordering::Relaxed) < 5 || calls < 20 {
+            assert!(Instant::now() < until, "the resetting replica got {resets:?} calls");
+            let reply = client.say_hello(hello()).await.expect("a reset attempt is retried on s1");
+            assert_eq!(reply.get_ref().server, "s1");
+            calls += 1;
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

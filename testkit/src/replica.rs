@@ -2,7 +2,16 @@
 //! (every connection drops, like `kill -9`) or stop it gracefully (SIGTERM's drain).
 //! Besides HelloService it serves `echo.Echo` for client and bidi streaming.
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, thread::JoinHandle, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
 
 use server::Config;
 use tokio::sync::oneshot;
@@ -163,4 +172,27 @@ pub async fn silent(addr: SocketAddr) {
             }
         }
     });
+}
+
+/// A replica that resets every stream it is sent with HTTP/2 error code `reason`,
+/// before any response, and is otherwise a well-behaved HTTP/2 server (settings,
+/// pings). Returns the count of streams it reset. Runs on the caller's runtime until
+/// the test ends.
+pub async fn resetting(addr: SocketAddr, reason: u32) -> Arc<AtomicUsize> {
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let resets = Arc::new(AtomicUsize::new(0));
+    let counted = resets.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let resets = counted.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else { return };
+                while let Some(Ok((_, mut respond))) = conn.accept().await {
+                    respond.send_reset(h2::Reason::from(reason));
+                    resets.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    resets
 }

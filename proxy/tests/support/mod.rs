@@ -2,7 +2,12 @@
 //! server publishing them, and the proxy in-process, all on real sockets.
 #![allow(dead_code)]
 
-use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{Arc, atomic::AtomicUsize},
+    time::Duration,
+};
 
 use clap::Parser;
 use proto::{HelloRequest, hello_service_client::HelloServiceClient};
@@ -153,6 +158,18 @@ impl Cluster {
         let m = Member { host, node: node.to_owned(), in_dns: true, faults: Faults::default(), replica: None };
         self.members.insert(name.to_owned(), m);
         self.publish();
+    }
+
+    /// Adds a replica that resets every call with HTTP/2 error `reason`
+    /// ([`testkit::replica::resetting`]), and publishes it in DNS. Returns the count of
+    /// calls it reset. It cannot be killed or restarted.
+    pub async fn add_resetting(&mut self, name: &str, node: &str, reason: u32) -> Arc<AtomicUsize> {
+        let host = self.members.len() as u8 + 1;
+        let resets = testkit::replica::resetting(self.net.addr(host), reason).await;
+        let m = Member { host, node: node.to_owned(), in_dns: true, faults: Faults::default(), replica: None };
+        self.members.insert(name.to_owned(), m);
+        self.publish();
+        resets
     }
 
     /// Writes every replica that is in DNS under TARGET, and node-a's under LOCAL.
