@@ -1032,13 +1032,6 @@ impl<P: Picker> Relay<P> {
         if self.streams.get(&id).is_none_or(|s| hedge_due(s).is_none_or(|due| due > now)) {
             return;
         }
-        let hid = loop {
-            let hid = self.next_hedge;
-            self.next_hedge = if hid >= (1 << 31) - 2 { 2 } else { hid + 2 };
-            if !self.streams.contains_key(&hid) {
-                break hid;
-            }
-        };
         let throttled = self.picker.throttle().is_some_and(|t| !t.allows());
         let Some(s) = self.streams.get_mut(&id) else { return };
         let Some(h) = s.hedging.as_deref_mut() else { return };
@@ -1046,27 +1039,36 @@ impl<P: Picker> Relay<P> {
             return;
         }
         let whole = s.client_ended && s.up.trailers.is_none();
-        let Some(replay) = s.replay.as_mut().filter(|r| !r.outgrown) else {
+        if s.replay.as_ref().is_none_or(|r| r.outgrown) {
             return h.schedule.stop(); // outgrew its buffer: committed to the attempts it has
-        };
+        }
         if throttled {
             return h.schedule.stop();
         }
         if !whole {
             return; // the client's END_STREAM starts it
         }
-        let Some((addr, attempt)) = self.picker.pick(&s.path, &replay.tried, h.schedule.started()) else {
+        let attempt_no = h.schedule.started();
+        let sent = self.launch_hedge(id, attempt_no);
+        let Some(h) = self.streams.get_mut(&id).and_then(|s| s.hedging.as_deref_mut()) else { return };
+        if sent {
+            h.schedule.on_started(now);
+        } else {
             // None ready: the next try a delay on (never now again, even with no delay).
             h.schedule.push_back(now.saturating_add(h.policy.delay.max(NO_REPLICA_RETRY)));
-            let due = h.schedule.next_due();
-            if let Some(due) = due {
-                push_timer(&mut self.hedge_timers, due, id, &self.streams, hedge_due);
-            }
-            return;
-        };
+        }
+        if let Some(due) = h.schedule.next_due() {
+            push_timer(&mut self.hedge_timers, due, id, &self.streams, hedge_due);
+        }
+    }
+
+    /// Sends the call's whole request, as its replay holds it, to a replica it has not
+    /// tried: a hedge, attempt number `attempt_no`. Says whether a replica was ready.
+    fn launch_hedge(&mut self, id: u32, attempt_no: u32) -> bool {
+        let Some(s) = self.streams.get_mut(&id) else { return false };
+        let Some(replay) = s.replay.as_mut() else { return false };
+        let Some((addr, attempt)) = self.picker.pick(&s.path, &replay.tried, attempt_no) else { return false };
         replay.tried.push(addr);
-        let attempt_no = h.schedule.started();
-        h.schedule.on_started(now);
         let mut hedge = Stream::new(
             s.path.clone(),
             Replay::new(replay.block.clone(), &self.limits.replay_budget),
@@ -1080,17 +1082,23 @@ impl<P: Picker> Relay<P> {
         hedge.previous = attempt_no;
         hedge.deadline = s.deadline;
         hedge.hedge_of = Some(id);
-        h.hedges.push(hid);
-        let due = h.schedule.next_due();
+        let hid = loop {
+            let hid = self.next_hedge;
+            self.next_hedge = if hid >= (1 << 31) - 2 { 2 } else { hid + 2 };
+            if !self.streams.contains_key(&hid) {
+                break hid;
+            }
+        };
+        if let Some(h) = self.streams.get_mut(&id).and_then(|s| s.hedging.as_deref_mut()) {
+            h.hedges.push(hid);
+        }
         self.streams.insert(hid, hedge);
         self.hedge_count += 1;
-        if let Some(due) = due {
-            push_timer(&mut self.hedge_timers, due, id, &self.streams, hedge_due);
-        }
         self.send_attempt(hid, addr, attempt);
         if let Some(hedge) = self.streams.get_mut(&hid) {
             hedge.replay = None; // the call keeps the request; a hedge is not placed again
         }
+        true
     }
 
     /// Whether the call's hedging policy lets its other attempts go on after `code`.
@@ -1164,13 +1172,28 @@ impl<P: Picker> Relay<P> {
     }
 
     /// A hedge's stream was reset or its connection lost: it is let go, and the next
-    /// is due at once if UNAVAILABLE is non-fatal.
+    /// is due at once if UNAVAILABLE is non-fatal. One the replica refused unprocessed
+    /// goes to another instead, as the same attempt (gRPC's transparent retry), while
+    /// the call has transparent retries left and a replica is ready.
     fn hedge_lost(&mut self, hid: u32, outcome: Outcome) {
-        let Some(call) = self.streams.get(&hid).and_then(|s| s.hedge_of) else { return };
+        let Some((call, attempt_no)) = self.streams.get(&hid).and_then(|s| Some((s.hedge_of?, s.previous))) else {
+            return;
+        };
         self.drop_hedge(hid, outcome);
+        if outcome == Outcome::Refused && self.transparent_retry(call) && self.launch_hedge(call, attempt_no) {
+            return;
+        }
         if self.is_non_fatal(call, Code::Unavailable as u8) {
             self.hedge_failed(call, Pushback::None);
         }
+    }
+
+    /// Counts a transparent retry of the call; whether it had one left.
+    fn transparent_retry(&mut self, id: u32) -> bool {
+        let max = self.limits.max_transparent_retries;
+        let Some(replay) = self.streams.get_mut(&id).and_then(|s| s.replay.as_mut()) else { return false };
+        replay.transparent += 1;
+        replay.transparent <= max
     }
 
     /// The call goes on with its hedge `hid` in place of its own attempt, which ends as

@@ -1631,3 +1631,40 @@ fn a_response_reset_midway_gives_its_unsent_bytes_back_to_the_replica_connection
     assert_eq!(kinds(&calls(r.client_out())).last(), Some(&(RST_STREAM, 0)));
     assert_eq!(connection_credit(&frames(r.back_out(0).unwrap())), 15_000, "what it took and what it never will");
 }
+
+#[test]
+fn a_refused_hedge_goes_to_another_replica_as_the_same_attempt() {
+    let (mut r, log) = hedging(&[1, 2, 3], 2);
+    client_calls(&mut r, &[1], b"\0\0\0\0\x01x");
+    r.tick(Duration::from_millis(50));
+    back_frames(&mut r, 1);
+    reset_by_replica(&mut r, 1, 1, Reason::RefusedStream);
+    let again = back_frames(&mut r, 2);
+    assert_eq!(kinds(&again), [(HEADERS, END_HEADERS), (DATA, END_STREAM)], "at once, though maxAttempts is 2");
+    assert_eq!(header(&decode(&again[0].payload), "grpc-previous-rpc-attempts"), Some("1"), "the same attempt");
+    assert_eq!(again[1].payload, b"\0\0\0\0\x01x");
+    answer(&mut r, 2, 1, b"\0\0\0\0\0", "0");
+    let got = calls(r.client_out());
+    assert_eq!(header(&decode(&got.last().unwrap().payload), "grpc-status"), Some("0"));
+    assert_eq!(
+        *log.borrow(),
+        vec![(addr(2), Outcome::Refused), (addr(1), Outcome::Cancelled), (addr(3), Outcome::Status(0))]
+    );
+}
+
+#[test]
+fn hedges_refused_by_every_replica_stop_being_sent_again() {
+    let (mut r, log) = hedging(&[1, 2], 2);
+    client_calls(&mut r, &[1], b"\0\0\0\0\0");
+    r.tick(Duration::from_millis(50));
+    for _ in 0..10 {
+        let Some(slot) = r.backs().map(|b| b.id).filter(|&id| id != 0).last() else { break };
+        let Some(up) = back_frames(&mut r, slot).iter().find(|f| f.kind == HEADERS).map(|f| f.stream) else { break };
+        reset_by_replica(&mut r, slot, up, Reason::RefusedStream);
+    }
+    let refused = log.borrow().iter().filter(|(_, o)| *o == Outcome::Refused).count();
+    assert!(refused <= 1 + Limits::default().max_transparent_retries, "{refused} refusals: bounded");
+    answer(&mut r, 0, 1, b"\0\0\0\0\0", "0");
+    let got = calls(r.client_out());
+    assert_eq!(header(&decode(&got.last().unwrap().payload), "grpc-status"), Some("0"), "the first attempt goes on");
+}
