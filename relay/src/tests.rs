@@ -1668,3 +1668,23 @@ fn hedges_refused_by_every_replica_stop_being_sent_again() {
     let got = calls(r.client_out());
     assert_eq!(header(&decode(&got.last().unwrap().payload), "grpc-status"), Some("0"), "the first attempt goes on");
 }
+
+#[test]
+fn a_non_fatal_failure_before_the_request_is_whole_sends_it_again_as_it_grows() {
+    let (mut r, log) = hedging(&[1, 2, 3], 3);
+    let mut buf = BytesMut::from(frame::PREFACE);
+    frame::put_settings(&mut buf, &[]);
+    put(&mut buf, HEADERS, END_HEADERS, 1, &request("/echo.Echo/Collect"));
+    put(&mut buf, DATA, 0, 1, b"\0\0\0\0\x01a");
+    r.client_read(&mut buf);
+    back_frames(&mut r, 0);
+    refuse(&mut r, 0, 1, "14", &[]);
+    assert!(calls(r.client_out()).iter().all(|f| f.kind != HEADERS), "not passed on: {:?}", log.borrow());
+    put(&mut buf, DATA, END_STREAM, 1, b"\0\0\0\0\x01b");
+    r.client_read(&mut buf);
+    r.tick(Duration::from_millis(1));
+    let next = r.backs().map(|b| b.id).last().expect("a live back");
+    let sent = back_frames(&mut r, next);
+    let data: Vec<u8> = sent.iter().filter(|f| f.kind == DATA).flat_map(|f| f.payload.clone()).collect();
+    assert_eq!(data, b"\0\0\0\0\x01a\0\0\0\0\x01b", "the whole request, again");
+}
