@@ -18,7 +18,9 @@
 //!   connection that could not be made, a stream refused (REFUSED_STREAM) or above a
 //!   GOAWAY's last stream id. The request is kept for that until the response begins,
 //!   up to [`Limits::replay`] bytes.
-//! - A connection lost mid-call ends the call with UNAVAILABLE; a reset is passed on.
+//! - A connection lost mid-call ends the call with UNAVAILABLE. A replica's reset is
+//!   the status gRPC reads in it (INTERNAL_ERROR as INTERNAL, CANCEL as CANCELLED...):
+//!   retried or hedged past as the call's policy says, else passed on as it came.
 //! - Limits: concurrent streams, header list size, header block size (CONTINUATION
 //!   floods), rapid resets, frame size, flow-control violations.
 //! - `grpc.health.v1.Health/Check` is answered here, from [`Picker::serving`].
@@ -1150,8 +1152,9 @@ impl<P: Picker> Relay<P> {
         // with no attempt, as a retry waits out its backoff, and is placed again then.
         let Some(due) = self.streams.get(&id).and_then(hedge_due) else { return false };
         let Some(mut s) = self.streams.remove(&id) else { return false };
+        // The request stays pending for the next attempt, credited to the client once
+        // it goes on, as a retry's does.
         self.detach(&mut s, Reason::Cancel);
-        self.release(&s);
         if let Some(a) = s.attempt.take() {
             a.ended(&s.path, Outcome::Retried(code));
         }
@@ -1180,20 +1183,34 @@ impl<P: Picker> Relay<P> {
             return;
         };
         self.drop_hedge(hid, outcome);
-        if outcome == Outcome::Refused && self.transparent_retry(call) && self.launch_hedge(call, attempt_no) {
+        if outcome == Outcome::Refused && self.transparent_retry(call, attempt_no) {
             return;
         }
         if self.is_non_fatal(call, Code::Unavailable as u8) {
-            self.hedge_failed(call, Pushback::None);
+            return self.hedge_failed(call, Pushback::None);
         }
+        // UNAVAILABLE is fatal: the call ends with it, as a status in trailers would
+        // end it.
+        let why = match outcome {
+            Outcome::Refused => "a hedge was refused unprocessed, and UNAVAILABLE is fatal",
+            _ => "the connection carrying a hedge was lost, and UNAVAILABLE is fatal",
+        };
+        self.end_with(call, Code::Unavailable as u8, why, Outcome::Cancelled);
     }
 
-    /// Counts a transparent retry of the call; whether it had one left.
-    fn transparent_retry(&mut self, id: u32) -> bool {
+    /// Sends a refused hedge, attempt `attempt_no`, to another replica (gRPC's
+    /// transparent retry) if the call has transparent retries left and a replica is
+    /// ready; only one sent uses a retry up.
+    fn transparent_retry(&mut self, id: u32, attempt_no: u32) -> bool {
         let max = self.limits.max_transparent_retries;
-        let Some(replay) = self.streams.get_mut(&id).and_then(|s| s.replay.as_mut()) else { return false };
-        replay.transparent += 1;
-        replay.transparent <= max
+        let Some(replay) = self.streams.get(&id).and_then(|s| s.replay.as_ref()) else { return false };
+        if replay.transparent >= max || !self.launch_hedge(id, attempt_no) {
+            return false;
+        }
+        if let Some(replay) = self.streams.get_mut(&id).and_then(|s| s.replay.as_mut()) {
+            replay.transparent += 1;
+        }
+        true
     }
 
     /// The call goes on with its hedge `hid` in place of its own attempt, which ends as
@@ -1735,7 +1752,9 @@ impl<P: Picker> Relay<P> {
                 b.closing = true;
                 let mut unprocessed: Vec<(u32, u32)> =
                     b.streams.iter().filter(|&(&up, _)| up > last).map(|(&up, &id)| (up, id)).collect();
-                unprocessed.sort_unstable();
+                // Hedges (even ids) first, as when a connection is lost: a call is not
+                // handed to a hedge refused with it.
+                unprocessed.sort_unstable_by_key(|&(up, id)| (id % 2, up));
                 for (up, _) in &unprocessed {
                     b.streams.remove(up);
                 }

@@ -16,9 +16,11 @@ use crate::{Conn, frame};
 /// How an attempt ended, for outlier detection and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
-    /// The replica's response ended with this `grpc-status` (UNKNOWN when it had none).
+    /// The replica's response ended with this `grpc-status` (UNKNOWN when it had none),
+    /// or it reset the stream with an error gRPC reads as this status.
     Status(u8),
-    /// The replica's connection was lost, or it reset the stream.
+    /// The replica's connection was lost, or it refused the call when it could no
+    /// longer go elsewhere (UNAVAILABLE).
     Lost,
     /// The client cancelled the call.
     Cancelled,

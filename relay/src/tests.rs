@@ -1652,21 +1652,141 @@ fn a_refused_hedge_goes_to_another_replica_as_the_same_attempt() {
     );
 }
 
-#[test]
-fn hedges_refused_by_every_replica_stop_being_sent_again() {
-    let (mut r, log) = hedging(&[1, 2], 2);
-    client_calls(&mut r, &[1], b"\0\0\0\0\0");
-    r.tick(Duration::from_millis(50));
-    for _ in 0..10 {
-        let Some(slot) = r.backs().map(|b| b.id).filter(|&id| id != 0).last() else { break };
-        let Some(up) = back_frames(&mut r, slot).iter().find(|f| f.kind == HEADERS).map(|f| f.stream) else { break };
-        reset_by_replica(&mut r, slot, up, Reason::RefusedStream);
+/// Refuses, with REFUSED_STREAM, every stream any back was sent since the last call.
+fn refuse_all_sent(r: &mut Relay<Turns>) -> usize {
+    let slots: Vec<u64> = r.backs().map(|b| b.id).collect();
+    let mut refused = 0;
+    for slot in slots {
+        let ups: Vec<u32> = back_frames(r, slot).iter().filter(|f| f.kind == HEADERS).map(|f| f.stream).collect();
+        for up in ups {
+            reset_by_replica(r, slot, up, Reason::RefusedStream);
+            refused += 1;
+        }
     }
+    refused
+}
+
+#[test]
+fn a_hedge_refused_past_the_calls_transparent_retries_is_a_failed_attempt() {
+    let (r, log) = hedging(&[1, 2, 3, 4, 5], 2);
+    let limits = Limits { max_transparent_retries: 1, ..Limits::default() };
+    let mut r = Relay::new(r.picker, limits, 7);
+    client_calls(&mut r, &[1], b"\0\0\0\0\0");
+    back_frames(&mut r, 0);
+    r.tick(Duration::from_millis(50));
+    assert_eq!(refuse_all_sent(&mut r), 1, "the hedge");
+    assert_eq!(refuse_all_sent(&mut r), 1, "sent again once, as the same attempt");
+    assert_eq!(refuse_all_sent(&mut r), 0, "not a third time: maxAttempts 2 leaves no next hedge");
     let refused = log.borrow().iter().filter(|(_, o)| *o == Outcome::Refused).count();
-    assert!(refused <= 1 + Limits::default().max_transparent_retries, "{refused} refusals: bounded");
+    assert_eq!(refused, 2);
+    assert!(calls(r.client_out()).is_empty(), "UNAVAILABLE is non-fatal: the first attempt goes on");
     answer(&mut r, 0, 1, b"\0\0\0\0\0", "0");
     let got = calls(r.client_out());
-    assert_eq!(header(&decode(&got.last().unwrap().payload), "grpc-status"), Some("0"), "the first attempt goes on");
+    assert_eq!(header(&decode(&got.last().unwrap().payload), "grpc-status"), Some("0"));
+}
+
+#[test]
+fn a_hedge_refused_past_its_retries_ends_the_call_when_unavailable_is_fatal() {
+    let (r, log) = hedging(&[1, 2, 3], 2);
+    let limits = Limits { max_transparent_retries: 0, ..Limits::default() };
+    let mut r = Relay::new(r.picker, limits, 7);
+    r.picker.hedging.as_mut().unwrap().non_fatal = CodeSet::default();
+    client_calls(&mut r, &[1], b"\0\0\0\0\0");
+    back_frames(&mut r, 0);
+    r.tick(Duration::from_millis(50));
+    assert_eq!(refuse_all_sent(&mut r), 1, "the hedge");
+    let got = calls(r.client_out());
+    let status = got.iter().find(|f| f.kind == HEADERS).expect("the call ends, not left running");
+    assert_eq!(header(&decode(&status.payload), "grpc-status"), Some("14"));
+    let cancelled = back_frames(&mut r, 0);
+    assert_eq!((cancelled[0].kind, &cancelled[0].payload[..]), (RST_STREAM, &[0, 0, 0, 8][..]));
+    assert_eq!(*log.borrow(), vec![(addr(2), Outcome::Refused), (addr(1), Outcome::Cancelled)]);
+    assert_eq!(r.open_calls(), 0);
+}
+
+#[test]
+fn a_hedge_relaunch_finding_no_replica_uses_none_of_the_calls_transparent_retries() {
+    let (r, log) = hedging(&[1, 2], 3);
+    let limits = Limits { max_transparent_retries: 1, ..Limits::default() };
+    let mut r = Relay::new(r.picker, limits, 7);
+    r.picker.wait = Some(Duration::from_secs(1));
+    client_calls(&mut r, &[1], b"\0\0\0\0\0");
+    r.tick(Duration::from_millis(50));
+    back_frames(&mut r, 1);
+    let replicas = std::mem::take(&mut r.picker.replicas);
+    reset_by_replica(&mut r, 1, 1, Reason::RefusedStream);
+    r.picker.replicas = replicas;
+    // The call's own attempt is refused next: its one transparent retry is still there.
+    reset_by_replica(&mut r, 0, 1, Reason::RefusedStream);
+    assert!(calls(r.client_out()).is_empty(), "sent again, not failed: {:?}", log.borrow());
+}
+
+#[test]
+fn a_goaway_refusing_calls_and_their_hedges_on_one_connection_strands_none() {
+    let (mut r, _) = hedging(&[1], 2);
+    client_calls(&mut r, &[1, 3], b"\0\0\0\0\0");
+    r.back_connected(0);
+    r.tick(Duration::from_millis(50));
+    let ups: Vec<u32> = back_frames(&mut r, 0).iter().filter(|f| f.kind == HEADERS).map(|f| f.stream).collect();
+    assert_eq!(ups, [1, 3, 5, 7], "two calls and their hedges on the one replica");
+    let mut buf = BytesMut::new();
+    frame::put_goaway(&mut buf, 1, Reason::NoError);
+    r.back_read(0, &mut buf);
+    for slot in r.backs().map(|b| b.id).filter(|&id| id != 0).collect::<Vec<_>>() {
+        let ups: Vec<u32> = back_frames(&mut r, slot).iter().filter(|f| f.kind == HEADERS).map(|f| f.stream).collect();
+        for up in ups {
+            answer(&mut r, slot, up, b"\0\0\0\0\0", "0");
+        }
+    }
+    answer(&mut r, 0, 1, b"\0\0\0\0\0", "0");
+    let ended: Vec<u32> = calls(r.client_out())
+        .iter()
+        .filter(|f| f.kind == HEADERS && f.flags & END_STREAM != 0)
+        .map(|f| f.stream)
+        .collect();
+    assert_eq!(ended.len(), 2, "both calls answered: {ended:?}");
+    assert_eq!(r.open_calls(), 0, "none waits on a stream the replica refused");
+}
+
+#[test]
+fn a_hedged_call_sent_again_after_a_failure_credits_the_client_once() {
+    let (r, _) = hedging(&[1, 2], 3);
+    // Connection credit goes out in steps of 10,000 bytes.
+    let limits = Limits { conn_window: 20_000, ..Limits::default() };
+    let mut r = Relay::new(r.picker, limits, 7);
+    let mut buf = BytesMut::from(frame::PREFACE);
+    frame::put_settings(&mut buf, &[]);
+    put(&mut buf, HEADERS, END_HEADERS, 1, &request("/echo.Echo/Collect"));
+    r.client_read(&mut buf);
+    let mut buf = BytesMut::new();
+    frame::put_settings(&mut buf, &[(frame::SETTINGS_INITIAL_WINDOW_SIZE, 10)]);
+    r.back_read(0, &mut buf);
+    let mut credit = connection_credit(&frames(r.client_out()));
+    let mut message = vec![7; 15_000];
+    message[..5].copy_from_slice(&[0, 0, 0, 0x3a, 0x93]);
+    let mut buf = BytesMut::new();
+    put(&mut buf, DATA, 0, 1, &message);
+    r.client_read(&mut buf);
+    refuse(&mut r, 0, 1, "14", &[]);
+    r.tick(Duration::from_millis(1));
+    r.tick(Duration::from_millis(2));
+    credit += connection_credit(&frames(r.client_out()));
+    assert!(credit <= 15_000, "{credit} bytes credited for 15,000 received");
+}
+
+/// The HEADERS and DATA every back was sent since the last call, and the last back
+/// that was sent any.
+fn sent_since(r: &mut Relay<Turns>) -> (u64, Vec<F>) {
+    let mut sent = Vec::new();
+    let mut last = u64::MAX;
+    for slot in r.backs().map(|b| b.id).collect::<Vec<_>>() {
+        let got: Vec<F> = back_frames(r, slot).into_iter().filter(|f| f.kind == HEADERS || f.kind == DATA).collect();
+        if !got.is_empty() {
+            last = slot;
+        }
+        sent.extend(got);
+    }
+    (last, sent)
 }
 
 #[test]
@@ -1680,11 +1800,18 @@ fn a_non_fatal_failure_before_the_request_is_whole_sends_it_again_as_it_grows() 
     back_frames(&mut r, 0);
     refuse(&mut r, 0, 1, "14", &[]);
     assert!(calls(r.client_out()).iter().all(|f| f.kind != HEADERS), "not passed on: {:?}", log.borrow());
+    r.tick(Duration::from_millis(1));
+    let (slot, sent) = sent_since(&mut r);
+    assert_eq!(kinds(&sent), [(HEADERS, END_HEADERS), (DATA, 0)], "one attempt again, no hedge beside it");
+    assert_eq!(sent[1].payload, b"\0\0\0\0\x01a");
     put(&mut buf, DATA, END_STREAM, 1, b"\0\0\0\0\x01b");
     r.client_read(&mut buf);
-    r.tick(Duration::from_millis(1));
-    let next = r.backs().map(|b| b.id).last().expect("a live back");
-    let sent = back_frames(&mut r, next);
-    let data: Vec<u8> = sent.iter().filter(|f| f.kind == DATA).flat_map(|f| f.payload.clone()).collect();
-    assert_eq!(data, b"\0\0\0\0\x01a\0\0\0\0\x01b", "the whole request, again");
+    let (same, rest) = sent_since(&mut r);
+    assert_eq!((same, kinds(&rest)), (slot, vec![(DATA, END_STREAM)]), "the rest follows it");
+    assert_eq!(rest[0].payload, b"\0\0\0\0\x01b");
+    r.tick(Duration::from_millis(51));
+    let (hedged, hedge) = sent_since(&mut r);
+    assert_ne!(hedged, slot, "a hedge, a delay after the attempt, on another replica");
+    assert_eq!(kinds(&hedge), [(HEADERS, END_HEADERS), (DATA, END_STREAM)]);
+    assert_eq!(hedge[1].payload, b"\0\0\0\0\x01a\0\0\0\0\x01b", "the whole request");
 }
