@@ -8,6 +8,8 @@ use loona_hpack::{Decoder, Encoder};
 use lb_core::retry::{HedgingPolicy, policy::CodeSet};
 
 use super::*;
+
+mod fuzz;
 use frame::{CONTINUATION, DATA, END_HEADERS, END_STREAM, GOAWAY, HEADERS, RST_STREAM, SETTINGS, WINDOW_UPDATE};
 
 type Log = Rc<RefCell<Vec<(SocketAddr, Outcome)>>>;
