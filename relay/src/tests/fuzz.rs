@@ -1,6 +1,7 @@
 //! The relay driven by seeded random events: frames from both sides (well-formed calls
 //! and answers mixed with any kind, flags, stream id and payload), timers, lost and
-//! refused connections, drains. Whatever comes, nothing panics or loops, and once the
+//! refused connections, drains. Whatever comes, nothing panics or loops; once replicas
+//! answer and the client reads, every call whose request is whole ends; and once the
 //! client and every replica are gone no call, hedge or wait is left behind.
 
 use super::*;
@@ -120,10 +121,12 @@ fn junk_frame(rng: &mut Rng, out: &mut BytesMut) {
 
 /// A relay whose method has a retry policy, a hedging policy, or neither.
 fn any_relay(rng: &mut Rng) -> (Relay<Turns>, Log) {
+    // One replica, so that calls and their hedges share a connection, or more.
+    let replicas = &[1, 2, 3][..1 + rng.below(3) as usize];
     let (mut r, log) = match rng.below(3) {
-        0 => relay(&[1, 2, 3]),
-        1 => retrying(&[1, 2, 3]),
-        _ => hedging(&[1, 2, 3], 3),
+        0 => relay(replicas),
+        1 => retrying(replicas),
+        _ => hedging(replicas, 3),
     };
     if rng.chance(50) {
         r.picker.wait = Some(Duration::from_millis(300));
@@ -197,10 +200,8 @@ fn play(seed: u64, events: usize) {
                 }
             }
             15 => {
-                r.picker.replicas = match rng.chance(50) {
-                    true => Vec::new(),
-                    false => vec![addr(1), addr(2), addr(3)],
-                };
+                let n = rng.below(4) as u8;
+                r.picker.replicas = (1..=n).map(addr).collect();
                 r.ready_changed();
             }
             16 => {
@@ -217,6 +218,33 @@ fn play(seed: u64, events: usize) {
         let hedges = r.streams.values().filter(|s| s.hedge_of.is_some()).count();
         assert_eq!(r.hedge_count, hedges, "seed {seed}: hedges miscounted");
     }
+    // Replicas that answer every stream, and time enough for any wait: a call whose
+    // request is whole ends; none is stranded on a stream no replica will answer.
+    r.picker.replicas = vec![addr(1), addr(2), addr(3)];
+    r.ready_changed();
+    for _ in 0..6 {
+        // And a client that reads: every window open.
+        let mut buf = BytesMut::new();
+        frame::put_settings(&mut buf, &[(frame::SETTINGS_INITIAL_WINDOW_SIZE, 1 << 20)]);
+        frame::put_window_update(&mut buf, 0, 1 << 30);
+        for &id in r.streams.keys().filter(|&&id| id % 2 == 1) {
+            frame::put_window_update(&mut buf, id, 1 << 20);
+        }
+        r.client_read(&mut buf);
+        for back in r.back_ids().collect::<Vec<_>>() {
+            r.back_connected(back);
+            let ups: Vec<u32> =
+                r.backs.iter().filter(|b| b.id == back).flat_map(|b| b.streams.keys().copied()).collect();
+            for up in ups {
+                answer(&mut r, back, up, b"\0\0\0\0\0", "0");
+            }
+        }
+        r.client_out().clear();
+        now += Duration::from_secs(10);
+        r.tick(now);
+    }
+    let stranded: Vec<u32> = r.streams.iter().filter(|(_, s)| s.client_ended && !s.local).map(|(&id, _)| id).collect();
+    assert!(stranded.is_empty(), "seed {seed}: calls stranded with their request whole: {stranded:?}");
     r.client_closed();
     let backs: Vec<u64> = r.back_ids().collect();
     for back in backs {
