@@ -943,10 +943,6 @@ impl<P: Picker> Relay<P> {
             let why = "the request outgrew the replay buffer before it could be sent again";
             return self.end_with(id, 14, why, Outcome::Refused);
         };
-        if replay.transparent > self.limits.max_transparent_retries {
-            let why = "the call was refused unprocessed by every replica tried";
-            return self.end_with(id, 14, why, Outcome::Refused);
-        }
         let Some((addr, attempt)) = self.picker.pick(&s.path, &replay.tried, s.previous) else {
             return self.wait_for_ready(id);
         };
@@ -1291,21 +1287,30 @@ impl<P: Picker> Relay<P> {
         push_timer(&mut self.waits, until, id, &self.streams, |s| s.waiting.map(|(_, until)| until));
     }
 
-    /// The replica did not process the call: it goes to another, with its request.
+    /// The replica did not process the call: it goes to another, with its request, as
+    /// gRPC's transparent retry allows. Refused more often than that, it is an attempt
+    /// failed with UNAVAILABLE, retried or hedged as the call's policy says.
     fn unprocessed(&mut self, id: u32) {
         if let Some(hedge) = self.running_hedge(id) {
             // A hedge already carries it: that one goes on instead.
             return self.promote(id, hedge, Outcome::Refused);
         }
+        let max = self.limits.max_transparent_retries;
         let Some(s) = self.streams.get_mut(&id) else { return };
         s.back = DETACHED;
-        if let Some(a) = s.attempt.take() {
-            a.ended(&s.path, Outcome::Refused);
-        }
-        if let Some(replay) = &mut s.replay {
+        if let Some(replay) = s.replay.as_mut().filter(|r| r.transparent < max) {
             replay.transparent += 1;
+            if let Some(a) = s.attempt.take() {
+                a.ended(&s.path, Outcome::Refused);
+            }
+            return self.place(id);
         }
-        self.place(id);
+        let unavailable = Code::Unavailable as u8;
+        if self.retry_after(id, unavailable, Pushback::None) || self.hedge_after(id, unavailable, Pushback::None) {
+            return;
+        }
+        let why = "the call was refused unprocessed by every replica tried";
+        self.end_with(id, unavailable, why, Outcome::Refused);
     }
 
     /// An attempt failed with `code` before any response headers: if the call's retry

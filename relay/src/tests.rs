@@ -1817,3 +1817,26 @@ fn a_non_fatal_failure_before_the_request_is_whole_sends_it_again_as_it_grows() 
     assert_eq!(kinds(&hedge), [(HEADERS, END_HEADERS), (DATA, END_STREAM)]);
     assert_eq!(hedge[1].payload, b"\0\0\0\0\x01a\0\0\0\0\x01b", "the whole request");
 }
+
+#[test]
+fn a_call_refused_past_its_transparent_retries_is_retried_as_unavailable_by_its_policy() {
+    let (r, log) = retrying(&[1, 2]);
+    let limits = Limits { max_transparent_retries: 1, ..Limits::default() };
+    let mut r = Relay::new(r.picker, limits, 7);
+    client_calls(&mut r, &[1], b"\0\0\0\0\0");
+    reset_by_replica(&mut r, 0, 1, Reason::RefusedStream);
+    assert_eq!(r.next_timer(), None, "the transparent retry goes at once");
+    reset_by_replica(&mut r, 1, 1, Reason::RefusedStream);
+    assert!(calls(r.client_out()).is_empty(), "a refusal past them is UNAVAILABLE, which the policy retries");
+    for slot in [0, 1] {
+        back_frames(&mut r, slot);
+    }
+    r.tick(r.next_timer().expect("a backoff"));
+    let (slot, again) = sent_since(&mut r);
+    assert_eq!(header(&decode(&again[0].payload), "grpc-previous-rpc-attempts"), Some("1"));
+    answer(&mut r, slot, again[0].stream, b"\0\0\0\0\0", "0");
+    let got = calls(r.client_out());
+    assert_eq!(header(&decode(&got.last().unwrap().payload), "grpc-status"), Some("0"));
+    let outcomes: Vec<Outcome> = log.borrow().iter().map(|(_, o)| *o).collect();
+    assert_eq!(outcomes, [Outcome::Refused, Outcome::Retried(14), Outcome::Status(0)]);
+}
