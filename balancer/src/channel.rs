@@ -235,9 +235,9 @@ pub struct Placement {
 /// How a [`Placement`]'s attempt ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Placed {
-    /// With this `grpc-status`.
+    /// With this `grpc-status`, or a reset gRPC reads as it.
     Status(lb_core::Code),
-    /// The connection was lost, or the replica reset the stream.
+    /// The connection was lost (UNAVAILABLE).
     Lost,
     /// The caller cancelled.
     Cancelled,
