@@ -17,7 +17,8 @@
 //! - Unprocessed calls go to another replica, as gRPC's transparent retry allows: a
 //!   connection that could not be made, a stream refused (REFUSED_STREAM) or above a
 //!   GOAWAY's last stream id. The request is kept for that until the response begins,
-//!   up to [`Limits::replay`] bytes.
+//!   up to [`Limits::replay`] bytes; past [`Limits::max_transparent_retries`] a refusal
+//!   is an UNAVAILABLE attempt for the call's retry or hedging policy.
 //! - A connection lost mid-call ends the call with UNAVAILABLE. A replica's reset is
 //!   the status gRPC reads in it (INTERNAL_ERROR as INTERNAL, CANCEL as CANCELLED...):
 //!   retried or hedged past as the call's policy says, else passed on as it came.
@@ -126,7 +127,9 @@ pub struct Limits {
     /// What every call keeps for replays together, shared with other connections (and
     /// the HTTP/2 stack's calls); a request past it is sent but not kept.
     pub replay_budget: Budget,
-    /// Times one call is sent elsewhere before it fails.
+    /// Times one call refused unprocessed is sent elsewhere at once (gRPC's transparent
+    /// retry); past that a refusal is an attempt failed with UNAVAILABLE, retried or
+    /// hedged as the call's policy says.
     pub max_transparent_retries: usize,
     /// A request message declared longer than this fails the call (RESOURCE_EXHAUSTED).
     pub max_message: u32,
@@ -1297,12 +1300,17 @@ impl<P: Picker> Relay<P> {
         }
         let max = self.limits.max_transparent_retries;
         let Some(s) = self.streams.get_mut(&id) else { return };
+        debug_assert_eq!(s.response, Response::None, "only a call with no response can go elsewhere");
         s.back = DETACHED;
-        if let Some(replay) = s.replay.as_mut().filter(|r| r.transparent < max) {
+        // A refusal says nothing against the replica (it may be draining or full).
+        if let Some(a) = s.attempt.take() {
+            a.ended(&s.path, Outcome::Refused);
+        }
+        let Some(replay) = s.replay.as_mut() else {
+            return self.place(id); // which says it outgrew its buffer
+        };
+        if replay.transparent < max {
             replay.transparent += 1;
-            if let Some(a) = s.attempt.take() {
-                a.ended(&s.path, Outcome::Refused);
-            }
             return self.place(id);
         }
         let unavailable = Code::Unavailable as u8;

@@ -19,8 +19,8 @@ pub enum Outcome {
     /// The replica's response ended with this `grpc-status` (UNKNOWN when it had none),
     /// or it reset the stream with an error gRPC reads as this status.
     Status(u8),
-    /// The replica's connection was lost, or it refused the call when it could no
-    /// longer go elsewhere (UNAVAILABLE).
+    /// The replica's connection was lost, or it refused a call whose request could not
+    /// be sent again (UNAVAILABLE).
     Lost,
     /// The client cancelled the call.
     Cancelled,
