@@ -1,8 +1,10 @@
 //! The relay driven by seeded random events: frames from both sides (well-formed calls
 //! and answers mixed with any kind, flags, stream id and payload), timers, lost and
-//! refused connections, drains. Whatever comes, nothing panics or loops; once replicas
-//! answer and the client reads, every call whose request is whole ends; and once the
-//! client and every replica are gone no call, hedge or wait is left behind.
+//! refused connections, drains. Whatever comes, nothing panics or loops; between any
+//! two events the relay's maps agree and no call is stranded; nothing reaches the
+//! client on a stream after its end; once the client finishes and reads and replicas
+//! answer what they were sent, every relayed call ends without a connection torn down;
+//! and once the client and every replica are gone no call, hedge or wait is left.
 
 use super::*;
 
@@ -144,6 +146,58 @@ fn any_relay(rng: &mut Rng) -> (Relay<Turns>, Log) {
     (Relay::new(r.picker, limits, rng.next()), log)
 }
 
+/// What must hold between any two events: the maps agree both ways, a request is kept
+/// only while no response began, every hedge is on its call's list, and every call
+/// with no response is on a replica or waiting for a timer (none stranded).
+fn check(r: &Relay<Turns>, seed: u64) {
+    for b in &r.backs {
+        for (&up, &id) in &b.streams {
+            let s = r.streams.get(&id).unwrap_or_else(|| panic!("seed {seed}: back {} maps {up} to no call", b.id));
+            assert_eq!((s.back, s.up_id), (b.id, up), "seed {seed}: call {id} and back {} disagree", b.id);
+        }
+    }
+    let hedges = r.streams.values().filter(|s| s.hedge_of.is_some()).count();
+    assert_eq!(r.hedge_count, hedges, "seed {seed}: hedges miscounted");
+    for (&id, s) in &r.streams {
+        if s.back != DETACHED && s.response == Response::None {
+            let mapped = r.backs.iter().any(|b| b.id == s.back && b.streams.get(&s.up_id) == Some(&id));
+            assert!(mapped, "seed {seed}: call {id} on back {} that does not know it", s.back);
+            assert!(s.attempt.is_some(), "seed {seed}: call {id} on a replica with no attempt");
+        }
+        if let Some(replay) = &s.replay {
+            assert_eq!(s.response, Response::None, "seed {seed}: call {id} keeps its request past a response");
+            assert!(replay.transparent <= r.limits.max_transparent_retries, "seed {seed}: call {id} refused too often");
+        }
+        if let Some(call) = s.hedge_of {
+            let listed = r.streams.get(&call).and_then(|c| c.hedging.as_ref()).is_some_and(|h| h.hedges.contains(&id));
+            assert!(listed, "seed {seed}: hedge {id} not on its call {call}'s list");
+        } else if !s.local && s.response == Response::None && !s.client_ended {
+            // Its request still coming: it may be on no replica only while it waits.
+        } else if !s.local && s.response == Response::None {
+            let placed = s.back != DETACHED || s.waiting.is_some() || s.backoff_until.is_some();
+            assert!(placed, "seed {seed}: call {id} stranded: on no replica and waiting for nothing");
+        }
+    }
+}
+
+/// Every frame the client was sent since the last call, checked against the streams it
+/// saw end: nothing follows a stream's end but resets.
+fn client_saw(r: &mut Relay<Turns>, ended: &mut std::collections::HashSet<u32>, seed: u64) {
+    let mut out = std::mem::take(r.client_out());
+    for f in frames(&mut out) {
+        if f.stream == 0 || f.kind == RST_STREAM {
+            ended.insert(f.stream);
+            continue;
+        }
+        if f.kind == HEADERS || f.kind == DATA {
+            assert!(!ended.contains(&f.stream), "seed {seed}: the client was sent {f:?} after its stream ended");
+            if f.flags & END_STREAM != 0 {
+                ended.insert(f.stream);
+            }
+        }
+    }
+}
+
 /// Plays `events` random events on a fresh relay, then lets the client and every
 /// replica go and checks that nothing is left behind.
 fn play(seed: u64, events: usize) {
@@ -153,6 +207,9 @@ fn play(seed: u64, events: usize) {
     // Most connections carry well-formed traffic with a little junk; some, mostly junk.
     let junk = if rng.chance(20) { 50 } else { 2 };
     let mut open = Vec::new();
+    let mut ended = std::collections::HashSet::new();
+    let mut dead = std::collections::HashSet::new();
+    let mut junked = std::collections::HashSet::new();
     let mut buf = BytesMut::from(if rng.chance(97) { frame::PREFACE } else { b"GET / HTTP/1.1\r\n\r\n".as_slice() });
     frame::put_settings(&mut buf, &[]);
     r.client_read(&mut buf);
@@ -180,8 +237,22 @@ fn play(seed: u64, events: usize) {
                 let (back, ups) = &backs[rng.below(backs.len() as u64) as usize];
                 let mut buf = BytesMut::new();
                 match rng.chance(junk) {
-                    true => junk_frame(&mut rng, &mut buf),
+                    true => {
+                        junked.insert(*back);
+                        junk_frame(&mut rng, &mut buf)
+                    }
                     false => back_frame(&mut rng, &mut buf, ups),
+                }
+                // What this replica reset or refused it never answers.
+                for f in frames(&mut buf.clone()) {
+                    match f.kind {
+                        RST_STREAM => _ = dead.insert((*back, f.stream)),
+                        GOAWAY => {
+                            let last = frame::u31(&f.payload, 0).unwrap_or(0);
+                            dead.extend(ups.iter().filter(|&&up| up > last).map(|&up| (*back, up)));
+                        }
+                        _ => {}
+                    }
                 }
                 r.back_read(*back, &mut buf);
             }
@@ -205,7 +276,7 @@ fn play(seed: u64, events: usize) {
                 r.ready_changed();
             }
             16 => {
-                r.client_out().clear();
+                client_saw(&mut r, &mut ended, seed);
                 for b in r.backs() {
                     b.out.clear();
                 }
@@ -215,36 +286,65 @@ fn play(seed: u64, events: usize) {
             _ => {}
         }
         assert!(r.client_out().len() < 64 << 20, "seed {seed}: the client's output grew without bound");
-        let hedges = r.streams.values().filter(|s| s.hedge_of.is_some()).count();
-        assert_eq!(r.hedge_count, hedges, "seed {seed}: hedges miscounted");
+        check(&r, seed);
+        if rng.chance(70) {
+            client_saw(&mut r, &mut ended, seed);
+        }
     }
-    // Replicas that answer every stream, and time enough for any wait: a call whose
-    // request is whole ends; none is stranded on a stream no replica will answer.
+    // Then a client that finishes its requests and reads, and replicas that read and
+    // answer what they were sent, as it stands: every relayed call ends, and no
+    // connection is torn down for it.
     r.picker.replicas = vec![addr(1), addr(2), addr(3)];
     r.ready_changed();
-    for _ in 0..6 {
-        // And a client that reads: every window open.
-        let mut buf = BytesMut::new();
-        frame::put_settings(&mut buf, &[(frame::SETTINGS_INITIAL_WINDOW_SIZE, 1 << 20)]);
-        frame::put_window_update(&mut buf, 0, 1 << 30);
-        for &id in r.streams.keys().filter(|&&id| id % 2 == 1) {
-            frame::put_window_update(&mut buf, id, 1 << 20);
+    let mut buf = BytesMut::new();
+    frame::put_settings(&mut buf, &[(frame::SETTINGS_INITIAL_WINDOW_SIZE, 1 << 20)]);
+    frame::put_window_update(&mut buf, 0, 1 << 30);
+    for (&id, st) in r.streams.iter().filter(|(id, _)| *id % 2 == 1) {
+        frame::put_window_update(&mut buf, id, 1 << 20);
+        if !st.client_ended {
+            put(&mut buf, DATA, END_STREAM, id, b"");
         }
-        r.client_read(&mut buf);
+    }
+    r.client_read(&mut buf);
+    let mut opened = std::collections::HashSet::new();
+    for _ in 0..400 {
+        client_saw(&mut r, &mut ended, seed);
         for back in r.back_ids().collect::<Vec<_>>() {
+            let Some(b) = r.backs.iter().find(|b| b.id == back) else { continue }; // let go meanwhile
+            let closing = b.closing;
             r.back_connected(back);
-            let ups: Vec<u32> =
-                r.backs.iter().filter(|b| b.id == back).flat_map(|b| b.streams.keys().copied()).collect();
-            for up in ups {
-                answer(&mut r, back, up, b"\0\0\0\0\0", "0");
+            let mut buf = BytesMut::new();
+            if opened.insert(back) {
+                frame::put_settings(&mut buf, &[(frame::SETTINGS_INITIAL_WINDOW_SIZE, 1 << 20)]);
+                frame::put_window_update(&mut buf, 0, 1 << 30);
             }
+            let b = r.backs.iter().find(|b| b.id == back).expect("listed");
+            for (&up, id) in b.streams.iter().filter(|(up, _)| !dead.contains(&(back, **up))) {
+                let st = &r.streams[id];
+                match st.response {
+                    Response::None if st.up.sent_end => {
+                        put(&mut buf, HEADERS, END_HEADERS, up, &response_headers());
+                        put(&mut buf, DATA, 0, up, b"\0\0\0\0\0");
+                        put(&mut buf, HEADERS, END_HEADERS | END_STREAM, up, &trailers("0"));
+                    }
+                    Response::Headers => put(&mut buf, HEADERS, END_HEADERS | END_STREAM, up, &trailers("0")),
+                    _ => {}
+                }
+            }
+            frames(r.back_out(back).expect("listed")); // read
+            r.back_read(back, &mut buf);
+            let kept = closing || junked.contains(&back) || r.back_ids().any(|b| b == back);
+            assert!(kept, "seed {seed}: back {back} torn down for a well-formed answer");
         }
-        r.client_out().clear();
-        now += Duration::from_secs(10);
+        if r.streams.values().all(|s| s.local) {
+            break;
+        }
+        now +=
+            r.next_timer().map_or(Duration::from_millis(20), |t| t.saturating_sub(now)).min(Duration::from_millis(20));
         r.tick(now);
     }
-    let stranded: Vec<u32> = r.streams.iter().filter(|(_, s)| s.client_ended && !s.local).map(|(&id, _)| id).collect();
-    assert!(stranded.is_empty(), "seed {seed}: calls stranded with their request whole: {stranded:?}");
+    let open: Vec<u32> = r.streams.keys().filter(|id| !r.streams[id].local).copied().collect();
+    assert!(open.is_empty(), "seed {seed}: calls that never ended: {open:?}");
     r.client_closed();
     let backs: Vec<u64> = r.back_ids().collect();
     for back in backs {
