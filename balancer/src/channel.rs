@@ -225,11 +225,6 @@ where
 pub struct Placement {
     pub addr: SocketAddr,
     outcome: Outcome,
-    /// Attempts before this one that failed and were retried.
-    retries: u32,
-    /// Replicas the call was sent to before, unprocessed.
-    transparent_retries: u32,
-    started: tokio::time::Instant,
 }
 
 /// How a [`Placement`]'s attempt ended.
@@ -253,14 +248,11 @@ where
     B::Error: Into<BoxError> + Send,
 {
     /// Picks a ready replica for a call to `path` now, as [`Balancer::send`] would,
-    /// preferring those not in `avoid` (the replicas the call tried: `retries` of them
-    /// failed and were retried, the rest did not process it); `None` when none is ready
-    /// (no waiting).
-    pub fn place(&self, path: &str, avoid: &[SocketAddr], retries: u32) -> Option<Placement> {
+    /// preferring those not in `avoid` (the replicas the call tried); `None` when none
+    /// is ready (no waiting).
+    pub fn place(&self, path: &str, avoid: &[SocketAddr]) -> Option<Placement> {
         let picked = self.shared.pool.pick(path, avoid, &[], false).ok()?;
-        let transparent_retries = (avoid.len() as u32).saturating_sub(retries);
-        let started = tokio::time::Instant::now();
-        Some(Placement { addr: picked.addr, outcome: picked.outcome, retries, transparent_retries, started })
+        Some(Placement { addr: picked.addr, outcome: picked.outcome })
     }
 
     /// The service config's retry policy for `path`, if any.
@@ -309,35 +301,26 @@ where
         self.shared.pool.changes()
     }
 
-    /// A placed attempt ended: outlier detection and the metrics hear it as they hear
-    /// [`Balancer::send`]'s (a refused one is not counted; its call goes on).
+    /// A placed attempt ended: outlier detection and the endpoint's metrics hear it as
+    /// they hear [`Balancer::send`]'s (a refused one is not counted; its call goes on).
+    /// The call itself is counted by [`Balancer::call_ended`].
     pub fn placed_ended(&self, p: Placement, path: &str, how: Placed) {
         let shared = &self.shared;
         let method = |code| shared.metrics.then(|| shared.counters.method(path, code == lb_core::Code::Ok).0);
-        let code = match how {
-            Placed::Refused => return,
-            Placed::Retried(code) => return p.outcome.status(code, method(code)),
-            Placed::Status(code) => {
-                p.outcome.status(code, method(code));
-                code
-            }
-            Placed::Lost => {
-                p.outcome.lost(method(lb_core::Code::Unavailable));
-                lb_core::Code::Unavailable
-            }
-            Placed::Cancelled => {
-                p.outcome.cancelled(method(lb_core::Code::Cancelled));
-                lb_core::Code::Cancelled
-            }
-        };
-        if shared.metrics {
-            let stats = lb_core::call::Stats {
-                attempts: p.retries + 1,
-                retries: p.retries,
-                transparent_retries: p.transparent_retries,
-                ..Default::default()
-            };
-            shared.counters.record(path, &stats, code, p.started.elapsed());
+        match how {
+            Placed::Refused => {}
+            Placed::Retried(code) | Placed::Status(code) => p.outcome.status(code, method(code)),
+            Placed::Lost => p.outcome.lost(method(lb_core::Code::Unavailable)),
+            Placed::Cancelled => p.outcome.cancelled(method(lb_core::Code::Cancelled)),
+        }
+    }
+
+    /// A call made through [`Balancer::place`] is over with `code`, `took` after it
+    /// came, having made the attempts `stats` counts: the metrics count it once, as
+    /// they count [`Balancer::send`]'s.
+    pub fn call_ended(&self, path: &str, code: lb_core::Code, stats: &lb_core::call::Stats, took: Duration) {
+        if self.shared.metrics {
+            self.shared.counters.record(path, stats, code, took);
         }
     }
 }

@@ -46,8 +46,8 @@ struct Attempt {
 impl relay::Picker for Placer {
     type Attempt = Attempt;
 
-    fn pick(&mut self, path: &str, avoid: &[SocketAddr], retries: u32) -> Option<(SocketAddr, Attempt)> {
-        let placement = self.app.balancer.place(path, avoid, retries)?;
+    fn pick(&mut self, path: &str, avoid: &[SocketAddr], _retries: u32) -> Option<(SocketAddr, Attempt)> {
+        let placement = self.app.balancer.place(path, avoid)?;
         Some((placement.addr, Attempt { app: self.app.clone(), placement }))
     }
 
@@ -73,6 +73,10 @@ impl relay::Picker for Placer {
 
     fn throttle(&self) -> Option<&Throttle> {
         self.app.balancer.retry_throttle()
+    }
+
+    fn call_ended(&self, path: &str, code: u8, stats: &relay::Stats, took: Duration) {
+        self.app.balancer.call_ended(path, lb_code(code), stats, took);
     }
 
     fn method_timeout(&self, path: &str) -> Option<Duration> {

@@ -8,6 +8,7 @@ use std::time::Duration;
 use balancer::Protocol;
 use serde_json::Value;
 use support::{Cluster, config_file, tally};
+use testkit::replica::Faults;
 use tokio::time::Instant;
 
 const LAYOUT: &[(&str, &str)] = &[("s1", "node-a"), ("s2", "node-a"), ("s3", "node-b")];
@@ -212,71 +213,113 @@ fn delta(before: &str, after: &str, series: &str) -> u64 {
     value(after, series) - value(before, series)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn grpc_metrics_count_calls_and_attempts_per_method_status_and_endpoint() {
-    let config = config_file(RETRY);
-    let mut c = Cluster::start(Protocol::H2, LAYOUT, &["--service-config", &config]).await;
-    c.wait_for(&["s1", "s2"]).await;
-    let (s1, s2) = (c.addr_of("s1"), c.addr_of("s2"));
-    let t = "grpc_target=\"server.test:50051\"";
-    let m = "grpc_method=\"hello.HelloService/SayHello\"";
-    let attempts = |status: &str, ep: std::net::SocketAddr| {
-        format!(
-            "grpc_client_attempt_duration_seconds_count{{{m},{t},grpc_status=\"{status}\",endpoint=\"{ep}\",grpc_lb_locality=\"local\"}}"
-        )
-    };
-    let calls = |status: &str| format!("grpc_client_call_duration_seconds_count{{{m},{t},grpc_status=\"{status}\"}}");
-    let started = format!("grpc_client_attempt_started_total{{{m},{t}}}");
-    let retried = format!("grpc_client_call_retries_count{{{m},{t}}}");
-    let once = format!("grpc_client_call_retries_bucket{{{m},{t},le=\"1\"}}");
+// Through the h2 path and the frame relay: both count a call once, at its end, with its
+// attempts, retries and hedges, and each attempt against its endpoint.
+on_h2_and_relay! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn grpc_metrics_count_calls_and_attempts_per_method_status_and_endpoint() {
+        let config = config_file(RETRY);
+        let mut c = Cluster::start(PATH, LAYOUT, &["--service-config", &config]).await;
+        c.wait_for(&["s1", "s2"]).await;
+        let (s1, s2) = (c.addr_of("s1"), c.addr_of("s2"));
+        let t = "grpc_target=\"server.test:50051\"";
+        let m = "grpc_method=\"hello.HelloService/SayHello\"";
+        let attempts = |status: &str, ep: std::net::SocketAddr| {
+            format!(
+                "grpc_client_attempt_duration_seconds_count{{{m},{t},grpc_status=\"{status}\",endpoint=\"{ep}\",grpc_lb_locality=\"local\"}}"
+            )
+        };
+        let calls = |status: &str| format!("grpc_client_call_duration_seconds_count{{{m},{t},grpc_status=\"{status}\"}}");
+        let started = format!("grpc_client_attempt_started_total{{{m},{t}}}");
+        let retried = format!("grpc_client_call_retries_count{{{m},{t}}}");
+        let once = format!("grpc_client_call_retries_bucket{{{m},{t},le=\"1\"}}");
 
-    // 20 calls to two healthy replicas: 10 each, every one OK at the first attempt.
-    let m0 = c.admin_get("/metrics").await.1;
-    let (_, failures) = tally(&mut c.client().await, 20).await;
-    assert!(failures.is_empty(), "{failures:?}");
-    let m1 = c.admin_get("/metrics").await.1;
-    assert_eq!(delta(&m0, &m1, &attempts("OK", s1)), 10, "{m1}");
-    assert_eq!(delta(&m0, &m1, &attempts("OK", s2)), 10);
-    assert_eq!((delta(&m0, &m1, &calls("OK")), delta(&m0, &m1, &started)), (20, 20));
-    assert_eq!(delta(&m0, &m1, &retried), 0, "no call retried");
+        // 20 calls to two healthy replicas: 10 each, every one OK at the first attempt.
+        let m0 = c.admin_get("/metrics").await.1;
+        let (_, failures) = tally(&mut c.client().await, 20).await;
+        assert!(failures.is_empty(), "{failures:?}");
+        let m1 = c.admin_get("/metrics").await.1;
+        assert_eq!(delta(&m0, &m1, &attempts("OK", s1)), 10, "{m1}");
+        assert_eq!(delta(&m0, &m1, &attempts("OK", s2)), 10);
+        assert_eq!((delta(&m0, &m1, &calls("OK")), delta(&m0, &m1, &started)), (20, 20));
+        assert_eq!(delta(&m0, &m1, &retried), 0, "no call retried");
 
-    // s1 answers UNAVAILABLE: each call placed there first is retried once, on s2.
-    c.replica("s1").set_sick(true);
-    let (_, failures) = tally(&mut c.client().await, 20).await;
-    assert!(failures.is_empty(), "{failures:?}");
-    let m2 = c.admin_get("/metrics").await.1;
-    let failed_on_s1 = delta(&m1, &m2, &attempts("UNAVAILABLE", s1));
-    assert!(failed_on_s1 > 0, "{m2}");
-    assert_eq!(delta(&m1, &m2, &attempts("OK", s1)), 0);
-    assert_eq!(delta(&m1, &m2, &attempts("OK", s2)), 20);
-    assert_eq!(delta(&m1, &m2, &calls("OK")), 20);
-    assert_eq!(delta(&m1, &m2, &calls("UNAVAILABLE")), 0);
-    assert_eq!(delta(&m1, &m2, &started), 20 + failed_on_s1);
-    assert_eq!((delta(&m1, &m2, &retried), delta(&m1, &m2, &once)), (failed_on_s1, failed_on_s1));
-    assert!(m2.contains(&format!("lb_retry_throttle_tokens{{{t}}} ")), "{m2}");
+        // s1 answers UNAVAILABLE: each call placed there first is retried once, on s2.
+        c.replica("s1").set_sick(true);
+        let (_, failures) = tally(&mut c.client().await, 20).await;
+        assert!(failures.is_empty(), "{failures:?}");
+        let m2 = c.admin_get("/metrics").await.1;
+        let failed_on_s1 = delta(&m1, &m2, &attempts("UNAVAILABLE", s1));
+        assert!(failed_on_s1 > 0, "{m2}");
+        assert_eq!(delta(&m1, &m2, &attempts("OK", s1)), 0);
+        assert_eq!(delta(&m1, &m2, &attempts("OK", s2)), 20);
+        assert_eq!(delta(&m1, &m2, &calls("OK")), 20);
+        assert_eq!(delta(&m1, &m2, &calls("UNAVAILABLE")), 0);
+        assert_eq!(delta(&m1, &m2, &started), 20 + failed_on_s1);
+        assert_eq!((delta(&m1, &m2, &retried), delta(&m1, &m2, &once)), (failed_on_s1, failed_on_s1));
+        assert!(m2.contains(&format!("lb_retry_throttle_tokens{{{t}}} ")), "{m2}");
 
-    // A method no call has succeeded on counts as `other`.
-    let headers = support::raw_call(c.proxy, "/nope.S/M", &[], support::frame(b"")).await;
-    assert_eq!(headers["grpc-status"], "12");
-    let m3 = c.admin_get("/metrics").await.1;
-    let other =
-        format!("grpc_client_call_duration_seconds_count{{grpc_method=\"other\",{t},grpc_status=\"UNIMPLEMENTED\"}}");
-    assert_eq!(delta(&m2, &m3, &other), 1, "{m3}");
+        // A method no call has succeeded on counts as `other`.
+        let headers = support::raw_call(c.proxy, "/nope.S/M", &[], support::frame(b"")).await;
+        assert_eq!(headers["grpc-status"], "12");
+        let m3 = c.admin_get("/metrics").await.1;
+        let other =
+            format!("grpc_client_call_duration_seconds_count{{grpc_method=\"other\",{t},grpc_status=\"UNIMPLEMENTED\"}}");
+        assert_eq!(delta(&m2, &m3, &other), 1, "{m3}");
 
-    // Connections: three made; s3's lost when it is killed.
-    assert!(value(&m3, &format!("grpc_subchannel_connection_attempts_succeeded_total{{{t}}}")) >= 3);
-    c.kill("s3");
-    let until = Instant::now() + Duration::from_secs(10);
-    let lost = format!("grpc_subchannel_disconnections_total{{{t},grpc_lb_locality=\"remote\",");
-    let m4 = loop {
-        let m4 = c.admin_get("/metrics").await.1;
-        if m4.contains(&lost) {
-            break m4;
-        }
-        assert!(Instant::now() < until, "no disconnection counted:\n{m4}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    promtool_accepts(&m4);
+        // Connections: three made; s3's lost when it is killed.
+        assert!(value(&m3, &format!("grpc_subchannel_connection_attempts_succeeded_total{{{t}}}")) >= 3);
+        c.kill("s3");
+        let until = Instant::now() + Duration::from_secs(10);
+        let lost = format!("grpc_subchannel_disconnections_total{{{t},grpc_lb_locality=\"remote\",");
+        let m4 = loop {
+            let m4 = c.admin_get("/metrics").await.1;
+            if m4.contains(&lost) {
+                break m4;
+            }
+            assert!(Instant::now() < until, "no disconnection counted:\n{m4}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        promtool_accepts(&m4);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hedged_call_is_counted_once_with_its_hedges_and_no_cancelled_call() {
+        let config = config_file(
+            r#"{"methodConfig":[{"name":[{"service":"hello.HelloService"}],
+                "hedgingPolicy":{"maxAttempts":2,"hedgingDelay":"0.05s","nonFatalStatusCodes":["UNAVAILABLE"]}}]}"#,
+        );
+        let slow = |n: &str| Faults { delay: Duration::from_millis(if n == "s1" { 1000 } else { 0 }), ..Faults::default() };
+        let c = Cluster::start_with(PATH, &[("s1", "node-a"), ("s2", "node-a")], &["--service-config", &config], slow).await;
+        c.wait_for(&["s2"]).await;
+        let t = "grpc_target=\"server.test:50051\"";
+        let m = "grpc_method=\"hello.HelloService/SayHello\"";
+        let calls = |status: &str| format!("grpc_client_call_duration_seconds_count{{{m},{t},grpc_status=\"{status}\"}}");
+        let hedged = format!("grpc_client_call_hedges_count{{{m},{t}}}");
+        let started = format!("grpc_client_attempt_started_total{{{m},{t}}}");
+        let m0 = c.admin_get("/metrics").await.1;
+        let (counts, failures) = tally(&mut c.client().await, 6).await;
+        assert!(failures.is_empty(), "{failures:?}");
+        assert_eq!(counts.get("s2"), Some(&6), "s2 answers every call, first or hedged: {counts:?}");
+        let m1 = c.admin_get("/metrics").await.1;
+        assert_eq!(delta(&m0, &m1, &calls("OK")), 6, "{m1}");
+        assert_eq!(value(&m1, &calls("CANCELLED")), 0, "a losing attempt is no call: {m1}");
+        let hedges = delta(&m0, &m1, &hedged);
+        assert!(hedges >= 1, "the calls placed on s1 first were hedged: {m1}");
+        assert_eq!(delta(&m0, &m1, &started), 6 + hedges, "each call's attempts, the hedges included");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_call_that_finds_no_replica_is_counted() {
+        let config = config_file(r#"{"methodConfig":[{"name":[{"service":"hello.HelloService"}],"waitForReady":false}]}"#);
+        let c = Cluster::start(PATH, &[], &["--service-config", &config]).await;
+        let t = "grpc_target=\"server.test:50051\"";
+        let unavailable = format!("grpc_client_call_duration_seconds_count{{grpc_method=\"other\",{t},grpc_status=\"UNAVAILABLE\"}}");
+        let err = c.client().await.say_hello(support::hello()).await.expect_err("no replica");
+        assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+        let m = c.admin_get("/metrics").await.1;
+        assert_eq!(value(&m, &unavailable), 1, "{m}");
+    }
 }
 
 /// `promtool check metrics` (Debian's `prometheus` package) finds nothing to say.

@@ -50,6 +50,7 @@ use bytes::{Buf, BytesMut};
 
 use frame::{Head, Reason};
 use hpack::{Seen, Transcoder};
+pub use lb_core::call::Stats;
 use lb_core::{
     Code,
     budget::Budget,
@@ -98,6 +99,10 @@ pub trait Picker {
     fn method_timeout(&self, _path: &str) -> Option<Duration> {
         None
     }
+    /// A call to `path` is over, with `code` as the client hears it, `took` after it
+    /// came: told once per relayed call (not the relay's own health answers), with its
+    /// attempts, retries, hedges and transparent retries.
+    fn call_ended(&self, _path: &str, _code: u8, _stats: &Stats, _took: Duration) {}
 }
 
 /// One attempt's outcome goes here.
@@ -919,6 +924,7 @@ impl<P: Picker> Relay<P> {
             stream.hedging = Some(Box::new(Hedging { policy, schedule, hedges: SmallVec::new() }));
         }
         stream.retry = retry;
+        stream.arrived = self.now;
         if let Some(t) = timeout {
             let due = self.now.saturating_add(t);
             stream.deadline = Some(due);
@@ -976,6 +982,7 @@ impl<P: Picker> Relay<P> {
         b.streams.insert(up, id);
         let s = self.streams.get_mut(&id).expect("found above");
         let replay = s.replay.as_ref().expect("found above");
+        s.placed = true;
         s.back = back;
         s.up_id = up;
         s.attempt = Some(attempt);
@@ -1201,13 +1208,12 @@ impl<P: Picker> Relay<P> {
     /// transparent retry) if the call has transparent retries left and a replica is
     /// ready; only one sent uses a retry up.
     fn transparent_retry(&mut self, id: u32, attempt_no: u32) -> bool {
-        let max = self.limits.max_transparent_retries;
-        let Some(replay) = self.streams.get(&id).and_then(|s| s.replay.as_ref()) else { return false };
-        if replay.transparent >= max || !self.launch_hedge(id, attempt_no) {
+        let max = self.limits.max_transparent_retries as u32;
+        if self.streams.get(&id).is_none_or(|s| s.transparent >= max) || !self.launch_hedge(id, attempt_no) {
             return false;
         }
-        if let Some(replay) = self.streams.get_mut(&id).and_then(|s| s.replay.as_mut()) {
-            replay.transparent += 1;
+        if let Some(s) = self.streams.get_mut(&id) {
+            s.transparent += 1;
         }
         true
     }
@@ -1306,11 +1312,11 @@ impl<P: Picker> Relay<P> {
         if let Some(a) = s.attempt.take() {
             a.ended(&s.path, Outcome::Refused);
         }
-        let Some(replay) = s.replay.as_mut() else {
+        if s.replay.is_none() {
             return self.place(id); // which says it outgrew its buffer
-        };
-        if replay.transparent < max {
-            replay.transparent += 1;
+        }
+        if s.transparent < max as u32 {
+            s.transparent += 1;
             return self.place(id);
         }
         let unavailable = Code::Unavailable as u8;
@@ -1417,9 +1423,28 @@ impl<P: Picker> Relay<P> {
     }
 
     /// The response went out whole: the call is over.
+    /// The call `s` is over with `code`: the picker hears it once. Hedges are counted
+    /// in their call; the relay's own health answers are not calls to a replica.
+    fn call_over(&self, s: &Stream<P::Attempt>, code: u8) {
+        if s.local || s.hedge_of.is_some() {
+            return;
+        }
+        let hedges = s.hedging.as_ref().map_or(0, |h| h.schedule.started().saturating_sub(1));
+        let retries = if s.hedging.is_some() { 0 } else { s.previous };
+        let stats = Stats {
+            attempts: u32::from(s.placed) + retries + hedges,
+            retries,
+            hedges,
+            transparent_retries: s.transparent,
+            ..Stats::default()
+        };
+        self.picker.call_ended(&s.path, code, &stats, self.now.saturating_sub(s.arrived));
+    }
+
     fn finish(&mut self, id: u32) {
         self.drop_hedges(id);
         let Some(mut s) = self.streams.remove(&id) else { return };
+        self.call_over(&s, s.status.unwrap_or(Code::Unknown as u8));
         if !s.client_ended {
             frame::put_rst(&mut self.client.out, id, Reason::NoError);
         }
@@ -1442,6 +1467,7 @@ impl<P: Picker> Relay<P> {
         }
         self.drop_hedges(id);
         let Some(mut s) = self.streams.remove(&id) else { return };
+        self.call_over(&s, Code::Cancelled as u8);
         self.release(&s);
         self.detach(&mut s, Reason::Cancel);
         if let Some(a) = s.attempt.take() {
@@ -1474,6 +1500,7 @@ impl<P: Picker> Relay<P> {
             let previous = s.previous;
             self.trailers_only(id, code, message, previous);
             if let Some(mut s) = self.streams.remove(&id) {
+                self.call_over(&s, code);
                 if !s.client_ended {
                     frame::put_rst(&mut self.client.out, id, Reason::NoError);
                 }
@@ -1685,6 +1712,7 @@ impl<P: Picker> Relay<P> {
         }
         self.drop_hedges(id);
         let Some(mut s) = self.streams.remove(&id) else { return };
+        self.call_over(&s, code);
         frame::put(&mut self.client.out, frame::RST_STREAM, 0, id, &reason.to_be_bytes());
         self.release(&s);
         if let Some(a) = s.attempt.take() {
@@ -1787,6 +1815,7 @@ impl<P: Picker> Relay<P> {
                         }
                         self.drop_hedges(id);
                         if let Some(s) = self.streams.remove(&id) {
+                            self.call_over(&s, Code::Unavailable as u8);
                             self.release(&s);
                         }
                         frame::put_rst(&mut self.client.out, id, Reason::RefusedStream);

@@ -51,8 +51,6 @@ pub(crate) struct Replay {
     pub held: Held,
     /// Replicas tried, in order.
     pub tried: SmallVec<[SocketAddr; 2]>,
-    /// Times it was sent elsewhere unprocessed.
-    pub transparent: usize,
     /// The request outgrew the buffer before the call was first sent (it waited for a
     /// replica): it goes out once, from what is pending, and never again.
     pub outgrown: bool,
@@ -61,7 +59,7 @@ pub(crate) struct Replay {
 impl Replay {
     pub fn new(block: Vec<u8>, budget: &Budget) -> Replay {
         let held = Held::new(budget);
-        Replay { block, data: BytesMut::new(), held, tried: SmallVec::new(), transparent: 0, outgrown: false }
+        Replay { block, data: BytesMut::new(), held, tried: SmallVec::new(), outgrown: false }
     }
 }
 
@@ -207,6 +205,12 @@ pub(crate) struct Stream<A> {
     /// When the call fails with DEADLINE_EXCEEDED: the caller's `grpc-timeout` or the
     /// method's timeout, whichever is sooner, from its arrival.
     pub deadline: Option<Duration>,
+    /// When its HEADERS came, on the relay's clock.
+    pub arrived: Duration,
+    /// Whether an attempt of its own was ever sent to a replica.
+    pub placed: bool,
+    /// Times it (or a hedge of it) was sent elsewhere unprocessed.
+    pub transparent: u32,
 }
 
 /// A call's hedging (gRFC A6): when its next attempt is due, and the attempts racing
@@ -243,6 +247,9 @@ impl<A> Stream<A> {
             hedge_of: None,
             previous: 0,
             deadline: None,
+            arrived: Duration::ZERO,
+            placed: false,
+            transparent: 0,
         }
     }
 

@@ -27,6 +27,8 @@ struct Turns {
     hedging: Option<HedgingPolicy>,
     /// What each pick was told: the replicas to avoid and the retries so far.
     asked: Vec<(Vec<SocketAddr>, u32)>,
+    /// Each call as it ended: the status the client heard, and its counts.
+    calls: RefCell<Vec<(u8, Stats)>>,
 }
 
 struct Logged(SocketAddr, Log);
@@ -65,6 +67,9 @@ impl Picker for Turns {
     fn unavailable(&self, waited: Duration) -> String {
         format!("no ready replica after {waited:?}")
     }
+    fn call_ended(&self, _path: &str, code: u8, stats: &Stats, _took: Duration) {
+        self.calls.borrow_mut().push((code, *stats));
+    }
 }
 
 fn addr(i: u8) -> SocketAddr {
@@ -84,6 +89,7 @@ fn relay(replicas: &[u8]) -> (Relay<Turns>, Log) {
         wait: None,
         hedging: None,
         asked: Vec::new(),
+        calls: RefCell::default(),
     };
     (Relay::new(picker, Limits::default(), 7), log)
 }
@@ -789,6 +795,7 @@ fn bytes_pending_when_a_call_ends_are_credited_back_to_the_connection() {
         wait: None,
         hedging: None,
         asked: Vec::new(),
+        calls: RefCell::default(),
     };
     // Connection credit goes out in steps of 10,000 bytes.
     let limits = Limits { conn_window: 20_000, ..Limits::default() };
@@ -1839,4 +1846,52 @@ fn a_call_refused_past_its_transparent_retries_is_retried_as_unavailable_by_its_
     assert_eq!(header(&decode(&got.last().unwrap().payload), "grpc-status"), Some("0"));
     let outcomes: Vec<Outcome> = log.borrow().iter().map(|(_, o)| *o).collect();
     assert_eq!(outcomes, [Outcome::Refused, Outcome::Refused, Outcome::Status(0)], "no refusal held against a replica");
+}
+
+fn counts(attempts: u32, retries: u32, hedges: u32, transparent_retries: u32) -> Stats {
+    Stats { attempts, retries, hedges, transparent_retries, ..Stats::default() }
+}
+
+#[test]
+fn a_hedged_call_is_told_over_once_with_its_hedge_and_the_status_the_client_heard() {
+    let (mut r, _) = hedging(&[1, 2], 2);
+    client_calls(&mut r, &[1], b"\0\0\0\0\0");
+    r.tick(Duration::from_millis(50));
+    back_frames(&mut r, 1);
+    answer(&mut r, 1, 1, b"\0\0\0\0\0", "0");
+    assert_eq!(*r.picker.calls.borrow(), [(0, counts(2, 0, 1, 0))], "the losing attempt is no call");
+}
+
+#[test]
+fn calls_are_told_over_once_however_they_end() {
+    let (mut r, _) = retrying(&[1, 2]);
+    r.picker.wait = None;
+    client_calls(&mut r, &[1], b"\0\0\0\0\0");
+    refuse(&mut r, 0, 1, "14", &[]);
+    r.tick(r.next_timer().unwrap());
+    answer(&mut r, 1, 1, b"\0\0\0\0\0", "0");
+    client_calls_more(&mut r, &[3]);
+    reset_by_replica(&mut r, 0, 3, Reason::Cancel);
+    client_calls_more(&mut r, &[5]);
+    let mut buf = BytesMut::new();
+    frame::put_rst(&mut buf, 5, Reason::Cancel);
+    r.client_read(&mut buf);
+    r.picker.replicas.clear();
+    client_calls_more(&mut r, &[7]);
+    client_calls_more(&mut r, &[9]);
+    let mut buf = BytesMut::new();
+    put(&mut buf, HEADERS, END_HEADERS | END_STREAM, 11, &request("/grpc.health.v1.Health/Check"));
+    r.client_read(&mut buf);
+    r.client_closed();
+    assert_eq!(
+        *r.picker.calls.borrow(),
+        [
+            (0, counts(2, 1, 0, 0)),  // retried once, then OK
+            (1, counts(1, 0, 0, 0)),  // the replica's CANCEL, as the client hears it
+            (1, counts(1, 0, 0, 0)),  // the client's reset
+            (14, counts(0, 0, 0, 0)), // no replica: never placed
+            (14, counts(0, 0, 0, 0)),
+        ],
+        "the health check, answered by the relay, is no call"
+    );
 }

@@ -149,7 +149,8 @@ fn any_relay(rng: &mut Rng) -> (Relay<Turns>, Log) {
 /// What must hold between any two events: the maps agree both ways, a request is kept
 /// only while no response began, every hedge is on its call's list, and every call
 /// with no response is on a replica or waiting for a timer (none stranded).
-fn check(r: &Relay<Turns>, seed: u64) {
+fn check(r: &Relay<Turns>, seed: u64, calls: &mut std::collections::HashSet<u32>) {
+    calls.extend(r.streams.iter().filter(|(_, s)| !s.local && s.hedge_of.is_none()).map(|(&id, _)| id));
     for b in &r.backs {
         for (&up, &id) in &b.streams {
             let s = r.streams.get(&id).unwrap_or_else(|| panic!("seed {seed}: back {} maps {up} to no call", b.id));
@@ -164,10 +165,11 @@ fn check(r: &Relay<Turns>, seed: u64) {
             assert!(mapped, "seed {seed}: call {id} on back {} that does not know it", s.back);
             assert!(s.attempt.is_some(), "seed {seed}: call {id} on a replica with no attempt");
         }
-        if let Some(replay) = &s.replay {
+        if s.replay.is_some() {
             assert_eq!(s.response, Response::None, "seed {seed}: call {id} keeps its request past a response");
-            assert!(replay.transparent <= r.limits.max_transparent_retries, "seed {seed}: call {id} refused too often");
         }
+        let max = r.limits.max_transparent_retries as u32;
+        assert!(s.transparent <= max, "seed {seed}: call {id} refused too often");
         if let Some(call) = s.hedge_of {
             let listed = r.streams.get(&call).and_then(|c| c.hedging.as_ref()).is_some_and(|h| h.hedges.contains(&id));
             assert!(listed, "seed {seed}: hedge {id} not on its call {call}'s list");
@@ -210,6 +212,7 @@ fn play(seed: u64, events: usize) {
     let mut ended = std::collections::HashSet::new();
     let mut dead = std::collections::HashSet::new();
     let mut junked = std::collections::HashSet::new();
+    let mut calls = std::collections::HashSet::new();
     let mut buf = BytesMut::from(if rng.chance(97) { frame::PREFACE } else { b"GET / HTTP/1.1\r\n\r\n".as_slice() });
     frame::put_settings(&mut buf, &[]);
     r.client_read(&mut buf);
@@ -286,7 +289,7 @@ fn play(seed: u64, events: usize) {
             _ => {}
         }
         assert!(r.client_out().len() < 64 << 20, "seed {seed}: the client's output grew without bound");
-        check(&r, seed);
+        check(&r, seed, &mut calls);
         if rng.chance(70) {
             client_saw(&mut r, &mut ended, seed);
         }
@@ -354,6 +357,8 @@ fn play(seed: u64, events: usize) {
     assert_eq!(r.open_calls(), 0, "seed {seed}: calls left open");
     assert!(r.streams.is_empty(), "seed {seed}: streams left: {:?}", r.streams.keys().collect::<Vec<_>>());
     assert_eq!(r.hedge_count, 0, "seed {seed}: hedges miscounted");
+    let told = r.picker.calls.borrow().len();
+    assert!(told >= calls.len(), "seed {seed}: {} calls seen, {told} told over", calls.len());
     assert_eq!(log.borrow().len(), r.picker.next, "seed {seed}: every attempt placed ends once: {:?}", log.borrow());
 }
 
