@@ -30,60 +30,6 @@ fn calls(v: &Value, c: &Cluster, name: &str) -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn endpoints_and_metrics_count_exactly_what_each_replica_took() {
-    let c = Cluster::start(Protocol::H2, LAYOUT, &[]).await;
-    c.wait_for(&["s1", "s2"]).await;
-    let before = endpoints(&c).await;
-    let metrics_before = c.admin_get("/metrics").await.1;
-    let (counts, failures) = tally(&mut c.client().await, 20).await;
-    assert!(failures.is_empty(), "{failures:?}");
-    let after = endpoints(&c).await;
-
-    assert_eq!(after["target"], "server.test:50051");
-    assert!(after["resolved_at"].as_str().is_some_and(|t| t.ends_with('Z')));
-    for (name, locality, took) in [("s1", "local", 10), ("s2", "local", 10), ("s3", "remote", 0)] {
-        let e = endpoint(&after, &c, name);
-        assert_eq!(counts.get(name).copied().unwrap_or(0), took);
-        assert_eq!(calls(&after, &c, name) - calls(&before, &c, name), took as u64, "{name}: {e}");
-        assert_eq!((e["state"].as_str(), e["locality"].as_str()), (Some("ready"), Some(locality)), "{e}");
-        assert_eq!(
-            (e["protocol"].as_str(), e["failures"].as_u64(), e["in_flight"].as_u64()),
-            (Some("h2"), Some(0), Some(0))
-        );
-        // The last ten seconds: every call of this test, and those of the wait before it.
-        let rps = e["rps"].as_f64().unwrap();
-        if took > 0 {
-            assert!(rps >= 1.0 && e["p50_ms"].as_f64().is_some_and(|p| p > 0.0), "{e}");
-            assert!(e["p99_ms"].as_f64() >= e["p50_ms"].as_f64(), "{e}");
-        } else {
-            assert_eq!((rps, e["p50_ms"].as_f64()), (0.0, None), "{e}");
-        }
-    }
-
-    let (status, metrics) = c.admin_get("/metrics").await;
-    assert_eq!(status, 200);
-    let hello = "grpc_client_attempt_started_total{grpc_method=\"hello.HelloService/SayHello\",grpc_target=\"server.test:50051\"}";
-    assert_eq!(value(&metrics, hello) - value(&metrics_before, hello), 20, "{metrics}");
-    let s1 = c.addr_of("s1");
-    let line = format!(
-        "lb_endpoint_attempts_total{{grpc_target=\"server.test:50051\",endpoint=\"{s1}\",grpc_lb_locality=\"local\",outcome=\"ok\"}} {}",
-        calls(&after, &c, "s1")
-    );
-    assert!(metrics.contains(&line), "no {line} in\n{metrics}");
-    let ready = format!(
-        "lb_endpoint_state{{grpc_target=\"server.test:50051\",endpoint=\"{s1}\",grpc_lb_locality=\"local\",state=\"ready\"}} 1"
-    );
-    assert!(metrics.contains(&ready), "{metrics}");
-    assert!(
-        metrics.contains(
-            "grpc_subchannel_open_connections{grpc_target=\"server.test:50051\",grpc_lb_locality=\"local\"} 2"
-        )
-    );
-
-    assert_eq!(c.admin_get("/nope").await.0, 404);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn states_follow_a_kill_and_a_restart() {
     let mut c = Cluster::start(Protocol::H2, LAYOUT, &[]).await;
     c.wait_for(&["s1", "s2"]).await;
@@ -217,6 +163,101 @@ fn delta(before: &str, after: &str, series: &str) -> u64 {
 // attempts, retries and hedges, and each attempt against its endpoint.
 on_h2_and_relay! {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn forty_thousand_random_method_names_add_no_series() {
+        use futures_util::StreamExt;
+        use http_body_util::{BodyExt, Full};
+
+        let c = Cluster::start(PATH, &[("s1", "node-a")], &[]).await;
+        c.wait_for(&["s1"]).await;
+        let tcp = tokio::net::TcpStream::connect(c.proxy).await.unwrap();
+        let (send, conn) =
+            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let call = |n: u32| {
+            let mut send = send.clone();
+            async move {
+                let req = http::Request::post(format!("http://svc/random{n}.S/M{n}"))
+                    .header("content-type", "application/grpc")
+                    .header("te", "trailers")
+                    .body(Full::new(support::frame(b"")))
+                    .unwrap();
+                let resp = send.send_request(req).await.unwrap();
+                let status = resp.headers().get("grpc-status").cloned();
+                let _ = resp.into_body().collect().await;
+                status
+            }
+        };
+        call(0).await; // the `other` row exists from here on
+        let other = "grpc_client_attempt_started_total{grpc_method=\"other\",grpc_target=\"server.test:50051\"}";
+        let before = c.admin_get("/metrics").await.1;
+
+        let statuses: Vec<_> = futures_util::stream::iter(1..=40_000).map(call).buffer_unordered(64).collect().await;
+        assert!(statuses.iter().all(|s| s.as_ref().is_some_and(|s| s == "12")), "every call UNIMPLEMENTED");
+
+        let after = c.admin_get("/metrics").await.1;
+        assert_eq!(series(&before), series(&after), "no new series");
+        assert_eq!(value(&after, other) - value(&before, other), 40_000);
+        let hello = "grpc_client_attempt_started_total{grpc_method=\"hello.HelloService/SayHello\",grpc_target=\"server.test:50051\"}";
+        assert!(value(&after, hello) > 0, "a method that succeeded has its own row:\n{after}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn endpoints_and_metrics_count_exactly_what_each_replica_took() {
+        let c = Cluster::start(PATH, LAYOUT, &[]).await;
+        c.wait_for(&["s1", "s2"]).await;
+        let before = endpoints(&c).await;
+        let metrics_before = c.admin_get("/metrics").await.1;
+        let (counts, failures) = tally(&mut c.client().await, 20).await;
+        assert!(failures.is_empty(), "{failures:?}");
+        let after = endpoints(&c).await;
+
+        assert_eq!(after["target"], "server.test:50051");
+        assert!(after["resolved_at"].as_str().is_some_and(|t| t.ends_with('Z')));
+        for (name, locality, took) in [("s1", "local", 10), ("s2", "local", 10), ("s3", "remote", 0)] {
+            let e = endpoint(&after, &c, name);
+            assert_eq!(counts.get(name).copied().unwrap_or(0), took);
+            assert_eq!(calls(&after, &c, name) - calls(&before, &c, name), took as u64, "{name}: {e}");
+            assert_eq!((e["state"].as_str(), e["locality"].as_str()), (Some("ready"), Some(locality)), "{e}");
+            assert_eq!(
+                (e["protocol"].as_str(), e["failures"].as_u64(), e["in_flight"].as_u64()),
+                (Some("h2"), Some(0), Some(0))
+            );
+            // The last ten seconds: every call of this test, and those of the wait before it.
+            let rps = e["rps"].as_f64().unwrap();
+            if took > 0 {
+                assert!(rps >= 1.0 && e["p50_ms"].as_f64().is_some_and(|p| p > 0.0), "{e}");
+                assert!(e["p99_ms"].as_f64() >= e["p50_ms"].as_f64(), "{e}");
+            } else {
+                assert_eq!((rps, e["p50_ms"].as_f64()), (0.0, None), "{e}");
+            }
+        }
+
+        let (status, metrics) = c.admin_get("/metrics").await;
+        assert_eq!(status, 200);
+        let hello = "grpc_client_attempt_started_total{grpc_method=\"hello.HelloService/SayHello\",grpc_target=\"server.test:50051\"}";
+        assert_eq!(value(&metrics, hello) - value(&metrics_before, hello), 20, "{metrics}");
+        let s1 = c.addr_of("s1");
+        let line = format!(
+            "lb_endpoint_attempts_total{{grpc_target=\"server.test:50051\",endpoint=\"{s1}\",grpc_lb_locality=\"local\",outcome=\"ok\"}} {}",
+            calls(&after, &c, "s1")
+        );
+        assert!(metrics.contains(&line), "no {line} in\n{metrics}");
+        let ready = format!(
+            "lb_endpoint_state{{grpc_target=\"server.test:50051\",endpoint=\"{s1}\",grpc_lb_locality=\"local\",state=\"ready\"}} 1"
+        );
+        assert!(metrics.contains(&ready), "{metrics}");
+        assert!(
+            metrics.contains(
+                "grpc_subchannel_open_connections{grpc_target=\"server.test:50051\",grpc_lb_locality=\"local\"} 2"
+            )
+        );
+
+        assert_eq!(c.admin_get("/nope").await.0, 404);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn grpc_metrics_count_calls_and_attempts_per_method_status_and_endpoint() {
         let config = config_file(RETRY);
         let mut c = Cluster::start(PATH, LAYOUT, &["--service-config", &config]).await;
@@ -349,47 +390,6 @@ fn series(metrics: &str) -> std::collections::BTreeSet<String> {
 
 fn value(metrics: &str, series: &str) -> u64 {
     metrics.lines().find_map(|l| l.strip_prefix(series)?.trim().parse().ok()).unwrap_or(0)
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn forty_thousand_random_method_names_add_no_series() {
-    use futures_util::StreamExt;
-    use http_body_util::{BodyExt, Full};
-
-    let c = Cluster::start(Protocol::H2, &[("s1", "node-a")], &[]).await;
-    c.wait_for(&["s1"]).await;
-    let tcp = tokio::net::TcpStream::connect(c.proxy).await.unwrap();
-    let (send, conn) =
-        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let call = |n: u32| {
-        let mut send = send.clone();
-        async move {
-            let req = http::Request::post(format!("http://svc/random{n}.S/M{n}"))
-                .header("content-type", "application/grpc")
-                .header("te", "trailers")
-                .body(Full::new(support::frame(b"")))
-                .unwrap();
-            let resp = send.send_request(req).await.unwrap();
-            let status = resp.headers().get("grpc-status").cloned();
-            let _ = resp.into_body().collect().await;
-            status
-        }
-    };
-    call(0).await; // the `other` row exists from here on
-    let other = "grpc_client_attempt_started_total{grpc_method=\"other\",grpc_target=\"server.test:50051\"}";
-    let before = c.admin_get("/metrics").await.1;
-
-    let statuses: Vec<_> = futures_util::stream::iter(1..=40_000).map(call).buffer_unordered(64).collect().await;
-    assert!(statuses.iter().all(|s| s.as_ref().is_some_and(|s| s == "12")), "every call UNIMPLEMENTED");
-
-    let after = c.admin_get("/metrics").await.1;
-    assert_eq!(series(&before), series(&after), "no new series");
-    assert_eq!(value(&after, other) - value(&before, other), 40_000);
-    let hello = "grpc_client_attempt_started_total{grpc_method=\"hello.HelloService/SayHello\",grpc_target=\"server.test:50051\"}";
-    assert!(value(&after, hello) > 0, "a method that succeeded has its own row:\n{after}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
