@@ -795,7 +795,7 @@ impl<P: Picker> Relay<P> {
         if s.up.recv_window < 0 {
             frame::put_rst(&mut self.client.out, head.stream, Reason::FlowControl);
             self.client.credit(head.len as u32, self.limits.conn_window);
-            self.cancel(head.stream);
+            self.cancel_heard_as(head.stream, Code::from_h2_reason(Reason::FlowControl as u32));
             return Ok(());
         }
         // Padding is credited at once; the content when it has gone on.
@@ -865,7 +865,7 @@ impl<P: Picker> Relay<P> {
                 return Err(Reason::Protocol);
             }
             if size > self.limits.max_header_list {
-                self.cancel(id);
+                self.cancel_heard_as(id, Code::from_h2_reason(Reason::EnhanceYourCalm as u32));
                 frame::put_rst(&mut self.client.out, id, Reason::EnhanceYourCalm);
                 return Ok(());
             }
@@ -982,7 +982,12 @@ impl<P: Picker> Relay<P> {
         b.streams.insert(up, id);
         let s = self.streams.get_mut(&id).expect("found above");
         let replay = s.replay.as_ref().expect("found above");
-        s.placed = true;
+        match (s.next_is_retry, s.hedging.is_some()) {
+            (false, _) => s.placed = true, // or sent again unprocessed: no new attempt
+            (true, false) => s.retried += 1,
+            (true, true) => s.hedged += 1,
+        }
+        s.next_is_retry = false;
         s.back = back;
         s.up_id = up;
         s.attempt = Some(attempt);
@@ -1058,7 +1063,9 @@ impl<P: Picker> Relay<P> {
         }
         let attempt_no = h.schedule.started();
         let sent = self.launch_hedge(id, attempt_no);
-        let Some(h) = self.streams.get_mut(&id).and_then(|s| s.hedging.as_deref_mut()) else { return };
+        let Some(s) = self.streams.get_mut(&id) else { return };
+        s.hedged += u32::from(sent);
+        let Some(h) = s.hedging.as_deref_mut() else { return };
         if sent {
             h.schedule.on_started(now);
         } else {
@@ -1166,6 +1173,7 @@ impl<P: Picker> Relay<P> {
         }
         let h = s.hedging.as_deref_mut().expect("it has a due hedge");
         s.previous = h.schedule.started();
+        s.next_is_retry = true;
         h.schedule.on_started(due);
         s.backoff_until = Some(due);
         self.streams.insert(id, s);
@@ -1349,6 +1357,7 @@ impl<P: Picker> Relay<P> {
             a.ended(&s.path, Outcome::Retried(code as u8));
         }
         s.previous += 1;
+        s.next_is_retry = true;
         let due = self.now + after;
         s.backoff_until = Some(due);
         push_timer(&mut self.backoffs, due, id, &self.streams, |s| s.backoff_until);
@@ -1429,12 +1438,10 @@ impl<P: Picker> Relay<P> {
         if s.local || s.hedge_of.is_some() {
             return;
         }
-        let hedges = s.hedging.as_ref().map_or(0, |h| h.schedule.started().saturating_sub(1));
-        let retries = if s.hedging.is_some() { 0 } else { s.previous };
         let stats = Stats {
-            attempts: u32::from(s.placed) + retries + hedges,
-            retries,
-            hedges,
+            attempts: attempts(s),
+            retries: s.retried,
+            hedges: s.hedged,
             transparent_retries: s.transparent,
             ..Stats::default()
         };
@@ -1444,7 +1451,8 @@ impl<P: Picker> Relay<P> {
     fn finish(&mut self, id: u32) {
         self.drop_hedges(id);
         let Some(mut s) = self.streams.remove(&id) else { return };
-        self.call_over(&s, s.status.unwrap_or(Code::Unknown as u8));
+        // No grpc-status in the replica's trailers: INTERNAL, as the h2 path counts it.
+        self.call_over(&s, s.status.unwrap_or(Code::Internal as u8));
         if !s.client_ended {
             frame::put_rst(&mut self.client.out, id, Reason::NoError);
         }
@@ -1462,12 +1470,18 @@ impl<P: Picker> Relay<P> {
 
     /// The client reset the call, or went away: the replica's stream is reset too.
     fn cancel(&mut self, id: u32) {
+        self.cancel_heard_as(id, Code::Cancelled);
+    }
+
+    /// Cancels the call as [`Relay::cancel`] does, the client hearing `code` (the reset
+    /// the relay sends it reads as that).
+    fn cancel_heard_as(&mut self, id: u32, code: Code) {
         if self.streams.get(&id).is_some_and(|s| s.hedge_of.is_some()) {
             return self.drop_hedge(id, Outcome::Cancelled);
         }
         self.drop_hedges(id);
         let Some(mut s) = self.streams.remove(&id) else { return };
-        self.call_over(&s, Code::Cancelled as u8);
+        self.call_over(&s, code as u8);
         self.release(&s);
         self.detach(&mut s, Reason::Cancel);
         if let Some(a) = s.attempt.take() {
@@ -1497,7 +1511,9 @@ impl<P: Picker> Relay<P> {
         s.status = Some(code);
         s.replay = None;
         if s.response == Response::None {
-            let previous = s.previous;
+            // The attempts that went out before this answer (a retry due but never sent
+            // is none).
+            let previous = attempts(s).saturating_sub(1);
             self.trailers_only(id, code, message, previous);
             if let Some(mut s) = self.streams.remove(&id) {
                 self.call_over(&s, code);
@@ -1970,6 +1986,11 @@ impl Hasher for IdHasher {
         // into the low bits, where the table picks a bucket.
         self.0 = u64::from(id).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(32);
     }
+}
+
+/// The attempts of its own a call placed on replicas (not counting transparent resends).
+fn attempts<A>(s: &Stream<A>) -> u32 {
+    u32::from(s.placed) + s.retried + s.hedged
 }
 
 /// When a call's next hedge is due, if one is.

@@ -16,7 +16,7 @@ use crate::{Conn, frame};
 /// How an attempt ended, for outlier detection and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
-    /// The replica's response ended with this `grpc-status` (UNKNOWN when it had none),
+    /// The replica's response ended with this `grpc-status` (INTERNAL when it had none),
     /// or it reset the stream with an error gRPC reads as this status.
     Status(u8),
     /// The replica's connection was lost, or it refused a call whose request could not
@@ -209,6 +209,11 @@ pub(crate) struct Stream<A> {
     pub arrived: Duration,
     /// Whether an attempt of its own was ever sent to a replica.
     pub placed: bool,
+    /// Attempts placed after one failed, by its retry policy or hedging policy; the
+    /// next placement is one when `next_is_retry`.
+    pub retried: u32,
+    pub hedged: u32,
+    pub next_is_retry: bool,
     /// Times it (or a hedge of it) was sent elsewhere unprocessed.
     pub transparent: u32,
 }
@@ -249,11 +254,14 @@ impl<A> Stream<A> {
             deadline: None,
             arrived: Duration::ZERO,
             placed: false,
+            retried: 0,
+            hedged: 0,
+            next_is_retry: false,
             transparent: 0,
         }
     }
 
     pub fn outcome(&self) -> Outcome {
-        Outcome::Status(self.status.unwrap_or(2))
+        Outcome::Status(self.status.unwrap_or(13))
     }
 }

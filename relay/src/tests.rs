@@ -1895,3 +1895,43 @@ fn calls_are_told_over_once_however_they_end() {
         "the health check, answered by the relay, is no call"
     );
 }
+
+#[test]
+fn a_retry_due_but_never_sent_is_no_attempt() {
+    let (mut r, _) = retrying(&[1, 2]);
+    r.picker.timeout = Some(Duration::from_millis(5));
+    client_calls(&mut r, &[1, 3], b"\0\0\0\0\0");
+    refuse(&mut r, 0, 1, "14", &[]);
+    refuse(&mut r, 0, 3, "14", &[]);
+    calls(r.client_out());
+    let mut buf = BytesMut::new();
+    frame::put_rst(&mut buf, 1, Reason::Cancel);
+    r.client_read(&mut buf); // call 1 is reset in its backoff
+    r.tick(Duration::from_millis(5)); // call 3's deadline passes in its backoff
+    let got = calls(r.client_out());
+    let answer = decode(&got.iter().find(|f| f.kind == HEADERS).expect("DEADLINE_EXCEEDED").payload);
+    assert_eq!(header(&answer, "grpc-status"), Some("4"));
+    assert_eq!(header(&answer, "grpc-previous-rpc-attempts"), None, "one attempt went out");
+    assert_eq!(*r.picker.calls.borrow(), [(1, counts(1, 0, 0, 0)), (4, counts(1, 0, 0, 0))]);
+}
+
+#[test]
+fn calls_are_told_over_with_the_status_the_client_hears() {
+    let (mut r, _) = relay(&[1]);
+    client_calls(&mut r, &[1], b"\0\0\0\0\0");
+    let mut buf = BytesMut::new();
+    put(&mut buf, HEADERS, END_HEADERS, 1, &response_headers());
+    put(&mut buf, HEADERS, END_HEADERS | END_STREAM, 1, &[]);
+    r.back_read(0, &mut buf);
+    let limits = Limits { max_header_list: 250, ..Limits::default() };
+    let mut r2 = Relay::new(relay(&[1]).0.picker, limits, 7);
+    let mut buf = BytesMut::from(frame::PREFACE);
+    put(&mut buf, HEADERS, END_HEADERS, 1, &request("/a/b"));
+    let mut big = Vec::new();
+    hpack::encode(b"x-big", &[b'a'; 300], &mut big);
+    put(&mut buf, HEADERS, END_HEADERS | END_STREAM, 1, &big);
+    r2.client_read(&mut buf);
+    let told = |r: &Relay<Turns>| r.picker.calls.borrow().iter().map(|(code, _)| *code).collect::<Vec<_>>();
+    assert_eq!(told(&r), [13], "trailers without grpc-status: INTERNAL, as the h2 path counts it");
+    assert_eq!(told(&r2), [8], "trailers too large: reset ENHANCE_YOUR_CALM, RESOURCE_EXHAUSTED");
+}
