@@ -1431,7 +1431,6 @@ impl<P: Picker> Relay<P> {
         }
     }
 
-    /// The response went out whole: the call is over.
     /// The call `s` is over with `code`: the picker hears it once. Hedges are counted
     /// in their call; the relay's own health answers are not calls to a replica.
     fn call_over(&self, s: &Stream<P::Attempt>, code: u8) {
@@ -1448,6 +1447,7 @@ impl<P: Picker> Relay<P> {
         self.picker.call_ended(&s.path, code, &stats, self.now.saturating_sub(s.arrived));
     }
 
+    /// The response went out whole: the call is over.
     fn finish(&mut self, id: u32) {
         self.drop_hedges(id);
         let Some(mut s) = self.streams.remove(&id) else { return };
