@@ -54,7 +54,10 @@ pub use lb_core::call::Stats;
 use lb_core::{
     Code,
     budget::Budget,
-    retry::{HedgeSchedule, HedgingPolicy, Pushback, RetryPolicy, Throttle, Verdict, policy::RetryState},
+    retry::{
+        HedgeSchedule, HedgingPolicy, Pushback, RetryPolicy, Throttle, Verdict,
+        policy::{RetryState, StopReason},
+    },
     rng::SplitMix64,
 };
 use smallvec::SmallVec;
@@ -829,8 +832,10 @@ impl<P: Picker> Relay<P> {
                 replay.outgrown = true;
                 replay.data = BytesMut::new();
                 replay.held.give_all();
+                s.committed_by_buffer = true;
             } else {
                 s.replay = None;
+                s.committed_by_buffer = true;
             }
         }
         if s.local {
@@ -1056,7 +1061,9 @@ impl<P: Picker> Relay<P> {
             return h.schedule.stop(); // outgrew its buffer: committed to the attempts it has
         }
         if throttled {
-            return h.schedule.stop();
+            h.schedule.stop();
+            s.throttled = true;
+            return;
         }
         if !whole {
             return; // the client's END_STREAM starts it
@@ -1350,7 +1357,13 @@ impl<P: Picker> Relay<P> {
             return false; // the request outgrew its buffer: committed
         }
         let allows = throttle.is_none_or(Throttle::allows);
-        let Verdict::Retry { after } = state.next(policy, code, pushback, allows, &mut self.rng) else { return false };
+        let after = match state.next(policy, code, pushback, allows, &mut self.rng) {
+            Verdict::Retry { after } => after,
+            Verdict::Stop(why) => {
+                s.throttled |= why == StopReason::Throttled;
+                return false;
+            }
+        };
         let Some(mut s) = self.streams.remove(&id) else { return false };
         self.detach(&mut s, Reason::Cancel);
         if let Some(a) = s.attempt.take() {
@@ -1442,7 +1455,8 @@ impl<P: Picker> Relay<P> {
             retries: s.retried,
             hedges: s.hedged,
             transparent_retries: s.transparent,
-            ..Stats::default()
+            throttled: s.throttled,
+            committed_by_buffer: s.committed_by_buffer,
         };
         self.picker.call_ended(&s.path, code, &stats, self.now.saturating_sub(s.arrived));
     }

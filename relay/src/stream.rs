@@ -216,6 +216,10 @@ pub(crate) struct Stream<A> {
     pub next_is_retry: bool,
     /// Times it (or a hedge of it) was sent elsewhere unprocessed.
     pub transparent: u32,
+    /// A retry or hedge of it was held back by the throttle.
+    pub throttled: bool,
+    /// Its request outgrew the replay buffer: no attempt could start again.
+    pub committed_by_buffer: bool,
 }
 
 /// A call's hedging (gRFC A6): when its next attempt is due, and the attempts racing
@@ -258,6 +262,8 @@ impl<A> Stream<A> {
             hedged: 0,
             next_is_retry: false,
             transparent: 0,
+            throttled: false,
+            committed_by_buffer: false,
         }
     }
 

@@ -29,6 +29,7 @@ struct Turns {
     asked: Vec<(Vec<SocketAddr>, u32)>,
     /// Each call as it ended: the status the client heard, and its counts.
     calls: RefCell<Vec<(u8, Stats)>>,
+    throttle: Option<Throttle>,
 }
 
 struct Logged(SocketAddr, Log);
@@ -67,6 +68,9 @@ impl Picker for Turns {
     fn unavailable(&self, waited: Duration) -> String {
         format!("no ready replica after {waited:?}")
     }
+    fn throttle(&self) -> Option<&Throttle> {
+        self.throttle.as_ref()
+    }
     fn call_ended(&self, _path: &str, code: u8, stats: &Stats, _took: Duration) {
         self.calls.borrow_mut().push((code, *stats));
     }
@@ -90,6 +94,7 @@ fn relay(replicas: &[u8]) -> (Relay<Turns>, Log) {
         hedging: None,
         asked: Vec::new(),
         calls: RefCell::default(),
+        throttle: None,
     };
     (Relay::new(picker, Limits::default(), 7), log)
 }
@@ -802,6 +807,7 @@ fn bytes_pending_when_a_call_ends_are_credited_back_to_the_connection() {
         hedging: None,
         asked: Vec::new(),
         calls: RefCell::default(),
+        throttle: None,
     };
     // Connection credit goes out in steps of 10,000 bytes.
     let limits = Limits { conn_window: 20_000, ..Limits::default() };
@@ -1933,4 +1939,20 @@ fn calls_are_told_over_with_the_status_the_client_hears() {
     let told = |r: &Relay<Turns>| r.picker.calls.borrow().iter().map(|(code, _)| *code).collect::<Vec<_>>();
     assert_eq!(told(&r), [13], "trailers without grpc-status: INTERNAL, as the h2 path counts it");
     assert_eq!(told(&r2), [8], "trailers too large: reset ENHANCE_YOUR_CALM, RESOURCE_EXHAUSTED");
+}
+
+#[test]
+fn a_call_is_told_over_as_throttled_or_committed_by_its_buffer() {
+    let (mut r, _) = retrying(&[1, 2]);
+    // Two tokens: the first failure leaves one, half the bucket, and retries stop.
+    r.picker.throttle = Some(Throttle::new(2.0, 0.1));
+    client_calls(&mut r, &[1], b"\0\0\0\0\0");
+    refuse(&mut r, 0, 1, "14", &[]);
+    assert_eq!(status_heard(&mut r).as_deref(), Some("14"), "not retried");
+    let (mut r2, _) = relay(&[1]);
+    send_96_kib(&mut r2, "/a/b");
+    answer(&mut r2, 0, 1, b"\0\0\0\0\0", "0");
+    let one = |r: &Relay<Turns>| r.picker.calls.borrow()[0].1;
+    assert_eq!((one(&r).throttled, one(&r).committed_by_buffer), (true, false));
+    assert_eq!((one(&r2).throttled, one(&r2).committed_by_buffer), (false, true), "96 KiB outgrew 64 KiB");
 }
