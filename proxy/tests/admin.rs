@@ -8,7 +8,6 @@ use std::time::Duration;
 use balancer::Protocol;
 use serde_json::Value;
 use support::{Cluster, config_file, tally};
-use testkit::replica::Faults;
 use tokio::time::Instant;
 
 const LAYOUT: &[(&str, &str)] = &[("s1", "node-a"), ("s2", "node-a"), ("s3", "node-b")];
@@ -330,7 +329,7 @@ on_h2_and_relay! {
             r#"{"methodConfig":[{"name":[{"service":"hello.HelloService"}],
                 "hedgingPolicy":{"maxAttempts":2,"hedgingDelay":"0.05s","nonFatalStatusCodes":["UNAVAILABLE"]}}]}"#,
         );
-        let slow = |n: &str| Faults { delay: Duration::from_millis(if n == "s1" { 1000 } else { 0 }), ..Faults::default() };
+        let slow = support::late("s1", Duration::from_secs(1));
         let c = Cluster::start_with(PATH, &[("s1", "node-a"), ("s2", "node-a")], &["--service-config", &config], slow).await;
         c.wait_for(&["s2"]).await;
         let t = "grpc_target=\"server.test:50051\"";

@@ -56,7 +56,7 @@ on_h2_and_relay! {
             r#"{"methodConfig":[{"name":[{"service":"echo.Echo"}],
                 "hedgingPolicy":{"maxAttempts":2,"hedgingDelay":"0.05s","nonFatalStatusCodes":["UNAVAILABLE"]}}]}"#,
         );
-        let slow = |n: &str| Faults { delay: Duration::from_millis(if n == "s1" { 1000 } else { 0 }), ..Faults::default() };
+        let slow = support::late("s1", Duration::from_secs(1));
         let c = Cluster::start_with(PATH, LOCALS, &["--service-config", &config], slow).await;
         c.wait_for(&["s1", "s2"]).await;
         let mut echo = EchoClient::new(c.channel().await);

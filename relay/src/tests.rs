@@ -445,13 +445,19 @@ fn request_bytes_wait_for_the_replica_window_and_are_credited_only_once_sent() {
     assert!(calls(r.client_out()).is_empty());
 }
 
+/// A client whose streams take 10 bytes at a time calls `/a/b` on stream 1 (`end`:
+/// END_STREAM, or 0 to send more).
+fn narrow_client_calls(r: &mut Relay<Turns>, end: u8) {
+    let mut buf = BytesMut::from(frame::PREFACE);
+    frame::put_settings(&mut buf, &[(frame::SETTINGS_INITIAL_WINDOW_SIZE, 10)]);
+    put(&mut buf, HEADERS, END_HEADERS | end, 1, &request("/a/b"));
+    r.client_read(&mut buf);
+}
+
 #[test]
 fn a_response_waits_for_the_client_window_and_trailers_follow_it() {
     let (mut r, log) = relay(&[1]);
-    let mut buf = BytesMut::from(frame::PREFACE);
-    frame::put_settings(&mut buf, &[(frame::SETTINGS_INITIAL_WINDOW_SIZE, 10)]);
-    put(&mut buf, HEADERS, END_HEADERS | END_STREAM, 1, &request("/a/b"));
-    r.client_read(&mut buf);
+    narrow_client_calls(&mut r, END_STREAM);
     let mut buf = BytesMut::new();
     put(&mut buf, HEADERS, END_HEADERS, 1, &response_headers());
     put(&mut buf, DATA, 0, 1, &[1; 25]);
@@ -836,10 +842,7 @@ fn bytes_pending_when_a_call_ends_are_credited_back_to_the_connection() {
 #[test]
 fn a_reset_after_the_trailers_does_not_lose_the_response_still_queued() {
     let (mut r, log) = relay(&[1]);
-    let mut buf = BytesMut::from(frame::PREFACE);
-    frame::put_settings(&mut buf, &[(frame::SETTINGS_INITIAL_WINDOW_SIZE, 10)]);
-    put(&mut buf, HEADERS, END_HEADERS, 1, &request("/a/b"));
-    r.client_read(&mut buf);
+    narrow_client_calls(&mut r, 0);
     let mut buf = BytesMut::new();
     put(&mut buf, HEADERS, END_HEADERS, 1, &response_headers());
     put(&mut buf, DATA, 0, 1, &[1; 25]);
@@ -1635,10 +1638,7 @@ fn a_response_reset_midway_gives_its_unsent_bytes_back_to_the_replica_connection
     // Connection credit goes out in steps of 10,000 bytes.
     let limits = Limits { conn_window: 20_000, ..Limits::default() };
     let mut r = Relay::new(relay(&[1]).0.picker, limits, 7);
-    let mut buf = BytesMut::from(frame::PREFACE);
-    frame::put_settings(&mut buf, &[(frame::SETTINGS_INITIAL_WINDOW_SIZE, 10)]);
-    put(&mut buf, HEADERS, END_HEADERS, 1, &request("/a/b"));
-    r.client_read(&mut buf);
+    narrow_client_calls(&mut r, 0);
     let mut buf = BytesMut::new();
     put(&mut buf, HEADERS, END_HEADERS, 1, &response_headers());
     put(&mut buf, DATA, 0, 1, &[1; 15_000]);

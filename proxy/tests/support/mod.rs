@@ -288,6 +288,11 @@ impl Drop for Cluster {
     }
 }
 
+/// Faults for a cluster where only replica `name` answers, `by` late.
+pub fn late(name: &'static str, by: Duration) -> impl Fn(&str) -> Faults {
+    move |n: &str| Faults { delay: if n == name { by } else { Duration::ZERO }, ..Faults::default() }
+}
+
 pub fn hello() -> HelloRequest {
     HelloRequest { name: "test".into() }
 }
