@@ -15,7 +15,7 @@ use std::{
 
 use bytes::Bytes;
 use http::{Request, Response};
-use tokio::sync::watch;
+use tokio::{sync::watch, time::Instant};
 use tonic::Status;
 
 use crate::{
@@ -248,11 +248,13 @@ where
     B::Error: Into<BoxError> + Send,
 {
     /// Picks a ready replica for a call to `path` now, as [`Balancer::send`] would,
-    /// preferring those not in `avoid` (the replicas the call tried); `None` when none
-    /// is ready (no waiting).
-    pub fn place(&self, path: &str, avoid: &[SocketAddr]) -> Option<Placement> {
-        let picked = self.shared.pool.pick(path, avoid, &[], false).ok()?;
-        Some(Placement { addr: picked.addr, outcome: picked.outcome })
+    /// preferring those not in `avoid` (the replicas the call tried). When none is
+    /// ready, `Err(Some(t))` says a call that `may_wait` should wait: a new local
+    /// replica is connecting and has until `t` before calls go to other nodes (a call
+    /// that may not wait is given a remote one instead); `Err(None)`, none at all.
+    pub fn place(&self, path: &str, avoid: &[SocketAddr], may_wait: bool) -> Result<Placement, Option<Instant>> {
+        let picked = self.shared.pool.pick(path, avoid, &[], may_wait)?;
+        Ok(Placement { addr: picked.addr, outcome: picked.outcome })
     }
 
     /// The service config's retry policy for `path`, if any.

@@ -17,7 +17,7 @@ use balancer::{
     retry::{HedgingPolicy, RetryPolicy, Throttle},
 };
 use bytes::{Buf, BytesMut};
-use relay::{Limits, Outcome, Relay};
+use relay::{Limits, Outcome, Pick, Relay};
 use tokio::{
     io::{AsyncWrite, Interest},
     net::TcpStream,
@@ -46,9 +46,12 @@ struct Attempt {
 impl relay::Picker for Placer {
     type Attempt = Attempt;
 
-    fn pick(&mut self, path: &str, avoid: &[SocketAddr], _retries: u32) -> Option<(SocketAddr, Attempt)> {
-        let placement = self.app.balancer.place(path, avoid)?;
-        Some((placement.addr, Attempt { app: self.app.clone(), placement }))
+    fn pick(&mut self, path: &str, avoid: &[SocketAddr], _retries: u32, may_wait: bool) -> Pick<Attempt> {
+        match self.app.balancer.place(path, avoid, may_wait) {
+            Ok(placement) => Pick::Replica(placement.addr, Attempt { app: self.app.clone(), placement }),
+            Err(Some(until)) => Pick::LocalSoon(until.saturating_duration_since(Instant::now())),
+            Err(None) => Pick::NoneReady,
+        }
     }
 
     fn serving(&self) -> bool {

@@ -62,7 +62,18 @@ use lb_core::{
 };
 use smallvec::SmallVec;
 pub use stream::Outcome;
-use stream::{DETACHED, Hedging, Replay, Response, Stream};
+use stream::{DETACHED, Hedging, Replay, Response, Stream, Wait};
+
+/// What [`Picker::pick`] found for a call.
+pub enum Pick<A> {
+    /// This ready replica, and the attempt placed on it.
+    Replica(SocketAddr, A),
+    /// None to take yet: no local replica is ready, but one is connecting and has this
+    /// long more before calls that may wait for it go to other nodes.
+    LocalSoon(Duration),
+    /// No replica is ready.
+    NoneReady,
+}
 
 /// Where calls go: the balancer's picker, as the relay sees it.
 pub trait Picker {
@@ -70,8 +81,10 @@ pub trait Picker {
     type Attempt: Attempt;
     /// A ready replica for a new call on `path`, preferring those not in `avoid`
     /// (replicas this call already tried, `retries` of them after a failure the retry
-    /// policy retried, the others unprocessed); `None` when none is ready.
-    fn pick(&mut self, path: &str, avoid: &[SocketAddr], retries: u32) -> Option<(SocketAddr, Self::Attempt)>;
+    /// policy retried, the others unprocessed). A call that `may_wait` is told
+    /// [`Pick::LocalSoon`] rather than sent to another node while a local replica is
+    /// still connecting.
+    fn pick(&mut self, path: &str, avoid: &[SocketAddr], retries: u32, may_wait: bool) -> Pick<Self::Attempt>;
     /// Whether the proxy serves: what `grpc.health.v1.Health/Check` answers.
     fn serving(&self) -> bool;
     /// Why no replica is ready, for the status of a call that found none, at once
@@ -470,11 +483,15 @@ impl<P: Picker> Relay<P> {
                 break;
             }
             self.waits.pop();
-            let Some(s) = self.streams.get_mut(&id).filter(|s| s.waiting.is_some_and(|(_, until)| until == due)) else {
+            let Some(s) = self.streams.get_mut(&id) else { continue };
+            let Some(wait) = s.waiting.filter(|w| w.wake == due) else { continue };
+            if wait.wake < wait.until {
+                // The local replica's time is up: the call may go to another node now.
+                self.place(id);
                 continue;
-            };
-            let (since, until) = s.waiting.take().expect("filtered on it");
-            let why = self.picker.unavailable(until - since);
+            }
+            s.waiting = None;
+            let why = self.picker.unavailable(wait.until - wait.since);
             self.end_with(id, Code::Unavailable as u8, &why, Outcome::Refused);
         }
         while let Some(&Reverse((due, id))) = self.backoffs.peek() {
@@ -957,11 +974,22 @@ impl<P: Picker> Relay<P> {
             let why = "the request outgrew the replay buffer before it could be sent again";
             return self.end_with(id, 14, why, Outcome::Refused);
         };
-        let Some((addr, attempt)) = self.picker.pick(&s.path, &replay.tried, s.previous) else {
-            return self.wait_for_ready(id);
+        let (path, tried, previous) = (&s.path, &replay.tried, s.previous);
+        let pick = match self.picker.pick(path, tried, previous, true) {
+            // A call that may not wait for a replica does not wait for a local one.
+            Pick::LocalSoon(_) if self.picker.ready_wait(path).is_none() => {
+                self.picker.pick(path, tried, previous, false)
+            }
+            pick => pick,
         };
-        self.send_attempt(id, addr, attempt);
-        self.hedge(id); // one came due while it waited for a replica
+        match pick {
+            Pick::Replica(addr, attempt) => {
+                self.send_attempt(id, addr, attempt);
+                self.hedge(id); // one came due while it waited for a replica
+            }
+            Pick::LocalSoon(grace) => self.wait_for_ready(id, Some(grace)),
+            Pick::NoneReady => self.wait_for_ready(id, None),
+        }
     }
 
     /// Sends the call's request, as its replay holds it, to `addr`.
@@ -1089,7 +1117,10 @@ impl<P: Picker> Relay<P> {
     fn launch_hedge(&mut self, id: u32, attempt_no: u32) -> bool {
         let Some(s) = self.streams.get_mut(&id) else { return false };
         let Some(replay) = s.replay.as_mut() else { return false };
-        let Some((addr, attempt)) = self.picker.pick(&s.path, &replay.tried, attempt_no) else { return false };
+        // A hedge is sent to beat a slow attempt: it does not wait for a local replica.
+        let Pick::Replica(addr, attempt) = self.picker.pick(&s.path, &replay.tried, attempt_no, false) else {
+            return false;
+        };
         replay.tried.push(addr);
         let mut hedge = Stream::new(
             s.path.clone(),
@@ -1288,27 +1319,34 @@ impl<P: Picker> Relay<P> {
         }
     }
 
-    /// No replica is ready for the call: it waits for one up to its deadline, or its
-    /// method's wait without one, or fails at once when its method says not to wait.
-    fn wait_for_ready(&mut self, id: u32) {
+    /// No replica is ready for the call, or none to take before a connecting local one's
+    /// `grace` is up: it waits for one up to its deadline, or its method's wait without
+    /// one, or fails at once when its method says not to wait.
+    fn wait_for_ready(&mut self, id: u32, grace: Option<Duration>) {
         let Some(s) = self.streams.get_mut(&id) else { return };
-        if s.waiting.is_some() {
+        let was = s.waiting;
+        let (since, until) = match was {
             // Still none: it goes on waiting from when it began.
-            return self.waiting.push(id);
-        }
-        let Some(wait) = self.picker.ready_wait(&s.path) else {
-            let why = self.picker.unavailable(Duration::ZERO);
-            return self.end_with(id, Code::Unavailable as u8, &why, Outcome::Refused);
+            Some(w) => (w.since, w.until),
+            None => {
+                let Some(wait) = self.picker.ready_wait(&s.path) else {
+                    let why = self.picker.unavailable(Duration::ZERO);
+                    return self.end_with(id, Code::Unavailable as u8, &why, Outcome::Refused);
+                };
+                // With a deadline, that timer ends the wait; this one never comes first.
+                (self.now, s.deadline.unwrap_or(self.now.saturating_add(wait)))
+            }
         };
-        // With a deadline, that timer ends the wait; this one never comes first.
-        let until = s.deadline.unwrap_or(self.now.saturating_add(wait));
-        s.waiting = Some((self.now, until));
-        if self.waiting.len() >= 2 * self.streams.len() + 64 {
+        let wake = grace.map_or(until, |g| until.min(self.now.saturating_add(g)));
+        s.waiting = Some(Wait { since, until, wake });
+        if was.is_none() && self.waiting.len() >= 2 * self.streams.len() + 64 {
             let streams = &self.streams;
             self.waiting.retain(|i| streams.get(i).is_some_and(|s| s.waiting.is_some()));
         }
         self.waiting.push(id);
-        push_timer(&mut self.waits, until, id, &self.streams, |s| s.waiting.map(|(_, until)| until));
+        if was.is_none_or(|w| w.wake != wake) {
+            push_timer(&mut self.waits, wake, id, &self.streams, |s| s.waiting.map(|w| w.wake));
+        }
     }
 
     /// The replica did not process the call: it goes to another, with its request, as

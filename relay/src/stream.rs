@@ -63,6 +63,18 @@ impl Replay {
     }
 }
 
+/// A call waiting for a ready replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Wait {
+    /// Since then.
+    pub since: Duration,
+    /// It fails then: its deadline, or its method's wait for a replica.
+    pub until: Duration,
+    /// It asks the picker again then: `until`, or sooner when a local replica that is
+    /// still connecting has only until then before calls go to other nodes.
+    pub wake: Duration,
+}
+
 /// One direction of a call: bytes waiting for the receiver's windows, and the credit
 /// owed to the sender.
 pub(crate) struct Dir {
@@ -191,8 +203,8 @@ pub(crate) struct Stream<A> {
     pub retry: Option<(RetryPolicy, RetryState)>,
     /// Waiting out a retry's backoff until then, on no replica.
     pub backoff_until: Option<Duration>,
-    /// Waiting for a ready replica since then, until then.
-    pub waiting: Option<(Duration, Duration)>,
+    /// Waiting for a ready replica.
+    pub waiting: Option<Wait>,
     /// A health watch answered by the relay: the status it was last told.
     pub watching: Option<u8>,
     /// The method's hedgingPolicy, when it has one, and the call's hedges.

@@ -30,6 +30,9 @@ struct Turns {
     /// Each call as it ended: the status the client heard, and its counts.
     calls: RefCell<Vec<(u8, Stats)>>,
     throttle: Option<Throttle>,
+    /// A local replica is connecting, for this long more: calls that may wait for it
+    /// are told so rather than given one of `replicas`.
+    local_soon: Option<Duration>,
 }
 
 struct Logged(SocketAddr, Log);
@@ -42,13 +45,18 @@ impl Attempt for Logged {
 
 impl Picker for Turns {
     type Attempt = Logged;
-    fn pick(&mut self, _path: &str, avoid: &[SocketAddr], retries: u32) -> Option<(SocketAddr, Logged)> {
+    fn pick(&mut self, _path: &str, avoid: &[SocketAddr], retries: u32, may_wait: bool) -> Pick<Logged> {
         self.asked.push((avoid.to_vec(), retries));
+        if may_wait && let Some(grace) = self.local_soon {
+            return Pick::LocalSoon(grace);
+        }
         let n = self.replicas.len();
         let fresh = (0..n).map(|i| self.replicas[(self.next + i) % n]).find(|a| !avoid.contains(a));
-        let addr = fresh.or_else(|| self.replicas.get(self.next % n.max(1)).copied())?;
+        let Some(addr) = fresh.or_else(|| self.replicas.get(self.next % n.max(1)).copied()) else {
+            return Pick::NoneReady;
+        };
         self.next += 1;
-        Some((addr, Logged(addr, self.log.clone())))
+        Pick::Replica(addr, Logged(addr, self.log.clone()))
     }
     fn serving(&self) -> bool {
         self.serving
@@ -95,6 +103,7 @@ fn relay(replicas: &[u8]) -> (Relay<Turns>, Log) {
         asked: Vec::new(),
         calls: RefCell::default(),
         throttle: None,
+        local_soon: None,
     };
     (Relay::new(picker, Limits::default(), 7), log)
 }
@@ -347,6 +356,70 @@ fn a_call_finding_no_ready_replica_waits_for_one_and_goes_out_when_one_is() {
     assert_eq!(*log.borrow(), vec![(addr(1), Outcome::Status(0))]);
     r.tick(Duration::from_secs(2));
     assert!(calls(r.client_out()).is_empty(), "its wait's end, come after it went out, changes nothing");
+}
+
+#[test]
+fn a_call_waits_for_a_connecting_local_replica_and_goes_to_another_node_when_its_time_is_up() {
+    let (mut r, log) = relay(&[2]);
+    r.picker.wait = Some(Duration::from_secs(5));
+    r.picker.local_soon = Some(Duration::from_millis(500));
+    client_calls(&mut r, &[1], b"\0\0\0\0\0");
+    assert!(r.backs().next().is_none(), "not sent to the other node while the local replica connects");
+    assert_eq!(r.next_timer(), Some(Duration::from_millis(500)), "asks again when the local replica's time is up");
+    r.tick(Duration::from_millis(499));
+    assert!(r.backs().next().is_none());
+    r.picker.local_soon = None; // the balancer's grace is over
+    r.tick(Duration::from_millis(500));
+    let sent = back_frames(&mut r, 0);
+    assert_eq!(sent.iter().map(|f| f.kind).collect::<Vec<_>>(), [HEADERS, DATA], "sent to the other node");
+    answer(&mut r, 0, 1, b"\0\0\0\0\0", "0");
+    assert_eq!(status_heard(&mut r).as_deref(), Some("0"));
+    assert_eq!(*log.borrow(), vec![(addr(2), Outcome::Status(0))]);
+    assert!(!r.is_waiting());
+}
+
+#[test]
+fn a_call_waiting_for_a_connecting_local_replica_goes_to_it_once_it_is_ready() {
+    let (mut r, log) = relay(&[2]);
+    r.picker.wait = Some(Duration::from_secs(5));
+    r.picker.local_soon = Some(Duration::from_millis(500));
+    client_calls(&mut r, &[1], b"\0\0\0\0\0");
+    r.tick(Duration::from_millis(200));
+    r.picker.local_soon = None;
+    r.picker.replicas = vec![addr(1), addr(2)];
+    r.ready_changed();
+    assert_eq!(back_frames(&mut r, 0).len(), 2, "sent as the local replica is ready");
+    assert_eq!(r.backs().map(|b| b.addr).collect::<Vec<_>>(), [addr(1)]);
+    r.tick(Duration::from_millis(500));
+    assert_eq!(r.backs().count(), 1, "the local replica's time running out sends nothing more");
+    answer(&mut r, 0, 1, b"\0\0\0\0\0", "0");
+    assert_eq!(status_heard(&mut r).as_deref(), Some("0"));
+    assert_eq!(*log.borrow(), vec![(addr(1), Outcome::Status(0))]);
+}
+
+#[test]
+fn a_call_that_may_not_wait_goes_to_another_node_at_once_while_a_local_replica_connects() {
+    let (mut r, log) = relay(&[2]);
+    r.picker.local_soon = Some(Duration::from_millis(500)); // and `wait` is None
+    client_calls(&mut r, &[1], b"\0\0\0\0\0");
+    assert_eq!(back_frames(&mut r, 0).len(), 2, "sent at once");
+    answer(&mut r, 0, 1, b"\0\0\0\0\0", "0");
+    assert_eq!(status_heard(&mut r).as_deref(), Some("0"));
+    assert_eq!(*log.borrow(), vec![(addr(2), Outcome::Status(0))]);
+}
+
+#[test]
+fn a_call_whose_wait_ends_before_a_connecting_local_replicas_time_fails_then() {
+    let (mut r, log) = relay(&[2]);
+    r.picker.wait = Some(Duration::from_millis(300));
+    r.picker.local_soon = Some(Duration::from_millis(500));
+    client_calls(&mut r, &[1], b"\0\0\0\0\0");
+    r.tick(Duration::from_millis(299));
+    assert!(calls(r.client_out()).is_empty());
+    r.tick(Duration::from_millis(300));
+    assert_eq!(status_heard(&mut r).as_deref(), Some("14"), "as the h2 stack's waiting pick ends");
+    assert!(log.borrow().is_empty());
+    assert!(!r.is_waiting());
 }
 
 #[test]
@@ -814,6 +887,7 @@ fn bytes_pending_when_a_call_ends_are_credited_back_to_the_connection() {
         asked: Vec::new(),
         calls: RefCell::default(),
         throttle: None,
+        local_soon: None,
     };
     // Connection credit goes out in steps of 10,000 bytes.
     let limits = Limits { conn_window: 20_000, ..Limits::default() };

@@ -276,6 +276,8 @@ fn play(seed: u64, events: usize) {
             15 => {
                 let n = rng.below(4) as u8;
                 r.picker.replicas = (1..=n).map(addr).collect();
+                // Now and then a local replica connects, which calls may wait for.
+                r.picker.local_soon = rng.chance(20).then(|| Duration::from_millis(rng.below(500)));
                 r.ready_changed();
             }
             16 => {
@@ -298,6 +300,7 @@ fn play(seed: u64, events: usize) {
     // answer what they were sent, as it stands: every relayed call ends, and no
     // connection is torn down for it.
     r.picker.replicas = vec![addr(1), addr(2), addr(3)];
+    r.picker.local_soon = None;
     r.ready_changed();
     let mut buf = BytesMut::new();
     frame::put_settings(&mut buf, &[(frame::SETTINGS_INITIAL_WINDOW_SIZE, 1 << 20)]);
