@@ -29,6 +29,8 @@ struct Turns {
     asked: Vec<(Vec<SocketAddr>, u32)>,
     /// Each call as it ended: the status the client heard, and its counts.
     calls: RefCell<Vec<(u8, Stats)>>,
+    /// And its path.
+    told: RefCell<Vec<String>>,
     throttle: Option<Throttle>,
     /// A local replica is connecting, for this long more: calls that may wait for it
     /// are told so rather than given one of `replicas`.
@@ -79,8 +81,9 @@ impl Picker for Turns {
     fn throttle(&self) -> Option<&Throttle> {
         self.throttle.as_ref()
     }
-    fn call_ended(&self, _path: &str, code: u8, stats: &Stats, _took: Duration) {
+    fn call_ended(&self, path: &str, code: u8, stats: &Stats, _took: Duration) {
         self.calls.borrow_mut().push((code, *stats));
+        self.told.borrow_mut().push(path.to_owned());
     }
 }
 
@@ -102,6 +105,7 @@ fn relay(replicas: &[u8]) -> (Relay<Turns>, Log) {
         hedging: None,
         asked: Vec::new(),
         calls: RefCell::default(),
+        told: RefCell::default(),
         throttle: None,
         local_soon: None,
     };
@@ -886,6 +890,7 @@ fn bytes_pending_when_a_call_ends_are_credited_back_to_the_connection() {
         hedging: None,
         asked: Vec::new(),
         calls: RefCell::default(),
+        told: RefCell::default(),
         throttle: None,
         local_soon: None,
     };
