@@ -486,7 +486,9 @@ impl<P: Picker> Relay<P> {
             let Some(s) = self.streams.get_mut(&id) else { continue };
             let Some(wait) = s.waiting.filter(|w| w.wake == due) else { continue };
             if wait.wake < wait.until {
-                // The local replica's time is up: the call may go to another node now.
+                // The local replica's time is up: the call may go to another node now. Its
+                // wake is spent, so whatever it waits for next is a new timer.
+                s.waiting = Some(Wait { wake: Duration::MAX, ..wait });
                 self.place(id);
                 continue;
             }
@@ -564,9 +566,13 @@ impl<P: Picker> Relay<P> {
     /// placed again, in the order they began to wait, and health watches hear of a
     /// change in the proxy's status.
     pub fn ready_changed(&mut self) {
+        let waiting = |r: &Self, id| r.streams.get(&id).is_some_and(|s: &Stream<_>| s.waiting.is_some());
         for id in std::mem::take(&mut self.waiting) {
-            if self.streams.get(&id).is_some_and(|s| s.waiting.is_some()) {
+            if waiting(self, id) {
                 self.place(id);
+                if waiting(self, id) {
+                    self.waiting.push(id); // still none: it waits on
+                }
             }
         }
         let status = self.health_status();
@@ -976,8 +982,9 @@ impl<P: Picker> Relay<P> {
         };
         let (path, tried, previous) = (&s.path, &replay.tried, s.previous);
         let pick = match self.picker.pick(path, tried, previous, true) {
-            // A call that may not wait for a replica does not wait for a local one.
-            Pick::LocalSoon(_) if self.picker.ready_wait(path).is_none() => {
+            // A call that may not wait for a replica does not wait for a local one, nor
+            // does any once the local one's time is up.
+            Pick::LocalSoon(grace) if grace.is_zero() || self.picker.ready_wait(path).is_none() => {
                 self.picker.pick(path, tried, previous, false)
             }
             pick => pick,
@@ -1326,7 +1333,7 @@ impl<P: Picker> Relay<P> {
         let Some(s) = self.streams.get_mut(&id) else { return };
         let was = s.waiting;
         let (since, until) = match was {
-            // Still none: it goes on waiting from when it began.
+            // Still none: it goes on waiting from when it began (and is on the list).
             Some(w) => (w.since, w.until),
             None => {
                 let Some(wait) = self.picker.ready_wait(&s.path) else {
@@ -1339,11 +1346,13 @@ impl<P: Picker> Relay<P> {
         };
         let wake = grace.map_or(until, |g| until.min(self.now.saturating_add(g)));
         s.waiting = Some(Wait { since, until, wake });
-        if was.is_none() && self.waiting.len() >= 2 * self.streams.len() + 64 {
-            let streams = &self.streams;
-            self.waiting.retain(|i| streams.get(i).is_some_and(|s| s.waiting.is_some()));
+        if was.is_none() {
+            if self.waiting.len() >= 2 * self.streams.len() + 64 {
+                let streams = &self.streams;
+                self.waiting.retain(|i| streams.get(i).is_some_and(|s| s.waiting.is_some()));
+            }
+            self.waiting.push(id);
         }
-        self.waiting.push(id);
         if was.is_none_or(|w| w.wake != wake) {
             push_timer(&mut self.waits, wake, id, &self.streams, |s| s.waiting.map(|w| w.wake));
         }

@@ -427,6 +427,99 @@ fn a_call_whose_wait_ends_before_a_connecting_local_replicas_time_fails_then() {
 }
 
 #[test]
+fn a_call_told_its_local_replicas_time_is_all_but_up_goes_to_another_node_at_once() {
+    let (mut r, log) = relay(&[2]);
+    r.picker.wait = Some(Duration::from_secs(5));
+    r.picker.local_soon = Some(Duration::ZERO);
+    client_calls(&mut r, &[1], b"\0\0\0\0\0");
+    assert_eq!(back_frames(&mut r, 0).len(), 2, "sent without waiting");
+    answer(&mut r, 0, 1, b"\0\0\0\0\0", "0");
+    assert_eq!(status_heard(&mut r).as_deref(), Some("0"));
+    assert_eq!(*log.borrow(), vec![(addr(2), Outcome::Status(0))]);
+}
+
+#[test]
+fn a_call_asked_again_late_and_told_its_local_replicas_time_is_all_but_up_is_sent() {
+    let (mut r, log) = relay(&[2]);
+    r.picker.wait = Some(Duration::from_secs(5));
+    r.picker.local_soon = Some(Duration::from_millis(100));
+    client_calls(&mut r, &[1], b"\0\0\0\0\0");
+    // Its timer comes due while the balancer's grace has a moment left; then it ends.
+    r.picker.local_soon = Some(Duration::from_millis(1));
+    r.tick(Duration::from_millis(100));
+    assert_eq!(r.next_timer(), Some(Duration::from_millis(101)), "asked again when that moment is up");
+    r.picker.local_soon = None;
+    r.tick(Duration::from_millis(101));
+    assert_eq!(back_frames(&mut r, 0).len(), 2, "sent to the other node, not left waiting");
+    answer(&mut r, 0, 1, b"\0\0\0\0\0", "0");
+    assert_eq!(status_heard(&mut r).as_deref(), Some("0"));
+    assert_eq!(*log.borrow(), vec![(addr(2), Outcome::Status(0))]);
+}
+
+#[test]
+fn a_call_whose_local_replicas_time_ran_out_often_is_asked_for_once_per_endpoint_change() {
+    let (mut r, _) = relay(&[]);
+    r.picker.wait = Some(Duration::from_secs(5));
+    r.picker.local_soon = Some(Duration::from_millis(100));
+    client_calls(&mut r, &[1], b"\0\0\0\0\0");
+    for i in 1..=10 {
+        r.tick(Duration::from_millis(100 * i));
+    }
+    for _ in 0..2 {
+        let before = r.picker.asked.len();
+        r.ready_changed();
+        assert_eq!(r.picker.asked.len() - before, 1, "one pick for the one waiting call");
+    }
+}
+
+#[test]
+fn a_call_finding_none_ready_once_its_local_replicas_time_is_up_waits_on_to_its_own_end() {
+    let (mut r, log) = relay(&[]);
+    r.picker.wait = Some(Duration::from_secs(1));
+    r.picker.local_soon = Some(Duration::from_millis(500));
+    client_calls(&mut r, &[1], b"\0\0\0\0\0");
+    r.picker.local_soon = None;
+    r.tick(Duration::from_millis(500));
+    assert!(r.is_waiting());
+    assert_eq!(r.next_timer(), Some(Duration::from_secs(1)));
+    r.tick(Duration::from_millis(999));
+    assert!(calls(r.client_out()).is_empty());
+    r.tick(Duration::from_secs(1));
+    let got = calls(r.client_out());
+    let status = decode(&got[0].payload);
+    assert_eq!(header(&status, "grpc-status"), Some("14"));
+    assert_eq!(header(&status, "grpc-message"), Some("no ready replica after 1s"), "counted from when it began");
+    assert!(log.borrow().is_empty());
+    assert!(!r.is_waiting());
+}
+
+#[test]
+fn a_call_whose_deadline_comes_within_its_local_replicas_time_is_deadline_exceeded() {
+    let (mut r, log) = relay(&[2]);
+    r.picker.wait = Some(Duration::from_secs(5));
+    r.picker.local_soon = Some(Duration::from_millis(500));
+    call_with_timeout(&mut r, 1, "200m");
+    r.tick(Duration::from_millis(200));
+    assert_eq!(status_heard(&mut r).as_deref(), Some("4"));
+    assert!(log.borrow().is_empty());
+    assert!(!r.is_waiting());
+    r.picker.local_soon = None;
+    r.tick(Duration::from_millis(500));
+    assert!(r.backs().next().is_none(), "its grace's end sends nothing");
+}
+
+#[test]
+fn a_hedge_does_not_wait_for_a_connecting_local_replica() {
+    let (mut r, _) = hedging(&[1, 2], 2);
+    r.picker.wait = Some(Duration::from_secs(5));
+    client_calls(&mut r, &[1], b"\0\0\0\0\x01x");
+    assert_eq!(back_frames(&mut r, 0).len(), 2);
+    r.picker.local_soon = Some(Duration::from_millis(500));
+    r.tick(Duration::from_millis(50));
+    assert_eq!(back_frames(&mut r, 1).len(), 2, "the hedge goes at its delay");
+}
+
+#[test]
 fn a_call_waiting_without_a_deadline_fails_unavailable_when_its_wait_ends() {
     let (mut r, log) = relay(&[]);
     r.picker.wait = Some(Duration::from_secs(1));
