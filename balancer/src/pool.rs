@@ -826,9 +826,14 @@ where
         true
     }
 
-    /// Picked only with a connection up and a healthy answer.
+    /// Picked only with a connection up and a healthy answer. A new connection waiting
+    /// for its first health answer is still on its way in, not ready and not failed: a
+    /// new local endpoint keeps its start-up grace until it answers.
     fn sync_ready(&mut self, addr: SocketAddr) {
         if let Some(c) = self.conns.get(&addr) {
+            if c.send.is_some() && matches!(&c.health, Health::Unhealthy(why) if why == WAITING_FOR_HEALTH) {
+                return; // not ready since it connected: nothing to record
+            }
             self.set.set_ready(addr, c.send.is_some() && c.health == Health::Healthy);
         }
     }

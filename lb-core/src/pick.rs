@@ -18,7 +18,9 @@
 //!   its first calls to another node only because a remote handshake finished first:
 //!   while no local endpoint is ready and one is within its grace, [`Snapshot::pick`]
 //!   answers [`Pick::WaitUntil`]. A local endpoint found later (a replica restarted
-//!   after a failover) gets none: calls keep going remote until it connects.
+//!   after a failover) gets none: calls keep going remote until it connects. The grace
+//!   ends at the first [`EndpointSet::set_ready`] for the endpoint, so a caller with
+//!   health checking records none until the first health answer.
 //! - Endpoints outlier detection ejected ([`EndpointSet::set_ejected`]) take no calls, per
 //!   tier, unless every ready endpoint is ejected: then they all do (panic mode).
 //! - Endpoints are kept in address order, so identical updates give identical rotations.

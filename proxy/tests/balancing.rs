@@ -243,3 +243,26 @@ mod hung {
         }
     }
 }
+
+/// A fresh proxy's first calls.
+mod starting {
+    use super::*;
+
+    on_h2_and_relay! {
+        // With health checking, a local replica is on its way in from its connection's
+        // opening until its first health answer: a fresh proxy's first call waits for it
+        // (within the start-up grace) rather than taking the node-b replica that answered
+        // first.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_fresh_proxy_waits_for_a_local_replica_whose_first_health_answer_comes_late() {
+            let late = |name: &str| testkit::replica::Faults {
+                answers_after: if name == "s1" { Duration::from_millis(250) } else { Duration::ZERO },
+                ..testkit::replica::Faults::default()
+            };
+            let layout = [("s1", "node-a"), ("s3", "node-b")];
+            let c = Cluster::start_with(PATH, &layout, &["--service-config", support::SANDBOX_CONFIG], late).await;
+            let first = c.client().await.say_hello(hello()).await.expect("the first call").into_inner();
+            assert_eq!(first.server, "s1", "the first call went to the other node");
+        }
+    }
+}

@@ -41,6 +41,10 @@ pub struct Faults {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// Never serve HTTP/3, even in a cluster that speaks it.
     pub no_h3: bool,
+    /// Over TCP, nothing comes from the replica until this long after a connection
+    /// opens: its HTTP/2 settings, its first health answer and every response wait (a
+    /// replica whose socket is open before it serves).
+    pub answers_after: Duration,
 }
 
 impl Default for Faults {
@@ -53,6 +57,7 @@ impl Default for Faults {
             drain_timeout: Duration::from_secs(5),
             tls: None,
             no_h3: false,
+            answers_after: Duration::ZERO,
         }
     }
 }
@@ -90,6 +95,10 @@ impl Replica {
                 let listener = match tokio::net::TcpListener::bind(addr).await {
                     Ok(l) => l,
                     Err(e) => return bound_tx.send(Err(e.to_string())).unwrap(),
+                };
+                let listener = match faults.answers_after {
+                    Duration::ZERO => listener,
+                    after => answering_after(listener, after).await,
                 };
                 bound_tx.send(Ok(())).unwrap();
                 let shutdown = async {
@@ -156,6 +165,31 @@ impl Drop for Replica {
         }
         self.join();
     }
+}
+
+/// Serves `front`'s connections through a listener of its own, returned, holding back
+/// what the server sends on each until `after` has passed since it opened.
+async fn answering_after(front: tokio::net::TcpListener, after: Duration) -> tokio::net::TcpListener {
+    let ip = front.local_addr().unwrap().ip();
+    let inner = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
+    let to = inner.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = front.accept().await {
+            tokio::spawn(async move {
+                let opened = tokio::time::Instant::now();
+                let Ok(server) = tokio::net::TcpStream::connect(to).await else { return };
+                let (mut client_rx, mut client_tx) = client.into_split();
+                let (mut server_rx, mut server_tx) = server.into_split();
+                let up = tokio::io::copy(&mut client_rx, &mut server_tx);
+                let down = async {
+                    tokio::time::sleep_until(opened + after).await;
+                    tokio::io::copy(&mut server_rx, &mut client_tx).await
+                };
+                let _ = tokio::join!(up, down);
+            });
+        }
+    });
+    inner
 }
 
 /// A replica that hangs: it accepts connections on `addr`, answers the HTTP/2
