@@ -256,7 +256,7 @@ mod starting {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn a_fresh_proxy_waits_for_a_local_replica_whose_first_health_answer_comes_late() {
             let late = |name: &str| testkit::replica::Faults {
-                answers_after: if name == "s1" { Duration::from_millis(250) } else { Duration::ZERO },
+                answers_after: if name == "s1" { Duration::from_millis(150) } else { Duration::ZERO },
                 ..testkit::replica::Faults::default()
             };
             let layout = [("s1", "node-a"), ("s3", "node-b")];

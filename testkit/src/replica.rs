@@ -14,7 +14,7 @@ use std::{
 };
 
 use server::Config;
-use tokio::sync::oneshot;
+use tokio::{io::AsyncWriteExt, sync::oneshot};
 
 use crate::echo::{EchoCounts, EchoService, pb::echo_server::EchoServer};
 
@@ -69,6 +69,8 @@ impl Replica {
 
     /// Starts serving on `addr` and returns once the listener is bound.
     pub fn start_with(addr: SocketAddr, name: &str, node: &str, faults: Faults) -> Replica {
+        // Its HTTP/3 would listen where its TCP is served: the inner listener's port.
+        assert!(faults.answers_after.is_zero() || faults.tls.is_none(), "answers_after holds back HTTP/2 only");
         let (sick, sick_rx) = tokio::sync::watch::channel(false);
         let cfg = Config {
             sick: sick_rx,
@@ -98,7 +100,7 @@ impl Replica {
                 };
                 let listener = match faults.answers_after {
                     Duration::ZERO => listener,
-                    after => answering_after(listener, after).await,
+                    after => answering_after(listener, after).await, // serves no HTTP/3 (asserted)
                 };
                 bound_tx.send(Ok(())).unwrap();
                 let shutdown = async {
@@ -180,10 +182,15 @@ async fn answering_after(front: tokio::net::TcpListener, after: Duration) -> tok
                 let Ok(server) = tokio::net::TcpStream::connect(to).await else { return };
                 let (mut client_rx, mut client_tx) = client.into_split();
                 let (mut server_rx, mut server_tx) = server.into_split();
-                let up = tokio::io::copy(&mut client_rx, &mut server_tx);
+                // Each way, its end passed on.
+                let up = async {
+                    let _ = tokio::io::copy(&mut client_rx, &mut server_tx).await;
+                    server_tx.shutdown().await
+                };
                 let down = async {
                     tokio::time::sleep_until(opened + after).await;
-                    tokio::io::copy(&mut server_rx, &mut client_tx).await
+                    let _ = tokio::io::copy(&mut server_rx, &mut client_tx).await;
+                    client_tx.shutdown().await
                 };
                 let _ = tokio::join!(up, down);
             });
