@@ -362,12 +362,28 @@ fn a_call_finding_no_ready_replica_waits_for_one_and_goes_out_when_one_is() {
     assert!(calls(r.client_out()).is_empty(), "its wait's end, come after it went out, changes nothing");
 }
 
+/// Call 1 was just sent whole to replica `i`, which answers OK: the client hears it, and
+/// the attempt ends there.
+fn goes_out_and_succeeds_on(r: &mut Relay<Turns>, log: &Log, i: u8, why: &str) {
+    assert_eq!(back_frames(r, 0).len(), 2, "{why}");
+    answer(r, 0, 1, b"\0\0\0\0\0", "0");
+    assert_eq!(status_heard(r).as_deref(), Some("0"));
+    assert_eq!(*log.borrow(), vec![(addr(i), Outcome::Status(0))]);
+}
+
+/// A relay whose picker has `replicas` ready but a local one connecting for `grace_ms`
+/// more, with call 1 made (waiting up to `wait_ms` for a replica).
+fn waiting_for_local(replicas: &[u8], wait_ms: u64, grace_ms: u64) -> (Relay<Turns>, Log) {
+    let (mut r, log) = relay(replicas);
+    r.picker.wait = Some(Duration::from_millis(wait_ms));
+    r.picker.local_soon = Some(Duration::from_millis(grace_ms));
+    client_calls(&mut r, &[1], b"\0\0\0\0\0");
+    (r, log)
+}
+
 #[test]
 fn a_call_waits_for_a_connecting_local_replica_and_goes_to_another_node_when_its_time_is_up() {
-    let (mut r, log) = relay(&[2]);
-    r.picker.wait = Some(Duration::from_secs(5));
-    r.picker.local_soon = Some(Duration::from_millis(500));
-    client_calls(&mut r, &[1], b"\0\0\0\0\0");
+    let (mut r, log) = waiting_for_local(&[2], 5000, 500);
     assert!(r.backs().next().is_none(), "not sent to the other node while the local replica connects");
     assert_eq!(r.next_timer(), Some(Duration::from_millis(500)), "asks again when the local replica's time is up");
     r.tick(Duration::from_millis(499));
@@ -384,10 +400,7 @@ fn a_call_waits_for_a_connecting_local_replica_and_goes_to_another_node_when_its
 
 #[test]
 fn a_call_waiting_for_a_connecting_local_replica_goes_to_it_once_it_is_ready() {
-    let (mut r, log) = relay(&[2]);
-    r.picker.wait = Some(Duration::from_secs(5));
-    r.picker.local_soon = Some(Duration::from_millis(500));
-    client_calls(&mut r, &[1], b"\0\0\0\0\0");
+    let (mut r, log) = waiting_for_local(&[2], 5000, 500);
     r.tick(Duration::from_millis(200));
     r.picker.local_soon = None;
     r.picker.replicas = vec![addr(1), addr(2)];
@@ -406,18 +419,12 @@ fn a_call_that_may_not_wait_goes_to_another_node_at_once_while_a_local_replica_c
     let (mut r, log) = relay(&[2]);
     r.picker.local_soon = Some(Duration::from_millis(500)); // and `wait` is None
     client_calls(&mut r, &[1], b"\0\0\0\0\0");
-    assert_eq!(back_frames(&mut r, 0).len(), 2, "sent at once");
-    answer(&mut r, 0, 1, b"\0\0\0\0\0", "0");
-    assert_eq!(status_heard(&mut r).as_deref(), Some("0"));
-    assert_eq!(*log.borrow(), vec![(addr(2), Outcome::Status(0))]);
+    goes_out_and_succeeds_on(&mut r, &log, 2, "sent at once");
 }
 
 #[test]
 fn a_call_whose_wait_ends_before_a_connecting_local_replicas_time_fails_then() {
-    let (mut r, log) = relay(&[2]);
-    r.picker.wait = Some(Duration::from_millis(300));
-    r.picker.local_soon = Some(Duration::from_millis(500));
-    client_calls(&mut r, &[1], b"\0\0\0\0\0");
+    let (mut r, log) = waiting_for_local(&[2], 300, 500);
     r.tick(Duration::from_millis(299));
     assert!(calls(r.client_out()).is_empty());
     r.tick(Duration::from_millis(300));
@@ -428,40 +435,25 @@ fn a_call_whose_wait_ends_before_a_connecting_local_replicas_time_fails_then() {
 
 #[test]
 fn a_call_told_its_local_replicas_time_is_all_but_up_goes_to_another_node_at_once() {
-    let (mut r, log) = relay(&[2]);
-    r.picker.wait = Some(Duration::from_secs(5));
-    r.picker.local_soon = Some(Duration::ZERO);
-    client_calls(&mut r, &[1], b"\0\0\0\0\0");
-    assert_eq!(back_frames(&mut r, 0).len(), 2, "sent without waiting");
-    answer(&mut r, 0, 1, b"\0\0\0\0\0", "0");
-    assert_eq!(status_heard(&mut r).as_deref(), Some("0"));
-    assert_eq!(*log.borrow(), vec![(addr(2), Outcome::Status(0))]);
+    let (mut r, log) = waiting_for_local(&[2], 5000, 0);
+    goes_out_and_succeeds_on(&mut r, &log, 2, "sent without waiting");
 }
 
 #[test]
 fn a_call_asked_again_late_and_told_its_local_replicas_time_is_all_but_up_is_sent() {
-    let (mut r, log) = relay(&[2]);
-    r.picker.wait = Some(Duration::from_secs(5));
-    r.picker.local_soon = Some(Duration::from_millis(100));
-    client_calls(&mut r, &[1], b"\0\0\0\0\0");
+    let (mut r, log) = waiting_for_local(&[2], 5000, 100);
     // Its timer comes due while the balancer's grace has a moment left; then it ends.
     r.picker.local_soon = Some(Duration::from_millis(1));
     r.tick(Duration::from_millis(100));
     assert_eq!(r.next_timer(), Some(Duration::from_millis(101)), "asked again when that moment is up");
     r.picker.local_soon = None;
     r.tick(Duration::from_millis(101));
-    assert_eq!(back_frames(&mut r, 0).len(), 2, "sent to the other node, not left waiting");
-    answer(&mut r, 0, 1, b"\0\0\0\0\0", "0");
-    assert_eq!(status_heard(&mut r).as_deref(), Some("0"));
-    assert_eq!(*log.borrow(), vec![(addr(2), Outcome::Status(0))]);
+    goes_out_and_succeeds_on(&mut r, &log, 2, "sent to the other node, not left waiting");
 }
 
 #[test]
 fn a_call_whose_local_replicas_time_ran_out_often_is_asked_for_once_per_endpoint_change() {
-    let (mut r, _) = relay(&[]);
-    r.picker.wait = Some(Duration::from_secs(5));
-    r.picker.local_soon = Some(Duration::from_millis(100));
-    client_calls(&mut r, &[1], b"\0\0\0\0\0");
+    let (mut r, _) = waiting_for_local(&[], 5000, 100);
     for i in 1..=10 {
         r.tick(Duration::from_millis(100 * i));
     }
@@ -474,10 +466,7 @@ fn a_call_whose_local_replicas_time_ran_out_often_is_asked_for_once_per_endpoint
 
 #[test]
 fn a_call_finding_none_ready_once_its_local_replicas_time_is_up_waits_on_to_its_own_end() {
-    let (mut r, log) = relay(&[]);
-    r.picker.wait = Some(Duration::from_secs(1));
-    r.picker.local_soon = Some(Duration::from_millis(500));
-    client_calls(&mut r, &[1], b"\0\0\0\0\0");
+    let (mut r, log) = waiting_for_local(&[], 1000, 500);
     r.picker.local_soon = None;
     r.tick(Duration::from_millis(500));
     assert!(r.is_waiting());
