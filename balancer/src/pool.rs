@@ -358,6 +358,14 @@ struct Conn<B> {
     task: AbortHandle,
 }
 
+impl<B> Conn<B> {
+    /// Connected and waiting for its first health answer: on its way in, neither ready
+    /// nor failed.
+    fn awaiting_health(&self) -> bool {
+        self.send.is_some() && matches!(&self.health, Health::Unhealthy(why) if why == WAITING_FOR_HEALTH)
+    }
+}
+
 impl<B> Drop for State<B> {
     fn drop(&mut self) {
         for conn in self.conns.values() {
@@ -599,9 +607,8 @@ where
     /// What `addr` is now, for the admin API.
     fn classify(&self, addr: SocketAddr) -> EndpointState {
         match self.conns.get(&addr) {
+            Some(c) if c.awaiting_health() => EndpointState::Connecting,
             Some(c) if c.send.is_some() => match &c.health {
-                // Connected, not yet told it is SERVING: still on its way in.
-                Health::Unhealthy(why) if why == WAITING_FOR_HEALTH => EndpointState::Connecting,
                 Health::Unhealthy(_) => EndpointState::Unhealthy,
                 Health::Healthy if self.outliers.is_ejected(addr) => EndpointState::Ejected,
                 Health::Healthy if self.set.is_terminating(addr) => EndpointState::Draining,
@@ -831,7 +838,7 @@ where
     /// new local endpoint keeps its start-up grace until it answers.
     fn sync_ready(&mut self, addr: SocketAddr) {
         if let Some(c) = self.conns.get(&addr) {
-            if c.send.is_some() && matches!(&c.health, Health::Unhealthy(why) if why == WAITING_FOR_HEALTH) {
+            if c.awaiting_health() {
                 return; // not ready since it connected: nothing to record
             }
             self.set.set_ready(addr, c.send.is_some() && c.health == Health::Healthy);

@@ -486,9 +486,9 @@ impl<P: Picker> Relay<P> {
             let Some(s) = self.streams.get_mut(&id) else { continue };
             let Some(wait) = s.waiting.filter(|w| w.wake == due) else { continue };
             if wait.wake < wait.until {
-                // The local replica's time is up: the call may go to another node now. Its
-                // wake is spent, so whatever it waits for next is a new timer.
-                s.waiting = Some(Wait { wake: Duration::MAX, ..wait });
+                // The local replica's time is up: the call may go to another node now. If
+                // it waits on, its next wake is later than this one (a grace left is never
+                // zero), so it gets a timer of its own.
                 self.place(id);
                 continue;
             }
@@ -849,16 +849,17 @@ impl<P: Picker> Relay<P> {
                 }
             } else if replay.data.len() + body.len() <= self.limits.replay && replay.held.take(body.len()) {
                 replay.data.extend_from_slice(body);
-            } else if replay.tried.is_empty() {
-                // Never sent: all of it waits uncredited in `up.pending`, bounded by the
-                // windows, and goes out from there once.
-                replay.outgrown = true;
-                replay.data = BytesMut::new();
-                replay.held.give_all();
-                s.committed_by_buffer = true;
             } else {
-                s.replay = None;
                 s.committed_by_buffer = true;
+                if replay.tried.is_empty() {
+                    // Never sent: all of it waits uncredited in `up.pending`, bounded by the
+                    // windows, and goes out from there once.
+                    replay.outgrown = true;
+                    replay.data = BytesMut::new();
+                    replay.held.give_all();
+                } else {
+                    s.replay = None;
+                }
             }
         }
         if s.local {
