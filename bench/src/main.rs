@@ -4,9 +4,10 @@
 //! concurrency C, p50/p99 at concurrency 1, CPU time per call of the server and of the
 //! proxy (user and system time from /proc), the proxy's system calls per call (perf's
 //! syscall tracepoint, where perf runs) and its resident memory; then the medians of the
-//! per-round ratios. Two more targets give what a flag costs or buys: the proxy with
-//! `--metrics off` (what recording metrics costs per call) and with `--busy-poll`
-//! (latency at concurrency 1, and the CPU it burns there). A second replica on the
+//! per-round ratios. More targets give what a flag costs or buys: the proxy with
+//! `--metrics off` (what recording metrics costs per call), with `--busy-poll`
+//! (latency at concurrency 1, and the CPU it burns there) and the relay with
+//! `--coalesce` (CPU per call under load, and the latency it adds there). A second replica on the
 //! proxy's CPU gives the direct call across CPUs (`x-cpu`): the wake-ups every proxied
 //! call pays on its hops, the floor of a proxy's p50 here. Last, the proxy runs inside
 //! this process under a counting allocator for its heap allocations per call.
@@ -54,6 +55,9 @@ struct Args {
     /// `--busy-poll` of the busy-polling proxy target, in microseconds.
     #[arg(long, value_name = "MICROS", default_value_t = 200)]
     busy_poll: u64,
+    /// `--coalesce` of the coalescing relay target, in microseconds.
+    #[arg(long, value_name = "MICROS", default_value_t = 100)]
+    coalesce: u64,
 }
 
 /// Every target listens on this address, not 127.0.0.1: its ports are in the ephemeral
@@ -73,6 +77,8 @@ const BUSY: &str = "127.0.0.150:50155";
 const RELAY: &str = "127.0.0.150:50157";
 /// The proxy with `--relay` and `--busy-poll`.
 const RELAY_BUSY: &str = "127.0.0.150:50158";
+/// The proxy with `--relay` and `--coalesce`.
+const RELAY_COALESCE: &str = "127.0.0.150:50160";
 /// A second replica, on the proxy's CPU: a direct call across CPUs, as every proxied
 /// call's hops are.
 const FAR: &str = "127.0.0.150:50159";
@@ -96,6 +102,9 @@ struct Sample {
     proxy_c1_core: f64,
     p50_us: f64,
     p99_us: f64,
+    /// Latency at concurrency C, where `--coalesce` costs what it costs.
+    p50_cn_us: f64,
+    p99_cn_us: f64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -124,7 +133,10 @@ async fn bench(a: Args) -> anyhow::Result<()> {
         if listen == BUSY || listen == RELAY_BUSY {
             v.extend(["--busy-poll".into(), a.busy_poll.to_string()]);
         }
-        let relay = listen == RELAY || listen == RELAY_BUSY;
+        if listen == RELAY_COALESCE {
+            v.extend(["--coalesce".into(), a.coalesce.to_string()]);
+        }
+        let relay = listen == RELAY || listen == RELAY_BUSY || listen == RELAY_COALESCE;
         v.extend(["--relay".into(), if relay { "on" } else { "off" }.into()]);
         v.extend(["--upstream-protocol".into(), protocol.into(), "--ca-cert".into(), path(&ca)]);
         v
@@ -135,6 +147,7 @@ async fn bench(a: Args) -> anyhow::Result<()> {
     let busy_args = proxy_args(BUSY, "h2");
     let relay_args = proxy_args(RELAY, "h2");
     let relay_busy_args = proxy_args(RELAY_BUSY, "h2");
+    let relay_coalesce_args = proxy_args(RELAY_COALESCE, "h2");
     let proxy_h2 = Child::spawn(&a.bin_dir.join("proxy"), 1, &as_str(&h2_args)).await?;
     if let Some(n) = a.streams {
         let relay = Child::spawn(&a.bin_dir.join("proxy"), 1, &as_str(&proxy_args(RELAY, "h2"))).await?;
@@ -149,6 +162,7 @@ async fn bench(a: Args) -> anyhow::Result<()> {
     let proxy_busy = Child::spawn(&a.bin_dir.join("proxy"), 1, &as_str(&busy_args)).await?;
     let relay = Child::spawn(&a.bin_dir.join("proxy"), 1, &as_str(&relay_args)).await?;
     let relay_busy = Child::spawn(&a.bin_dir.join("proxy"), 1, &as_str(&relay_busy_args)).await?;
+    let relay_coalesce = Child::spawn(&a.bin_dir.join("proxy"), 1, &as_str(&relay_coalesce_args)).await?;
     let haproxy = match a.peers {
         true => {
             let cfg = certs.join("haproxy.cfg");
@@ -167,6 +181,7 @@ async fn bench(a: Args) -> anyhow::Result<()> {
         ("relay", connect(RELAY).await?, Some(&relay), &server),
         ("relay busy", connect(RELAY_BUSY).await?, Some(&relay_busy), &server),
         ("direct x-cpu", connect(FAR).await?, None, &far),
+        ("relay coalesce", connect(RELAY_COALESCE).await?, Some(&relay_coalesce), &server),
     ];
     if let Some(h) = &haproxy {
         targets.push(("haproxy", connect(HAPROXY).await?, Some(h), &server));
@@ -256,14 +271,17 @@ async fn measure(
         None => None,
     };
     let (s0, p0) = (server.cpu_us()?, proxy_cpu()?);
-    let (calls, _) = run_load(c, a.concurrency, secs).await;
+    let (calls, mut lat_cn) = run_load(c, a.concurrency, secs).await;
     let (s1, p1) = (server.cpu_us()?, proxy_cpu()?);
     let syscalls = syscalls.and_then(Syscalls::stop);
     let c1 = Instant::now();
     let (_, mut lat) = run_load(c, 1, secs / 2).await;
     let (c1_wall, p2) = (c1.elapsed(), proxy_cpu()?);
     lat.sort_unstable();
-    let q = |q: f64| lat.get(((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(0);
+    lat_cn.sort_unstable();
+    let q = |lat: &[u64], q: f64| {
+        lat.get(((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(0) as f64
+    };
     let per_call = |us: u64| us as f64 / calls.max(1) as f64;
     let proxy = p1.since(p0);
     Ok(Sample {
@@ -274,8 +292,10 @@ async fn measure(
         proxy_sys_us_per_call: per_call(proxy.system),
         proxy_syscalls_per_call: syscalls.map_or(f64::NAN, per_call),
         proxy_c1_core: p2.since(p1).total() as f64 / c1_wall.as_micros() as f64,
-        p50_us: q(0.5) as f64,
-        p99_us: q(0.99) as f64,
+        p50_us: q(&lat, 0.5),
+        p99_us: q(&lat, 0.99),
+        p50_cn_us: q(&lat_cn, 0.5),
+        p99_cn_us: q(&lat_cn, 0.99),
     })
 }
 
@@ -322,16 +342,16 @@ fn report(
         median(rounds.iter().map(|r| fi(&r[i]) / fj(&r[j])).collect())
     };
     // Columns in the order of `targets`; HAProxy last when measured.
-    let (d, h2, h3, quiet, busy, relay, relay_busy, far, hap) = (0, 1, 2, 3, 4, 5, 6, 7, 8);
+    let (d, h2, h3, quiet, busy, relay, relay_busy, far, coal, hap) = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9);
     let peers = rounds[0].len() > hap;
     let cols: &[usize] = if peers {
-        &[d, far, h2, h3, busy, relay, relay_busy, hap]
+        &[d, far, h2, h3, busy, relay, relay_busy, coal, hap]
     } else {
-        &[d, far, h2, h3, busy, relay, relay_busy]
+        &[d, far, h2, h3, busy, relay, relay_busy, coal]
     };
     let header = if peers { "   haproxy" } else { "" };
     println!(
-        "\nmedians                          direct      x-cpu   proxy h2   proxy h3  busy-poll      relay relay+busy{header}"
+        "\nmedians                          direct      x-cpu   proxy h2   proxy h3  busy-poll      relay relay+busy relay+coal{header}"
     );
     let line = |name: &str, f: fn(&Sample) -> f64, digits: usize| {
         let cells: Vec<String> = cols
@@ -349,6 +369,8 @@ fn report(
         println!("{name:<30} {}", cells.join(" "));
     };
     line(&format!("calls/s at c{}", a.concurrency), |s| s.calls_per_s, 0);
+    line(&format!("p50 at c{} (µs)", a.concurrency), |s| s.p50_cn_us, 0);
+    line(&format!("p99 at c{} (µs)", a.concurrency), |s| s.p99_cn_us, 0);
     line("p50 at c1 (µs)", |s| s.p50_us, 0);
     line("p99 at c1 (µs)", |s| s.p99_us, 0);
     line("server CPU per call (µs)", |s| s.server_us_per_call, 2);
@@ -380,6 +402,18 @@ fn report(
     println!("direct across CPUs p50 / direct p50                {:.2}x", ratio(far, d, p50, p50));
     println!("proxy h2 --busy-poll {bp} p50 / direct x-cpu p50   {:.2}x", ratio(busy, far, p50, p50));
     println!("relay --busy-poll {bp} p50 / direct x-cpu p50      {:.2}x", ratio(relay_busy, far, p50, p50));
+    let co = a.coalesce;
+    let p50_cn: fn(&Sample) -> f64 = |s| s.p50_cn_us;
+    let rate: fn(&Sample) -> f64 = |s| s.calls_per_s;
+    let cn = a.concurrency;
+    println!(
+        "relay --coalesce {co} CPU per call / server CPU per direct call {:.2}x",
+        ratio(coal, d, proxy_cpu, server_cpu)
+    );
+    println!("relay --coalesce {co} CPU per call / without       {:.2}x", ratio(coal, relay, proxy_cpu, proxy_cpu));
+    println!("relay --coalesce {co} calls/s at c{cn} / without      {:.2}x", ratio(coal, relay, rate, rate));
+    println!("relay --coalesce {co} p50 at c{cn} / without          {:.2}x", ratio(coal, relay, p50_cn, p50_cn));
+    println!("relay --coalesce {co} p50 at c1 / without           {:.2}x", ratio(coal, relay, p50, p50));
     if peers {
         println!("haproxy CPU per call / server CPU per direct call   {:.2}x", ratio(hap, d, proxy_cpu, server_cpu));
         println!("haproxy p50 / direct p50                           {:.2}x", ratio(hap, d, p50, p50));
@@ -388,6 +422,7 @@ fn report(
         println!("proxy h2 --busy-poll {bp} p50 / haproxy p50        {:.2}x", ratio(busy, hap, p50, p50));
         println!("relay CPU per call / haproxy CPU per call          {:.2}x", ratio(relay, hap, proxy_cpu, proxy_cpu));
         println!("relay p50 / haproxy p50                            {:.2}x", ratio(relay, hap, p50, p50));
+        println!("relay --coalesce {co} CPU per call / haproxy's     {:.2}x", ratio(coal, hap, proxy_cpu, proxy_cpu));
     }
     for (name, allocs) in ["proxy h2", "relay"].iter().zip(allocs) {
         println!(

@@ -35,6 +35,8 @@ pub struct Snapshot {
     pub counters: Counters,
     /// The retry throttle's tokens and capacity (`Balancer::throttle`).
     pub throttle: Option<(f64, f64)>,
+    /// With `--coalesce`: the sleeps the worker took between polls for I/O.
+    pub coalesce_sleeps: Option<u64>,
 }
 
 type AdminBody = BoxBody<Bytes, Infallible>;
@@ -334,6 +336,11 @@ fn metrics(snap: &Snapshot) -> String {
     for ep in &e.endpoints {
         let _ = writeln!(out, "lb_endpoint_ejections_total{{{}}} {}", labels(ep), ep.ejections);
     }
+    if let Some(sleeps) = snap.coalesce_sleeps {
+        let help = "Sleeps between polls for I/O with --coalesce: many calls open and coming and going.";
+        head(&mut out, "proxy_coalesce_sleeps_total", "counter", help);
+        let _ = writeln!(out, "proxy_coalesce_sleeps_total {sleeps}");
+    }
     out
 }
 
@@ -413,7 +420,8 @@ mod tests {
             dns_error: None,
             endpoints: vec![],
         };
-        let none = Snapshot { node: None, endpoints, counters: Counters::default(), throttle: None };
+        let none =
+            Snapshot { node: None, endpoints, counters: Counters::default(), throttle: None, coalesce_sleeps: None };
         let get = |path: &str| Request::get(path).body(()).unwrap();
         assert_eq!(answer(&get("/nope"), &none).status(), StatusCode::NOT_FOUND);
         assert_eq!(answer(&get("/metrics"), &none).status(), StatusCode::OK);

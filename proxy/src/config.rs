@@ -104,6 +104,15 @@ pub struct ServeArgs {
     #[arg(long, value_name = "MICROS", env = "PROXY_BUSY_POLL", default_value_t = 0,
           value_parser = clap::value_parser!(u64).range(0..=100_000))]
     pub busy_poll: u64,
+    /// While at least 8 h2c calls are open and calls keep starting and ending, sleep
+    /// this many microseconds between polls for I/O instead of waking for each arrival
+    /// (0: off), as a network card coalesces interrupts: each wake-up then reads and
+    /// writes many calls' frames, for less CPU per call under load and up to this much
+    /// more latency per hop. Only with --threads 1: with more, the other workers still
+    /// wake for every arrival.
+    #[arg(long, value_name = "MICROS", env = "PROXY_COALESCE", default_value_t = 0,
+          value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    pub coalesce: u64,
     /// How h2c calls are forwarded: `auto` (the frame relay wherever it applies, the
     /// HTTP/2 stack otherwise), `on` (the frame relay, or a start-up error naming what
     /// it cannot do), or `off` (the HTTP/2 stack). The relay passes frames between the

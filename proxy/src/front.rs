@@ -94,8 +94,9 @@ pub(crate) async fn serve(tcp: TcpStream, peer: SocketAddr, app: Arc<App>, mut d
 }
 
 /// Runs one call and sends its response; a reset from the client drops the call, which
-/// cancels its attempts. `--busy-poll` hears when it starts and ends.
+/// cancels its attempts. `--busy-poll` and `--coalesce` hear when it starts and ends.
 async fn respond_to(app: Arc<App>, req: Request<h2::RecvStream>, mut respond: SendResponse<Bytes>) {
+    let _open = app.coalesce.as_ref().map(|c| c.open(1));
     if let Some(busy) = &app.busy {
         busy.touch();
     }

@@ -12,6 +12,7 @@
 
 pub mod admin;
 mod busy;
+mod coalesce;
 pub mod config;
 mod front;
 mod relay;
@@ -50,6 +51,8 @@ struct App {
     health: Health,
     /// `--busy-poll`: told when h2c calls start and finish.
     busy: Option<Arc<busy::BusyPoll>>,
+    /// `--coalesce`: counts the open h2c calls.
+    coalesce: Option<Arc<coalesce::Coalesce>>,
     /// `--relay`: h2c clients are served by the frame relay.
     relay: bool,
     /// Bounds the relay's connects to replicas.
@@ -101,6 +104,11 @@ pub async fn run(args: ServeArgs, listener: TcpListener, shutdown: impl Future<O
     let settings = args.settings()?;
     let (relay, relay_unfit) = args.uses_relay();
     let balancer = Balancer::new(settings).context("starting the balancer")?;
+    if args.coalesce > 0 && args.threads != Some(1) {
+        warn!("--coalesce saves little without --threads 1: the other workers still wake for every arrival");
+    }
+    let coalesce =
+        (args.coalesce > 0).then(|| coalesce::Coalesce::start(std::time::Duration::from_micros(args.coalesce)));
     let admin = admin_listener.map(|l| {
         info!(admin_listen = %l.local_addr().map_or_else(|_| "?".to_owned(), |a| a.to_string()), "Admin API: a live page on /, /admin/endpoints, /admin/events, /metrics");
         let balancer = balancer.clone();
@@ -109,11 +117,13 @@ pub async fn run(args: ServeArgs, listener: TcpListener, shutdown: impl Future<O
             move || balancer.events()
         };
         let node = args.node.clone();
+        let coalesce = coalesce.clone();
         let read = move || admin::Snapshot {
             node: node.clone(),
             endpoints: balancer.endpoints(),
             counters: balancer.counters().clone(),
             throttle: balancer.throttle(),
+            coalesce_sleeps: coalesce.as_ref().map(|c| c.naps()),
         };
         tokio::spawn(admin::serve(l, read, subscribe))
     });
@@ -144,6 +154,7 @@ pub async fn run(args: ServeArgs, listener: TcpListener, shutdown: impl Future<O
         balancer,
         health,
         busy,
+        coalesce,
         relay,
         connect_timeout: args.connect_timeout,
         keepalive: args.keepalive_interval,

@@ -158,6 +158,7 @@ pub(crate) async fn serve(tcp: TcpStream, peer: SocketAddr, app: Arc<App>, mut d
     tokio::pin!(drained);
     let mut draining = false;
     let busy = app.busy.clone();
+    let mut open = app.coalesce.as_ref().map(|c| c.open(0));
     let result = poll_fn(|cx| {
         if !draining && drained.as_mut().poll(cx).is_ready() {
             draining = true;
@@ -165,10 +166,14 @@ pub(crate) async fn serve(tcp: TcpStream, peer: SocketAddr, app: Arc<App>, mut d
         }
         let calls = conn.relay.open_calls();
         let r = conn.poll(cx);
+        let now = conn.relay.open_calls();
         if let Some(busy) = &busy
-            && conn.relay.open_calls() != calls
+            && now != calls
         {
             busy.touch();
+        }
+        if let Some(open) = &mut open {
+            open.set(now);
         }
         r
     })

@@ -256,3 +256,47 @@ async fn calls_pass_through_with_busy_polling_on() {
     }
     assert_eq!(seqs, (1..=20).collect::<Vec<_>>());
 }
+
+/// `--coalesce` changes when the worker polls, not what is forwarded, on either path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_pass_through_the_relay_with_coalescing_on() {
+    calls_pass_through_with_coalescing_on(support::Path::RELAY).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_pass_through_the_http2_stack_with_coalescing_on() {
+    calls_pass_through_with_coalescing_on(support::Protocol::H2.into()).await;
+}
+
+/// 64 calls at once, enough for the worker to sleep between polls (the metric says it
+/// did), each get their own answer, and a stream passes through whole.
+async fn calls_pass_through_with_coalescing_on(path: support::Path) {
+    let c = Cluster::start(path, LAYOUT, &["--coalesce", "200"]).await;
+    c.wait_for(&["s1", "s2"]).await;
+    let client = c.client().await;
+    for round in 0..5 {
+        let calls = (0..64).map(|i| {
+            let mut client = client.clone();
+            async move { client.say_hello(proto::HelloRequest { name: format!("{round}-{i}") }).await }
+        });
+        for (i, reply) in futures_util::future::join_all(calls).await.into_iter().enumerate() {
+            let reply = reply.unwrap_or_else(|s| panic!("call {round}-{i}: {s:?}")).into_inner();
+            assert!(reply.message.contains(&format!("{round}-{i}")), "call {round}-{i} answered {reply:?}");
+        }
+    }
+    let (_, metrics) = c.admin_get("/metrics").await;
+    let sleeps: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("proxy_coalesce_sleeps_total "))
+        .unwrap_or_else(|| panic!("no proxy_coalesce_sleeps_total in {metrics}"))
+        .parse()
+        .unwrap();
+    assert!(sleeps > 0, "64 calls at once, and the worker never slept between polls");
+    let req = HelloStreamRequest { name: "s".into(), count: 20, interval_ms: 1, resume_after: 0 };
+    let mut stream = client.clone().say_hello_stream(req).await.unwrap().into_inner();
+    let mut seqs = Vec::new();
+    while let Some(m) = stream.next().await {
+        seqs.push(m.unwrap().seq);
+    }
+    assert_eq!(seqs, (1..=20).collect::<Vec<_>>());
+}
