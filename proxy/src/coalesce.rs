@@ -1,15 +1,17 @@
-//! `--coalesce MICROS`: while many h2c calls are open and calls keep starting and ending,
-//! the worker sleeps MICROS between its polls for I/O instead of waking for every
-//! arrival, the way a network card coalesces interrupts (`ethtool -C rx-usecs`). Frames
-//! that arrive during the sleep wait in the sockets; the next poll reads them all, and
-//! the relay writes each side's share in one system call. A forwarder that keeps up
-//! easily otherwise wakes once per call on each side, and on loopback each small write
-//! also runs the peer's TCP receive path: most of its CPU per call is that kernel work.
+//! `--coalesce MICROS`: under load, the worker sleeps MICROS between its polls for I/O
+//! instead of waking for every arrival, the way a network card coalesces interrupts
+//! (`ethtool -C rx-usecs`). Frames that arrive during the sleep wait in the sockets; the
+//! next poll reads them all, and the relay writes each side's share in one system call.
+//! A forwarder that keeps up easily otherwise wakes once per call on each side, and on
+//! loopback each small write also runs the peer's TCP receive path: most of its CPU per
+//! call is that kernel work.
 //!
-//! The price is latency under load: a frame can wait up to MICROS (plus the kernel's
-//! timer slack) on each hop. A lone call, or a few, never waits: the sleeping starts at
-//! [`FROM`] open calls. It stops when no call has started or ended for [`IDLE_TURNS`]
-//! sleeps, so open streams that carry nothing do not keep the worker waking.
+//! The price is latency: a frame waits up to MICROS (plus the kernel's timer slack) on
+//! each hop, so a call about twice that. The worker sleeps only while that is small
+//! against how long the calls that just ended took, and while calls end often enough
+//! for a sleep to gather more than one ([`pays`]). It weighs that every [`PERIOD`] once
+//! [`FROM`] or more calls are open, and parks as usual once none has ended in a
+//! period, so open streams that carry nothing cost nothing.
 //!
 //! The sleep blocks the worker thread on purpose, which is why it needs `--threads 1`:
 //! with more workers, the others would still wake for every arrival.
@@ -22,21 +24,36 @@ use std::{
     time::Duration,
 };
 
-use tokio::sync::Notify;
+use tokio::{sync::Notify, time::Instant};
 
-/// The worker sleeps between polls only while at least this many calls are open.
+/// Fewer open calls than this never make the worker sleep, nor look at the rates.
 pub(crate) const FROM: usize = 8;
-/// Sleeps in a row with no call started or ended, after which the worker parks as usual.
-pub(crate) const IDLE_TURNS: u32 = 4;
+/// How often the worker weighs sleeping against not, while `FROM` calls are open.
+pub(crate) const PERIOD: Duration = Duration::from_millis(1);
+/// Calls must take at least this many windows on average, as the proxy sees them, for
+/// the worker to sleep. A call waits about half a sleep on each hop: about one window
+/// more, a quarter at most of what calls that long take here, and less of what their
+/// clients see, which includes their own queues and the network.
+const LATENCY_IN_WINDOWS: u32 = 4;
 
-/// How many calls are open and how often they start and end, and the sleeping task.
+/// Whether sleeping `window` between polls pays, when `ends` calls that took `took` in
+/// all ended in `elapsed`. They must have taken `LATENCY_IN_WINDOWS` windows on
+/// average, and at least one must have ended per window, so that a wake-up after a
+/// sleep has more than one call's frames to carry.
+pub(crate) fn pays(ends: u64, took: Duration, elapsed: Duration, window: Duration) -> bool {
+    let (ends, took, elapsed, window) = (u128::from(ends), took.as_micros(), elapsed.as_micros(), window.as_micros());
+    ends > 0 && ends * window >= elapsed && took >= u128::from(LATENCY_IN_WINDOWS) * window * ends
+}
+
+/// How many calls are open, how many have ended and what they took, and the sleeping
+/// task.
 #[derive(Debug)]
 pub(crate) struct Coalesce {
     window: Duration,
     open: AtomicUsize,
-    /// Calls started or ended: how the sleeping task tells a busy proxy from open streams
-    /// that carry nothing.
-    events: AtomicU64,
+    ends: AtomicU64,
+    /// Microseconds the ended calls took, summed.
+    took: AtomicU64,
     /// Sleeps taken: `proxy_coalesce_sleeps_total`.
     naps: AtomicU64,
     wake: Notify,
@@ -48,11 +65,12 @@ impl Coalesce {
         let coalesce = Arc::new(Coalesce {
             window,
             open: AtomicUsize::new(0),
-            events: AtomicU64::new(0),
+            ends: AtomicU64::new(0),
+            took: AtomicU64::new(0),
             naps: AtomicU64::new(0),
             wake: Notify::new(),
         });
-        tokio::spawn(coalesce.clone().nap());
+        tokio::spawn(coalesce.clone().run());
         coalesce
     }
 
@@ -64,30 +82,54 @@ impl Coalesce {
         open
     }
 
-    fn busy(&self) -> bool {
-        self.open.load(Ordering::Relaxed) >= FROM
+    /// A call ended, `took` after it came.
+    pub(crate) fn ended(&self, took: Duration) {
+        self.ends.fetch_add(1, Ordering::Relaxed);
+        self.took.fetch_add(took.as_micros() as u64, Ordering::Relaxed);
     }
 
-    async fn nap(self: Arc<Self>) {
-        loop {
-            self.wake.notified().await;
-            let mut idle = 0;
-            while self.busy() && idle < IDLE_TURNS {
-                let seen = self.events.load(Ordering::Relaxed);
-                self.naps.fetch_add(1, Ordering::Relaxed);
-                // Blocking the worker is the point: arrivals gather in the sockets, and
-                // the yield below lets the runtime poll them all at once.
-                #[allow(clippy::disallowed_methods)]
-                std::thread::sleep(self.window);
-                tokio::task::yield_now().await;
-                idle = if self.events.load(Ordering::Relaxed) == seen { idle + 1 } else { 0 };
-            }
-        }
+    /// Calls ended so far, and the microseconds they took.
+    fn ends(&self) -> (u64, u64) {
+        (self.ends.load(Ordering::Relaxed), self.took.load(Ordering::Relaxed))
     }
 
     /// Sleeps taken so far.
     pub(crate) fn naps(&self) -> u64 {
         self.naps.load(Ordering::Relaxed)
+    }
+
+    /// Woken when `FROM` calls are open; weighs sleeping every period while calls end.
+    async fn run(self: Arc<Self>) {
+        loop {
+            self.wake.notified().await;
+            let (mut at, mut before) = (Instant::now(), self.ends());
+            let mut sleeping = false;
+            loop {
+                match sleeping {
+                    true => self.nap().await,
+                    false => tokio::time::sleep(PERIOD).await,
+                }
+                let now = Instant::now();
+                if now - at < PERIOD {
+                    continue;
+                }
+                let (ends, took) = self.ends();
+                if ends == before.0 {
+                    break;
+                }
+                sleeping = pays(ends - before.0, Duration::from_micros(took - before.1), now - at, self.window);
+                (at, before) = (now, (ends, took));
+            }
+        }
+    }
+
+    /// One sleep, then a turn of the runtime, which polls all the I/O that gathered.
+    async fn nap(&self) {
+        self.naps.fetch_add(1, Ordering::Relaxed);
+        // Blocking the worker is the point: arrivals gather in the sockets meanwhile.
+        #[allow(clippy::disallowed_methods)]
+        std::thread::sleep(self.window);
+        tokio::task::yield_now().await;
     }
 }
 
@@ -99,21 +141,23 @@ pub(crate) struct Open {
 }
 
 impl Open {
-    /// Now `calls` are open here; a change counts as calls starting or ending.
+    /// The one call counted here ended, `took` after it came.
+    pub(crate) fn ended(self, took: Duration) {
+        self.coalesce.ended(took);
+    }
+
+    /// Now `calls` are open here.
     pub(crate) fn set(&mut self, calls: usize) {
-        if calls == self.calls {
-            return;
-        }
         let c = &self.coalesce;
-        let total = match calls > self.calls {
-            true => c.open.fetch_add(calls - self.calls, Ordering::Relaxed) + (calls - self.calls),
-            false => c.open.fetch_sub(self.calls - calls, Ordering::Relaxed) - (self.calls - calls),
-        };
-        self.calls = calls;
-        c.events.fetch_add(1, Ordering::Relaxed);
-        if total >= FROM {
-            c.wake.notify_one();
+        if calls > self.calls {
+            let total = c.open.fetch_add(calls - self.calls, Ordering::Relaxed) + (calls - self.calls);
+            if total >= FROM {
+                c.wake.notify_one();
+            }
+        } else if calls < self.calls {
+            c.open.fetch_sub(self.calls - calls, Ordering::Relaxed);
         }
+        self.calls = calls;
     }
 }
 
@@ -127,44 +171,87 @@ impl Drop for Open {
 mod tests {
     use super::*;
 
-    /// Lets the sleeping task take the turns it wants without the clock moving.
+    const WINDOW: Duration = Duration::from_micros(100);
+    const MS: Duration = Duration::from_millis(1);
+
+    fn us(n: u64) -> Duration {
+        Duration::from_micros(n)
+    }
+
+    #[test]
+    fn sleeping_pays_when_calls_take_four_windows_and_one_ends_per_window() {
+        // The bench's c64, as the relay sees it: 32 calls a millisecond, 0.7 ms each.
+        assert!(pays(32, 32 * us(700), MS, WINDOW));
+        // c8: 20 a millisecond, 0.3 ms each: 0.1 ms more would be a third again.
+        assert!(!pays(20, 20 * us(300), MS, WINDOW));
+        // Exactly four windows a call, exactly one end a window.
+        assert!(pays(10, 10 * us(400), MS, WINDOW));
+        assert!(!pays(10, 10 * us(399), MS, WINDOW));
+        assert!(!pays(9, 9 * us(400), MS, WINDOW));
+        // Long streams ending now and then: nothing to gather.
+        assert!(!pays(3, 3 * Duration::from_secs(60), MS, WINDOW));
+        // Nothing ended: nothing to weigh.
+        assert!(!pays(0, Duration::ZERO, MS, WINDOW));
+    }
+
+    /// Lets the task take the turns it wants without the clock moving.
     async fn let_run() {
         for _ in 0..20 {
             tokio::task::yield_now().await;
         }
     }
 
-    #[tokio::test]
-    async fn it_sleeps_only_while_many_calls_are_open_and_coming_and_going() {
-        let c = Coalesce::start(Duration::from_micros(1));
-        let mut a = c.open(FROM - 1);
+    /// `ends` calls that took `took` each end over one period.
+    async fn period(c: &Coalesce, ends: u32, took: Duration) {
+        for _ in 0..ends {
+            c.ended(took);
+        }
+        tokio::time::advance(PERIOD).await;
         let_run().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn it_sleeps_while_calls_end_often_and_take_long_and_parks_otherwise() {
+        let c = Coalesce::start(WINDOW);
+        let mut open = c.open(FROM - 1);
+        period(&c, 32, us(700)).await;
+        period(&c, 32, us(700)).await;
         assert_eq!(c.naps(), 0, "fewer than FROM calls open: parked");
 
-        let b = c.open(1);
+        open.set(FROM);
         let_run().await;
-        assert!(c.naps() > 0, "FROM calls open: sleeping between polls");
+        period(&c, 32, us(700)).await;
+        let first = c.naps();
+        period(&c, 32, us(700)).await;
+        assert!(c.naps() > first, "calls ending often and taking long: sleeping between polls");
 
-        let_run().await;
-        let after_idle = c.naps();
-        let_run().await;
-        assert_eq!(c.naps(), after_idle, "no call started or ended for IDLE_TURNS sleeps: parked");
-        assert!(after_idle <= u64::from(IDLE_TURNS) + 1, "{after_idle} sleeps with nothing coming or going");
+        period(&c, 32, us(300)).await;
+        let short = c.naps();
+        period(&c, 32, us(300)).await;
+        period(&c, 32, us(300)).await;
+        assert_eq!(c.naps(), short, "calls under four windows long: not sleeping for them");
 
-        a.set(FROM);
-        let_run().await;
-        assert!(c.naps() > after_idle, "a call started: sleeping again");
+        period(&c, 32, us(700)).await;
+        period(&c, 32, us(700)).await;
+        let long = c.naps();
+        period(&c, 32, us(700)).await;
+        assert!(c.naps() > long, "long calls again: sleeping again");
 
-        drop(b);
-        a.set(2);
+        period(&c, 0, us(0)).await;
+        period(&c, 0, us(0)).await;
+        let idle = c.naps();
+        tokio::time::advance(10 * PERIOD).await;
         let_run().await;
-        let quiet = c.naps();
-        for n in 3..FROM {
-            a.set(n);
-            let_run().await;
-        }
-        assert_eq!(c.naps(), quiet, "calls coming and going, fewer than FROM open: parked");
-        drop(a);
+        assert_eq!(c.naps(), idle, "calls open and none ending: parked");
+
+        open.set(FROM + 1);
+        let_run().await;
+        period(&c, 32, us(700)).await;
+        period(&c, 32, us(700)).await;
+        let woken = c.naps();
+        period(&c, 32, us(700)).await;
+        assert!(c.naps() > woken, "a call started: weighing and sleeping again");
+        drop(open);
         assert_eq!(c.open.load(Ordering::Relaxed), 0, "every count given back");
     }
 }

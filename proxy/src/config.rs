@@ -104,12 +104,12 @@ pub struct ServeArgs {
     #[arg(long, value_name = "MICROS", env = "PROXY_BUSY_POLL", default_value_t = 0,
           value_parser = clap::value_parser!(u64).range(0..=100_000))]
     pub busy_poll: u64,
-    /// While at least 8 h2c calls are open and calls keep starting and ending, sleep
-    /// this many microseconds between polls for I/O instead of waking for each arrival
-    /// (0: off), as a network card coalesces interrupts: each wake-up then reads and
-    /// writes many calls' frames, for less CPU per call under load and up to this much
-    /// more latency per hop. Only with --threads 1: with more, the other workers still
-    /// wake for every arrival.
+    /// Under load, sleep this many microseconds between polls for I/O instead of waking
+    /// for each arrival (0: off), as a network card coalesces interrupts: each wake-up
+    /// then reads and writes many calls' frames, for less CPU per call. It sleeps only
+    /// while 8 or more h2c calls are open, at least one ends per MICROS, and they took 4
+    /// times MICROS or more on average; a call then waits about MICROS more. Only with
+    /// --threads 1: with more, the other workers still wake for every arrival.
     #[arg(long, value_name = "MICROS", env = "PROXY_COALESCE", default_value_t = 0,
           value_parser = clap::value_parser!(u64).range(0..=10_000))]
     pub coalesce: u64,

@@ -96,13 +96,16 @@ pub(crate) async fn serve(tcp: TcpStream, peer: SocketAddr, app: Arc<App>, mut d
 /// Runs one call and sends its response; a reset from the client drops the call, which
 /// cancels its attempts. `--busy-poll` and `--coalesce` hear when it starts and ends.
 async fn respond_to(app: Arc<App>, req: Request<h2::RecvStream>, mut respond: SendResponse<Bytes>) {
-    let _open = app.coalesce.as_ref().map(|c| c.open(1));
+    let open = app.coalesce.as_ref().map(|c| (c.open(1), tokio::time::Instant::now()));
     if let Some(busy) = &app.busy {
         busy.touch();
     }
     answer(&app, req, &mut respond).await;
     if let Some(busy) = &app.busy {
         busy.touch();
+    }
+    if let Some((open, came)) = open {
+        open.ended(came.elapsed());
     }
 }
 

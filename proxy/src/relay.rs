@@ -80,6 +80,9 @@ impl relay::Picker for Placer {
 
     fn call_ended(&self, path: &str, code: u8, stats: &relay::Stats, took: Duration) {
         self.app.balancer.call_ended(path, lb_code(code), stats, took);
+        if let Some(coalesce) = &self.app.coalesce {
+            coalesce.ended(took);
+        }
     }
 
     fn method_timeout(&self, path: &str) -> Option<Duration> {

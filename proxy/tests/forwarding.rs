@@ -268,30 +268,46 @@ async fn calls_pass_through_the_http2_stack_with_coalescing_on() {
     calls_pass_through_with_coalescing_on(support::Protocol::H2.into()).await;
 }
 
-/// 64 calls at once, enough for the worker to sleep between polls (the metric says it
-/// did), each get their own answer, and a stream passes through whole.
+/// 64 callers calling in a loop, until the worker has slept between polls (the metric
+/// says so): every call gets its own answer meanwhile, and a stream passes through whole.
 async fn calls_pass_through_with_coalescing_on(path: support::Path) {
     let c = Cluster::start(path, LAYOUT, &["--coalesce", "200"]).await;
     c.wait_for(&["s1", "s2"]).await;
     let client = c.client().await;
-    for round in 0..5 {
-        let calls = (0..64).map(|i| {
-            let mut client = client.clone();
-            async move { client.say_hello(proto::HelloRequest { name: format!("{round}-{i}") }).await }
-        });
-        for (i, reply) in futures_util::future::join_all(calls).await.into_iter().enumerate() {
-            let reply = reply.unwrap_or_else(|s| panic!("call {round}-{i}: {s:?}")).into_inner();
-            assert!(reply.message.contains(&format!("{round}-{i}")), "call {round}-{i} answered {reply:?}");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let callers: Vec<_> = (0..64)
+        .map(|i| {
+            let (mut client, stop) = (client.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut calls = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let name = format!("{i}-{calls}");
+                    let reply = client.say_hello(proto::HelloRequest { name: name.clone() }).await;
+                    let reply = reply.unwrap_or_else(|s| panic!("call {name}: {s:?}")).into_inner();
+                    assert!(reply.message.contains(&name), "call {name} answered {reply:?}");
+                    calls += 1;
+                }
+                calls
+            })
+        })
+        .collect();
+    let sleeps = || async {
+        let (_, metrics) = c.admin_get("/metrics").await;
+        let line = metrics.lines().find_map(|l| l.strip_prefix("proxy_coalesce_sleeps_total "));
+        line.unwrap_or_else(|| panic!("no proxy_coalesce_sleeps_total in {metrics}")).parse::<u64>().unwrap()
+    };
+    let slept = tokio::time::timeout(Duration::from_secs(20), async {
+        while sleeps().await == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut calls = 0;
+    for caller in callers {
+        calls += caller.await.expect("every call answered as asked");
     }
-    let (_, metrics) = c.admin_get("/metrics").await;
-    let sleeps: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("proxy_coalesce_sleeps_total "))
-        .unwrap_or_else(|| panic!("no proxy_coalesce_sleeps_total in {metrics}"))
-        .parse()
-        .unwrap();
-    assert!(sleeps > 0, "64 calls at once, and the worker never slept between polls");
+    assert!(slept.is_ok(), "64 callers made {calls} calls in 20 s, and the worker never slept between polls");
     let req = HelloStreamRequest { name: "s".into(), count: 20, interval_ms: 1, resume_after: 0 };
     let mut stream = client.clone().say_hello_stream(req).await.unwrap().into_inner();
     let mut seqs = Vec::new();
