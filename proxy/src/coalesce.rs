@@ -6,12 +6,14 @@
 //! loopback each small write also runs the peer's TCP receive path: most of its CPU per
 //! call is that kernel work.
 //!
-//! The price is latency: a frame waits up to MICROS (plus the kernel's timer slack) on
-//! each hop, so a call about twice that. The worker sleeps only while that is small
-//! against how long the calls that just ended took, and while calls end often enough
-//! for a sleep to gather more than one ([`pays`]). It weighs that every [`PERIOD`] once
-//! [`FROM`] or more calls are open, and parks as usual once none has ended in a
-//! period, so open streams that carry nothing cost nothing.
+//! The price is latency: a frame that arrives during a sleep waits for its end (plus
+//! the kernel's timer slack), about MICROS more per call over its two hops, and the
+//! worker's other tasks (HTTP/3 calls, health checks, the admin API) wait as well. So
+//! the worker sleeps only while that is small against how long the calls that just
+//! ended took, and while calls end often enough for a sleep to gather more than one
+//! ([`pays`]). It weighs that every [`PERIOD`] while [`MIN_OPEN_CALLS`] or more calls
+//! are open, and parks as usual once fewer are, or once none has ended in a period,
+//! so open streams that carry nothing cost nothing.
 //!
 //! The sleep blocks the worker thread on purpose, which is why it needs `--threads 1`:
 //! with more workers, the others would still wake for every arrival.
@@ -26,23 +28,26 @@ use std::{
 
 use tokio::{sync::Notify, time::Instant};
 
-/// Fewer open calls than this never make the worker sleep, nor look at the rates.
-pub(crate) const FROM: usize = 8;
-/// How often the worker weighs sleeping against not, while `FROM` calls are open.
-pub(crate) const PERIOD: Duration = Duration::from_millis(1);
-/// Calls must take at least this many windows on average, as the proxy sees them, for
-/// the worker to sleep. A call waits about half a sleep on each hop: about one window
-/// more, a quarter at most of what calls that long take here, and less of what their
-/// clients see, which includes their own queues and the network.
+/// With fewer calls open the worker never sleeps, nor weighs it.
+const MIN_OPEN_CALLS: usize = 8;
+/// How often the worker weighs sleeping against not.
+const PERIOD: Duration = Duration::from_millis(1);
+/// Calls must take at least this many windows on average, as the proxy sees them
+/// without the sleeps, for the worker to sleep. A call waits about half a sleep on each
+/// hop: about one window more, a quarter at most of what calls that long take here,
+/// and less of what their clients see, which includes their own queues and the network.
 const LATENCY_IN_WINDOWS: u32 = 4;
 
 /// Whether sleeping `window` between polls pays, when `ends` calls that took `took` in
-/// all ended in `elapsed`. They must have taken `LATENCY_IN_WINDOWS` windows on
-/// average, and at least one must have ended per window, so that a wake-up after a
-/// sleep has more than one call's frames to carry.
-pub(crate) fn pays(ends: u64, took: Duration, elapsed: Duration, window: Duration) -> bool {
+/// all ended in `elapsed`, `sleeping` or not meanwhile. They must have taken
+/// `LATENCY_IN_WINDOWS` windows on average, not counting the window each waited more
+/// if the worker was sleeping (else the sleeps would keep themselves going), and at
+/// least one must have ended per window, so that a wake-up after a sleep has more than
+/// one call's frames to carry.
+fn pays(ends: u64, took: Duration, elapsed: Duration, window: Duration, sleeping: bool) -> bool {
     let (ends, took, elapsed, window) = (u128::from(ends), took.as_micros(), elapsed.as_micros(), window.as_micros());
-    ends > 0 && ends * window >= elapsed && took >= u128::from(LATENCY_IN_WINDOWS) * window * ends
+    let waits = if sleeping { window * ends } else { 0 };
+    ends > 0 && ends * window >= elapsed && took >= (u128::from(LATENCY_IN_WINDOWS) * window * ends) + waits
 }
 
 /// How many calls are open, how many have ended and what they took, and the sleeping
@@ -55,7 +60,9 @@ pub(crate) struct Coalesce {
     /// Microseconds the ended calls took, summed.
     took: AtomicU64,
     /// Sleeps taken: `proxy_coalesce_sleeps_total`.
-    naps: AtomicU64,
+    sleeps: AtomicU64,
+    /// Turns of the weighing loop, for tests: none while parked.
+    turns: AtomicU64,
     wake: Notify,
 }
 
@@ -67,7 +74,8 @@ impl Coalesce {
             open: AtomicUsize::new(0),
             ends: AtomicU64::new(0),
             took: AtomicU64::new(0),
-            naps: AtomicU64::new(0),
+            sleeps: AtomicU64::new(0),
+            turns: AtomicU64::new(0),
             wake: Notify::new(),
         });
         tokio::spawn(coalesce.clone().run());
@@ -82,10 +90,18 @@ impl Coalesce {
         open
     }
 
-    /// A call ended, `took` after it came.
+    /// A call ended, `took` after it came. Wakes the worker's weighing if enough calls
+    /// are open: calls ending while as many start leave the open count where it was.
     pub(crate) fn ended(&self, took: Duration) {
         self.ends.fetch_add(1, Ordering::Relaxed);
         self.took.fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+        if self.enough_open() {
+            self.wake.notify_one();
+        }
+    }
+
+    fn enough_open(&self) -> bool {
+        self.open.load(Ordering::Relaxed) >= MIN_OPEN_CALLS
     }
 
     /// Calls ended so far, and the microseconds they took.
@@ -94,38 +110,43 @@ impl Coalesce {
     }
 
     /// Sleeps taken so far.
-    pub(crate) fn naps(&self) -> u64 {
-        self.naps.load(Ordering::Relaxed)
+    pub(crate) fn sleeps(&self) -> u64 {
+        self.sleeps.load(Ordering::Relaxed)
     }
 
-    /// Woken when `FROM` calls are open; weighs sleeping every period while calls end.
+    /// Woken when a call starts or ends with enough open; weighs sleeping every period
+    /// while enough stay open and calls keep ending.
     async fn run(self: Arc<Self>) {
         loop {
             self.wake.notified().await;
-            let (mut at, mut before) = (Instant::now(), self.ends());
+            let mut at = Instant::now();
+            let (mut ends_before, mut took_before) = self.ends();
             let mut sleeping = false;
-            loop {
-                match sleeping {
-                    true => self.nap().await,
-                    false => tokio::time::sleep(PERIOD).await,
+            while self.enough_open() {
+                self.turns.fetch_add(1, Ordering::Relaxed);
+                if sleeping {
+                    self.sleep().await;
+                } else {
+                    tokio::time::sleep(PERIOD).await;
                 }
                 let now = Instant::now();
                 if now - at < PERIOD {
                     continue;
                 }
                 let (ends, took) = self.ends();
-                if ends == before.0 {
+                if ends == ends_before {
                     break;
                 }
-                sleeping = pays(ends - before.0, Duration::from_micros(took - before.1), now - at, self.window);
-                (at, before) = (now, (ends, took));
+                let took_since = Duration::from_micros(took - took_before);
+                sleeping = pays(ends - ends_before, took_since, now - at, self.window, sleeping);
+                (at, ends_before, took_before) = (now, ends, took);
             }
         }
     }
 
     /// One sleep, then a turn of the runtime, which polls all the I/O that gathered.
-    async fn nap(&self) {
-        self.naps.fetch_add(1, Ordering::Relaxed);
+    async fn sleep(&self) {
+        self.sleeps.fetch_add(1, Ordering::Relaxed);
         // Blocking the worker is the point: arrivals gather in the sockets meanwhile.
         #[allow(clippy::disallowed_methods)]
         std::thread::sleep(self.window);
@@ -141,17 +162,12 @@ pub(crate) struct Open {
 }
 
 impl Open {
-    /// The one call counted here ended, `took` after it came.
-    pub(crate) fn ended(self, took: Duration) {
-        self.coalesce.ended(took);
-    }
-
     /// Now `calls` are open here.
     pub(crate) fn set(&mut self, calls: usize) {
         let c = &self.coalesce;
         if calls > self.calls {
             let total = c.open.fetch_add(calls - self.calls, Ordering::Relaxed) + (calls - self.calls);
-            if total >= FROM {
+            if total >= MIN_OPEN_CALLS {
                 c.wake.notify_one();
             }
         } else if calls < self.calls {
@@ -181,17 +197,20 @@ mod tests {
     #[test]
     fn sleeping_pays_when_calls_take_four_windows_and_one_ends_per_window() {
         // The bench's c64, as the relay sees it: 32 calls a millisecond, 0.7 ms each.
-        assert!(pays(32, 32 * us(700), MS, WINDOW));
+        assert!(pays(32, 32 * us(700), MS, WINDOW, false));
         // c8: 20 a millisecond, 0.3 ms each: 0.1 ms more would be a third again.
-        assert!(!pays(20, 20 * us(300), MS, WINDOW));
+        assert!(!pays(20, 20 * us(300), MS, WINDOW, false));
         // Exactly four windows a call, exactly one end a window.
-        assert!(pays(10, 10 * us(400), MS, WINDOW));
-        assert!(!pays(10, 10 * us(399), MS, WINDOW));
-        assert!(!pays(9, 9 * us(400), MS, WINDOW));
+        assert!(pays(10, 10 * us(400), MS, WINDOW, false));
+        assert!(!pays(10, 10 * us(399), MS, WINDOW, false));
+        assert!(!pays(9, 9 * us(400), MS, WINDOW, false));
+        // While sleeping, a window of each call's time was the sleeps'.
+        assert!(pays(10, 10 * us(500), MS, WINDOW, true));
+        assert!(!pays(10, 10 * us(499), MS, WINDOW, true));
         // Long streams ending now and then: nothing to gather.
-        assert!(!pays(3, 3 * Duration::from_secs(60), MS, WINDOW));
+        assert!(!pays(3, 3 * Duration::from_secs(60), MS, WINDOW, false));
         // Nothing ended: nothing to weigh.
-        assert!(!pays(0, Duration::ZERO, MS, WINDOW));
+        assert!(!pays(0, Duration::ZERO, MS, WINDOW, false));
     }
 
     /// Lets the task take the turns it wants without the clock moving.
@@ -210,47 +229,56 @@ mod tests {
         let_run().await;
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn it_sleeps_while_calls_end_often_and_take_long_and_parks_otherwise() {
-        let c = Coalesce::start(WINDOW);
-        let mut open = c.open(FROM - 1);
-        period(&c, 32, us(700)).await;
-        period(&c, 32, us(700)).await;
-        assert_eq!(c.naps(), 0, "fewer than FROM calls open: parked");
-
-        open.set(FROM);
+    /// Two periods of long calls ending often: sleeping by the end of them.
+    async fn busy(c: &Coalesce) {
+        period(c, 32, us(700)).await;
+        period(c, 32, us(700)).await;
+        let before = c.sleeps();
         let_run().await;
-        period(&c, 32, us(700)).await;
-        let first = c.naps();
-        period(&c, 32, us(700)).await;
-        assert!(c.naps() > first, "calls ending often and taking long: sleeping between polls");
+        assert!(c.sleeps() > before, "calls ending often and taking long: sleeping between polls");
+    }
 
-        period(&c, 32, us(300)).await;
-        let short = c.naps();
-        period(&c, 32, us(300)).await;
-        period(&c, 32, us(300)).await;
-        assert_eq!(c.naps(), short, "calls under four windows long: not sleeping for them");
+    #[tokio::test(start_paused = true)]
+    async fn it_sleeps_while_enough_calls_end_often_and_take_long_and_parks_otherwise() {
+        let c = Coalesce::start(WINDOW);
+        let turns = || c.turns.load(Ordering::Relaxed);
+        let mut open = c.open(MIN_OPEN_CALLS - 1);
+        period(&c, 32, us(700)).await;
+        period(&c, 32, us(700)).await;
+        assert_eq!((c.sleeps(), turns()), (0, 0), "too few calls open: parked");
 
-        period(&c, 32, us(700)).await;
-        period(&c, 32, us(700)).await;
-        let long = c.naps();
-        period(&c, 32, us(700)).await;
-        assert!(c.naps() > long, "long calls again: sleeping again");
+        open.set(MIN_OPEN_CALLS);
+        busy(&c).await;
+        period(&c, 32, us(300)).await;
+        let short = c.sleeps();
+        period(&c, 32, us(300)).await;
+        period(&c, 32, us(300)).await;
+        assert_eq!(c.sleeps(), short, "calls under four windows long: not sleeping for them");
 
+        busy(&c).await;
+        period(&c, 32, us(450)).await;
+        let stretched = c.sleeps();
+        period(&c, 32, us(300)).await;
+        assert_eq!(c.sleeps(), stretched, "450 µs while sleeping, 350 µs without the sleeps: stopped");
+
+        busy(&c).await;
+        open.set(MIN_OPEN_CALLS - 1);
+        let_run().await;
+        let (few, parked) = (c.sleeps(), turns());
+        period(&c, 32, us(700)).await;
+        assert_eq!((c.sleeps(), turns()), (few, parked), "too few calls open again: parked");
+
+        open.set(MIN_OPEN_CALLS);
+        busy(&c).await;
         period(&c, 0, us(0)).await;
         period(&c, 0, us(0)).await;
-        let idle = c.naps();
+        let (idle, parked) = (c.sleeps(), turns());
         tokio::time::advance(10 * PERIOD).await;
         let_run().await;
-        assert_eq!(c.naps(), idle, "calls open and none ending: parked");
+        assert_eq!((c.sleeps(), turns()), (idle, parked), "calls open and none ending: parked");
 
-        open.set(FROM + 1);
-        let_run().await;
-        period(&c, 32, us(700)).await;
-        period(&c, 32, us(700)).await;
-        let woken = c.naps();
-        period(&c, 32, us(700)).await;
-        assert!(c.naps() > woken, "a call started: weighing and sleeping again");
+        // Calls end and as many start: the open count never moves, the ends wake it.
+        busy(&c).await;
         drop(open);
         assert_eq!(c.open.load(Ordering::Relaxed), 0, "every count given back");
     }

@@ -108,8 +108,9 @@ pub struct ServeArgs {
     /// for each arrival (0: off), as a network card coalesces interrupts: each wake-up
     /// then reads and writes many calls' frames, for less CPU per call. It sleeps only
     /// while 8 or more h2c calls are open, at least one ends per MICROS, and they took 4
-    /// times MICROS or more on average; a call then waits about MICROS more. Only with
-    /// --threads 1: with more, the other workers still wake for every arrival.
+    /// times MICROS or more on average, the sleeps' own wait aside; a call then waits
+    /// about MICROS more. Only with --threads 1: with more, the other workers still
+    /// wake for every arrival. Not with --busy-poll.
     #[arg(long, value_name = "MICROS", env = "PROXY_COALESCE", default_value_t = 0,
           value_parser = clap::value_parser!(u64).range(0..=10_000))]
     pub coalesce: u64,
@@ -258,6 +259,11 @@ impl ServeArgs {
             }
             _ => None,
         };
+        if self.busy_poll > 0 && self.coalesce > 0 {
+            anyhow::bail!(
+                "--busy-poll and --coalesce pull against each other: one polls without sleeping, the other sleeps between polls; choose one"
+            );
+        }
         if self.upstream_protocol != Protocol::H2 && self.ca_cert.is_none() {
             anyhow::bail!("--upstream-protocol {} needs --ca-cert to verify the replicas", self.upstream_protocol);
         }
@@ -332,6 +338,10 @@ mod tests {
         assert_eq!(a.settings().unwrap().keepalive, Duration::from_secs(30));
         let a = parse(&["--client-keepalive", "5ms"]).unwrap().serve;
         assert_eq!(a.settings().unwrap_err().to_string(), "--client-keepalive must be at least 10ms, got 5ms");
+        let a = parse(&["--busy-poll", "200", "--coalesce", "100"]).unwrap().serve;
+        assert!(
+            a.settings().unwrap_err().to_string().starts_with("--busy-poll and --coalesce pull against each other")
+        );
     }
 
     #[test]
@@ -368,6 +378,8 @@ mod tests {
             (&["--listen", "50050"][..], "--listen"),
             (&["--busy-poll", "100001"][..], "--busy-poll"),
             (&["--busy-poll", "soon"][..], "--busy-poll"),
+            (&["--coalesce", "10001"][..], "--coalesce"),
+            (&["--coalesce", "soon"][..], "--coalesce"),
             (&["--relay", "yes"][..], "--relay"),
         ] {
             let err = parse(args).unwrap_err();

@@ -123,7 +123,7 @@ pub async fn run(args: ServeArgs, listener: TcpListener, shutdown: impl Future<O
             endpoints: balancer.endpoints(),
             counters: balancer.counters().clone(),
             throttle: balancer.throttle(),
-            coalesce_sleeps: coalesce.as_ref().map(|c| c.naps()),
+            coalesce_sleeps: coalesce.as_ref().map(|c| c.sleeps()),
         };
         tokio::spawn(admin::serve(l, read, subscribe))
     });
