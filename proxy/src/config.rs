@@ -107,8 +107,8 @@ pub struct ServeArgs {
     /// Under load, sleep this many microseconds between polls for I/O instead of waking
     /// for each arrival (0: off), as a network card coalesces interrupts: each wake-up
     /// then reads and writes many calls' frames, for less CPU per call. It sleeps only
-    /// while 8 or more h2c calls are open, at least one ends per MICROS, and they took 4
-    /// times MICROS or more on average, the sleeps' own wait aside; a call then waits
+    /// while 8 or more h2c calls are open on average, at least one ends per MICROS, and
+    /// they took 4 times MICROS or more on average, the sleeps' own wait aside; a call then waits
     /// about MICROS more. Only with --threads 1: with more, the other workers still
     /// wake for every arrival. Not with --busy-poll.
     #[arg(long, value_name = "MICROS", env = "PROXY_COALESCE", default_value_t = 0,
