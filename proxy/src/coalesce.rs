@@ -11,9 +11,10 @@
 //! worker's other tasks (HTTP/3 calls, health checks, the admin API) wait as well. So
 //! the worker sleeps only while that is small against how long the calls that just
 //! ended took, and while calls end often enough for a sleep to gather more than one
-//! ([`pays`]). It weighs that every [`PERIOD`] while [`MIN_OPEN_CALLS`] or more calls
-//! are open, and parks as usual once fewer are, or once none has ended in a period,
-//! so open streams that carry nothing cost nothing.
+//! ([`pays`]). It starts weighing that every [`PERIOD`] when a call starts or ends
+//! with [`MIN_OPEN_CALLS`] open, and parks as usual once sleeping does not pay with
+//! fewer open, or once none has ended in a period, so open streams that carry nothing
+//! cost nothing.
 //!
 //! The sleep blocks the worker thread on purpose, which is why it needs `--threads 1`:
 //! with more workers, the others would still wake for every arrival.
