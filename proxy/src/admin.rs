@@ -337,7 +337,8 @@ fn metrics(snap: &Snapshot) -> String {
         let _ = writeln!(out, "lb_endpoint_ejections_total{{{}}} {}", labels(ep), ep.ejections);
     }
     if let Some(sleeps) = snap.coalesce_sleeps {
-        let help = "Sleeps between polls for I/O with --coalesce: many calls open and coming and going.";
+        let help =
+            "Sleeps between polls for I/O with --coalesce, taken while they pay: calls many, long and ending often.";
         head(&mut out, "proxy_coalesce_sleeps_total", "counter", help);
         let _ = writeln!(out, "proxy_coalesce_sleeps_total {sleeps}");
     }

@@ -97,6 +97,11 @@ impl Coalesce {
         open
     }
 
+    /// One call, open until it ends.
+    pub(crate) fn call(self: &Arc<Self>) -> Call {
+        Call { open: self.open(1), came: Instant::now() }
+    }
+
     /// A call ended, `took` after it came. Wakes the worker's weighing if enough calls
     /// are open: calls ending while as many start leave the open count where it was.
     pub(crate) fn ended(&self, took: Duration) {
@@ -162,6 +167,20 @@ impl Coalesce {
         #[allow(clippy::disallowed_methods)]
         std::thread::sleep(self.window);
         tokio::task::yield_now().await;
+    }
+}
+
+/// One call counted open in a [`Coalesce`]: ended with what it took, or given back
+/// uncounted if dropped.
+#[derive(Debug)]
+pub(crate) struct Call {
+    open: Open,
+    came: Instant,
+}
+
+impl Call {
+    pub(crate) fn ended(self) {
+        self.open.coalesce.ended(self.came.elapsed());
     }
 }
 

@@ -96,8 +96,7 @@ pub(crate) async fn serve(tcp: TcpStream, peer: SocketAddr, app: Arc<App>, mut d
 /// Runs one call and sends its response; a reset from the client drops the call, which
 /// cancels its attempts. `--busy-poll` and `--coalesce` hear when it starts and ends.
 async fn respond_to(app: Arc<App>, req: Request<h2::RecvStream>, mut respond: SendResponse<Bytes>) {
-    let _open = app.coalesce.as_ref().map(|c| c.open(1));
-    let came = app.coalesce.is_some().then(Instant::now);
+    let call = app.coalesce.as_ref().map(|c| c.call());
     if let Some(busy) = &app.busy {
         busy.touch();
     }
@@ -105,8 +104,8 @@ async fn respond_to(app: Arc<App>, req: Request<h2::RecvStream>, mut respond: Se
     if let Some(busy) = &app.busy {
         busy.touch();
     }
-    if let (Some(coalesce), Some(came)) = (&app.coalesce, came) {
-        coalesce.ended(came.elapsed());
+    if let Some(call) = call {
+        call.ended();
     }
 }
 
